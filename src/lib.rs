@@ -1,0 +1,11 @@
+//! imapgate: a transparent, TLS-terminating IMAP proxy.
+//!
+//! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`]; no I/O beyond reading files.
+//! - [`imap`]: sans-IO protocol logic (framing, pre-auth state machine, SASL, backend responses).
+//! - [`route`]: which backend serves a user.
+//! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
+//! - [`net`]: sockets: TLS listener, per-connection session, backend leg (STARTTLS + ID + login), relay.
+//! - [`app`]: wires listeners and shutdown.
+//! - [`telemetry`]: diagnostic logging.
+
+pub mod imap;
