@@ -8,4 +8,10 @@
 //! - [`app`]: wires listeners and shutdown.
 //! - [`telemetry`]: diagnostic logging.
 
+pub mod app;
+pub mod config;
+pub mod failure;
 pub mod imap;
+pub mod net;
+pub mod route;
+pub mod telemetry;

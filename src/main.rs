@@ -1,1 +1,98 @@
-fn main() {}
+//! The `imapgate` binary: parse the command line, load and validate the configuration, start.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use imapgate::app::Prepared;
+use imapgate::config::Config;
+use imapgate::route::Router;
+
+/// Exit status for configuration errors (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(version, about = "A transparent, TLS-terminating IMAP proxy")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "/etc/imapgate/proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration (including certificates) and print the effective routes.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!(
+                "imapgate: invalid configuration {}:\n{errors}",
+                cli.config.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let router = Router::new(&config);
+    let log = config.log.clone();
+    let prepared = match Prepared::new(config) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!(
+                "imapgate: invalid configuration {}:\n{e}",
+                cli.config.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        println!("configuration {} is valid", cli.config.display());
+        for line in router.describe() {
+            println!("  {line}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = imapgate::telemetry::init(&log) {
+        eprintln!("imapgate: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match run(prepared) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imapgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let proxy = prepared.bind().await?;
+        proxy.serve(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -318,15 +318,10 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
                 .atom()
                 .ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
             let mechanism = String::from_utf8_lossy(mechanism).to_ascii_uppercase();
-            let initial_response = match cur.sp() {
-                Some(()) => Some(
-                    cur.take_while(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')
-                    })
-                    .to_vec(),
-                ),
-                None => None,
-            };
+            let initial_response = cur.sp().map(|()| {
+                cur.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+                    .to_vec()
+            });
             if initial_response.as_ref().is_some_and(Vec::is_empty) {
                 return Err(fail(ParseErrorKind::InvalidArguments));
             }

@@ -1,0 +1,149 @@
+//! Wires it together: prepares everything that can fail from configuration (TLS, routes) before any port
+//! is bound, binds the listeners, accepts, and drains on shutdown: stop accepting, BYE to sessions not yet
+//! logged in, a grace period for relayed sessions, then close the rest.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::config::{BackendMode, Config};
+use crate::net::tls::{self, TlsConfigError};
+use crate::net::{Phase, Shared, session};
+use crate::route::Router;
+
+/// Everything validated and loaded, nothing bound yet.
+pub struct Prepared {
+    shared: Arc<Shared>,
+}
+
+impl Prepared {
+    /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
+    pub fn new(config: Config) -> Result<Self, TlsConfigError> {
+        tls::install_crypto_provider();
+        let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
+        let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
+        if config.backend_tls.mode == BackendMode::Plain {
+            tracing::warn!(
+                "backend_tls.mode = \"plain\": passwords travel to backends unencrypted"
+            );
+        }
+        let router = Router::new(&config);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                router,
+                acceptor,
+                backend_tls,
+            }),
+        })
+    }
+
+    /// Binds every configured listener.
+    pub async fn bind(self) -> std::io::Result<Proxy> {
+        let mut listeners = Vec::new();
+        for addr in &self.shared.config.server.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+            listeners.push(listener);
+        }
+        Ok(Proxy {
+            shared: self.shared,
+            listeners,
+        })
+    }
+}
+
+/// A bound proxy, ready to serve.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Vec<TcpListener>,
+}
+
+impl Proxy {
+    /// The bound addresses (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until `shutdown` resolves, then drains. Returns when every session has ended.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        // Every task holds a sender; `recv` returns None once all of them have ended.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
+        for (listener, addr) in self
+            .listeners
+            .into_iter()
+            .zip(self.shared.config.server.listen.iter())
+        {
+            tracing::info!(listen = %listener.local_addr().map_or(*addr, |a| a), "listening");
+            tokio::spawn(accept_loop(
+                listener,
+                Arc::clone(&self.shared),
+                Arc::clone(&slots),
+                phase_rx.clone(),
+                done_tx.clone(),
+            ));
+        }
+        drop(done_tx);
+        shutdown.await;
+        tracing::info!(
+            grace_secs = self.shared.config.server.shutdown_grace.as_secs(),
+            "shutting down"
+        );
+        let _ = phase_tx.send(Phase::Draining);
+        let drained =
+            tokio::time::timeout(self.shared.config.server.shutdown_grace, done_rx.recv()).await;
+        if drained.is_err() {
+            tracing::info!("grace period over; closing remaining sessions");
+            let _ = phase_tx.send(Phase::Closing);
+            let _ = done_rx.recv().await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    mut phase: watch::Receiver<Phase>,
+    done: mpsc::Sender<()>,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Cheap refusal before any TLS work.
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%peer, "connection refused: max_connections reached");
+            continue;
+        };
+        let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
+        let (shared, phase, done) = (Arc::clone(&shared), phase.clone(), done.clone());
+        tokio::spawn(async move {
+            session::run(shared, tcp, peer, local, phase).await;
+            drop(permit);
+            drop(done);
+        });
+    }
+}

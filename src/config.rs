@@ -1,0 +1,581 @@
+//! Configuration: `proxy.toml` plus `IMAPGATE_` environment overrides (figment), validated as a whole into
+//! a [`Config`] before anything is bound. Every error names the key it is about. No sockets, no tokio.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// All the problems found in one configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    tls: RawTls,
+    #[serde(default)]
+    backend_tls: RawBackendTls,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+    #[serde(default)]
+    route: RawRoute,
+    #[serde(default)]
+    log: LogConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Vec<String>,
+    #[serde(default = "defaults::handshake_timeout")]
+    handshake_timeout_secs: u64,
+    #[serde(default = "defaults::preauth_idle_timeout")]
+    preauth_idle_timeout_secs: u64,
+    #[serde(default = "defaults::relay_idle_timeout")]
+    relay_idle_timeout_secs: u64,
+    #[serde(default = "defaults::shutdown_grace")]
+    shutdown_grace_secs: u64,
+    #[serde(default = "defaults::max_connections")]
+    max_connections: usize,
+    #[serde(default = "defaults::proxy_ttl")]
+    proxy_ttl: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    #[serde(default)]
+    mode: BackendMode,
+    ca: Option<PathBuf>,
+    #[serde(default)]
+    allow_plaintext: bool,
+    #[serde(default = "defaults::connect_timeout")]
+    connect_timeout_secs: u64,
+    #[serde(default = "defaults::login_timeout")]
+    login_timeout_secs: u64,
+}
+
+impl Default for RawBackendTls {
+    fn default() -> Self {
+        Self {
+            mode: BackendMode::default(),
+            ca: None,
+            allow_plaintext: false,
+            connect_timeout_secs: defaults::connect_timeout(),
+            login_timeout_secs: defaults::login_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    name: String,
+    address: String,
+    tls_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    default: Option<String>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    domain: Option<String>,
+    user: Option<String>,
+    backend: String,
+}
+
+mod defaults {
+    pub fn handshake_timeout() -> u64 {
+        10
+    }
+    pub fn preauth_idle_timeout() -> u64 {
+        60
+    }
+    pub fn relay_idle_timeout() -> u64 {
+        31 * 60
+    }
+    pub fn shutdown_grace() -> u64 {
+        10
+    }
+    pub fn max_connections() -> usize {
+        20_000
+    }
+    pub fn proxy_ttl() -> u32 {
+        5
+    }
+    pub fn connect_timeout() -> u64 {
+        5
+    }
+    pub fn login_timeout() -> u64 {
+        30
+    }
+}
+
+/// How the proxy reaches backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendMode {
+    /// Plain connect, then `STARTTLS` (port 143).
+    #[default]
+    Starttls,
+    /// Implicit TLS (port 993).
+    Tls,
+    /// No encryption: only with `allow_plaintext = true`.
+    Plain,
+}
+
+/// Diagnostic log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `imapgate=debug`; `RUST_LOG` wins when set.
+    #[serde(default = "LogConfig::default_level")]
+    pub level: String,
+}
+
+impl LogConfig {
+    fn default_level() -> String {
+        "info".into()
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: Self::default_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    pub handshake_timeout: Duration,
+    pub preauth_idle_timeout: Duration,
+    pub relay_idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub proxy_ttl: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTlsConfig {
+    pub mode: BackendMode,
+    pub ca: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub login_timeout: Duration,
+}
+
+/// One backend mail server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub name: String,
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// The name its certificate must carry.
+    pub tls_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleMatch {
+    /// A whole username, lower-cased.
+    User(String),
+    /// The part after the last `@`, lower-cased.
+    Domain(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    pub matches: RuleMatch,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub default: Option<usize>,
+    pub rules: Vec<RouteRule>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub backend_tls: BackendTlsConfig,
+    pub backends: Vec<Backend>,
+    pub route: RouteConfig,
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// `path` plus the `IMAPGATE_` environment (`__` between levels), validated.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("IMAPGATE_").split("__"));
+        Self::from_figment(figment, path.parent())
+    }
+
+    /// Parses TOML text alone (no environment); relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)), base)
+    }
+
+    fn from_figment(figment: Figment, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = figment.extract().map_err(|e| {
+            ConfigErrors(
+                e.into_iter()
+                    .map(|e| {
+                        let key = if e.path.is_empty() {
+                            "(config)".to_owned()
+                        } else {
+                            e.path.join(".")
+                        };
+                        err(key, e.kind.to_string())
+                    })
+                    .collect(),
+            )
+        })?;
+        validate(raw, base)
+    }
+}
+
+fn resolve(base: Option<&Path>, path: PathBuf) -> PathBuf {
+    match base {
+        Some(base) if path.is_relative() && !base.as_os_str().is_empty() => base.join(path),
+        _ => path,
+    }
+}
+
+/// `host:port` or `[v6]:port` -> (host, port).
+fn split_address(address: &str) -> Option<(String, u16)> {
+    if let Ok(sock) = address.parse::<SocketAddr>() {
+        return Some((sock.ip().to_string(), sock.port()));
+    }
+    let (host, port) = address.rsplit_once(':')?;
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    valid_host.then(|| (host.to_ascii_lowercase(), port))
+}
+
+fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+
+    let mut listen = Vec::new();
+    if raw.server.listen.is_empty() {
+        errors.push(err("server.listen", "at least one address is required"));
+    }
+    for (i, addr) in raw.server.listen.iter().enumerate() {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => errors.push(err(
+                format!("server.listen[{i}]"),
+                format!("{addr:?} is not an IP:port"),
+            )),
+        }
+    }
+    let secs = |key: &str, v: u64, errors: &mut Vec<ConfigError>| {
+        if v == 0 {
+            errors.push(err(key, "must be at least 1 second"));
+        }
+        Duration::from_secs(v)
+    };
+    let server = ServerConfig {
+        listen,
+        handshake_timeout: secs(
+            "server.handshake_timeout_secs",
+            raw.server.handshake_timeout_secs,
+            &mut errors,
+        ),
+        preauth_idle_timeout: secs(
+            "server.preauth_idle_timeout_secs",
+            raw.server.preauth_idle_timeout_secs,
+            &mut errors,
+        ),
+        relay_idle_timeout: secs(
+            "server.relay_idle_timeout_secs",
+            raw.server.relay_idle_timeout_secs,
+            &mut errors,
+        ),
+        shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+        max_connections: raw.server.max_connections,
+        proxy_ttl: raw.server.proxy_ttl,
+    };
+    if server.max_connections == 0 {
+        errors.push(err("server.max_connections", "must be at least 1"));
+    }
+    if raw.server.relay_idle_timeout_secs < 30 * 60 {
+        errors.push(err(
+            "server.relay_idle_timeout_secs",
+            "must be at least 1800 (RFC 9051: IDLE clients re-issue every 29 minutes)",
+        ));
+    }
+
+    let tls = TlsConfig {
+        cert: resolve(base, raw.tls.cert),
+        key: resolve(base, raw.tls.key),
+    };
+
+    if raw.backend_tls.mode == BackendMode::Plain && !raw.backend_tls.allow_plaintext {
+        errors.push(err(
+            "backend_tls.mode",
+            "\"plain\" sends passwords unencrypted; set backend_tls.allow_plaintext = true to accept that",
+        ));
+    }
+    let backend_tls = BackendTlsConfig {
+        mode: raw.backend_tls.mode,
+        ca: raw.backend_tls.ca.map(|p| resolve(base, p)),
+        connect_timeout: secs(
+            "backend_tls.connect_timeout_secs",
+            raw.backend_tls.connect_timeout_secs,
+            &mut errors,
+        ),
+        login_timeout: secs(
+            "backend_tls.login_timeout_secs",
+            raw.backend_tls.login_timeout_secs,
+            &mut errors,
+        ),
+    };
+
+    let mut backends = Vec::new();
+    let mut names = HashSet::new();
+    if raw.backend.is_empty() {
+        errors.push(err("backend", "at least one [[backend]] is required"));
+    }
+    for (i, b) in raw.backend.into_iter().enumerate() {
+        if b.name.is_empty() || !names.insert(b.name.clone()) {
+            errors.push(err(
+                format!("backend[{i}].name"),
+                format!("{:?} is empty or used twice", b.name),
+            ));
+        }
+        let (host, port) = split_address(&b.address).unwrap_or_else(|| {
+            errors.push(err(
+                format!("backend[{i}].address"),
+                format!("{:?} is not host:port", b.address),
+            ));
+            // Kept so that routes naming it are not reported too; the errors stop the load anyway.
+            (String::from("invalid"), 0)
+        });
+        let tls_name = b.tls_name.unwrap_or_else(|| host.clone());
+        if rustls_pki_types::ServerName::try_from(tls_name.clone()).is_err() {
+            errors.push(err(
+                format!("backend[{i}].tls_name"),
+                format!("{tls_name:?} is not a DNS name or IP"),
+            ));
+        }
+        backends.push(Backend {
+            name: b.name,
+            host,
+            port,
+            tls_name,
+        });
+    }
+
+    let lookup = |key: String, name: &str, errors: &mut Vec<ConfigError>| {
+        let found = backends.iter().position(|b| b.name == name);
+        if found.is_none() {
+            errors.push(err(key, format!("no [[backend]] is named {name:?}")));
+        }
+        found
+    };
+    let default = raw
+        .route
+        .default
+        .as_deref()
+        .and_then(|d| lookup("route.default".into(), d, &mut errors));
+    let mut rules = Vec::new();
+    for (i, rule) in raw.route.rule.iter().enumerate() {
+        let key = format!("route.rule[{i}]");
+        let matches = match (&rule.user, &rule.domain) {
+            (Some(user), None) if !user.is_empty() => RuleMatch::User(user.to_lowercase()),
+            (None, Some(domain)) if !domain.is_empty() => {
+                RuleMatch::Domain(domain.trim_start_matches('@').to_ascii_lowercase())
+            }
+            _ => {
+                errors.push(err(key, "needs exactly one of `user` or `domain`"));
+                continue;
+            }
+        };
+        if let Some(backend) = lookup(format!("{key}.backend"), &rule.backend, &mut errors) {
+            rules.push(RouteRule { matches, backend });
+        }
+    }
+    if default.is_none() && raw.route.default.is_none() && rules.is_empty() {
+        errors.push(err(
+            "route",
+            "set route.default or at least one [[route.rule]]",
+        ));
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        server,
+        tls,
+        backend_tls,
+        backends,
+        route: RouteConfig { default, rules },
+        log: raw.log,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = ["127.0.0.1:9993"]
+        [tls]
+        cert = "cert.pem"
+        key = "key.pem"
+        [[backend]]
+        name = "mbox1"
+        address = "mail.internal:143"
+        [route]
+        default = "mbox1"
+    "#;
+
+    fn keys(text: &str) -> Vec<String> {
+        Config::from_toml(text, None)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    }
+
+    #[test]
+    fn shipped_proxy_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Config::from_toml(&text, path.parent()).unwrap();
+        assert_eq!(config.server.listen, vec!["0.0.0.0:993".parse().unwrap()]);
+        assert_eq!(config.backend_tls.mode, BackendMode::Starttls);
+        assert_eq!(config.backends.len(), 2);
+        assert_eq!(config.backends[0].tls_name, "mbox1.internal");
+        assert_eq!(config.route.rules.len(), 2);
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let config = Config::from_toml(MINIMAL, Some(Path::new("/etc/imapgate"))).unwrap();
+        assert_eq!(config.tls.cert, Path::new("/etc/imapgate/cert.pem"));
+        assert_eq!(config.server.preauth_idle_timeout, Duration::from_secs(60));
+        assert!(config.server.relay_idle_timeout >= Duration::from_secs(31 * 60));
+        assert_eq!(config.backends[0].host, "mail.internal");
+        assert_eq!(config.backends[0].tls_name, "mail.internal");
+        assert_eq!(config.backends[0].port, 143);
+        assert_eq!(config.backend_tls.mode, BackendMode::Starttls);
+    }
+
+    #[test]
+    fn errors_name_their_keys() {
+        assert_eq!(
+            keys(&MINIMAL.replace("127.0.0.1:9993", "nonsense")),
+            vec!["server.listen[0]"]
+        );
+        assert_eq!(
+            keys(&MINIMAL.replace("default = \"mbox1\"", "default = \"mbox9\"")),
+            vec!["route.default"]
+        );
+        assert_eq!(
+            keys(&MINIMAL.replace("mail.internal:143", "mail.internal")),
+            vec!["backend[0].address"]
+        );
+        assert_eq!(
+            keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"plain\"")),
+            vec!["backend_tls.mode"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "{MINIMAL}\n[backend_tls]\nmode = \"carrier-pigeon\""
+            )),
+            vec!["backend_tls.mode"]
+        );
+        assert_eq!(
+            keys(&format!(
+                "{MINIMAL}\n[[route.rule]]\nuser = \"a\"\ndomain = \"b\"\nbackend = \"mbox1\""
+            )),
+            vec!["route.rule[0]"]
+        );
+        assert_eq!(
+            keys(&MINIMAL.replace("[tls]", "[tls]\ncolour = 1")),
+            vec!["tls.colour"]
+        );
+        let dup = format!("{MINIMAL}\n[[backend]]\nname = \"mbox1\"\naddress = \"[::1]:143\"");
+        assert_eq!(keys(&dup), vec!["backend[1].name"]);
+    }
+
+    #[test]
+    fn plain_needs_opt_in_and_ipv6_addresses_parse() {
+        let text = format!(
+            "{}\n[backend_tls]\nmode = \"plain\"\nallow_plaintext = true",
+            MINIMAL.replace("mail.internal:143", "[::1]:143")
+        );
+        let config = Config::from_toml(&text, None).unwrap();
+        assert_eq!(config.backend_tls.mode, BackendMode::Plain);
+        assert_eq!(config.backends[0].host, "::1");
+    }
+}

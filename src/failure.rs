@@ -1,0 +1,139 @@
+//! One classification of what went wrong with a login attempt: which side failed and how. The same value
+//! decides the client's reply, the log fields and (later) the metric label.
+
+use std::fmt;
+
+use crate::imap::preauth::Rejection;
+
+/// Which side a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client (downstream): e.g. wrong credentials.
+    Client,
+    /// The backend (upstream): unreachable, bad TLS, protocol violations.
+    Backend,
+    /// The proxy itself: configuration, routing, internal errors.
+    Proxy,
+}
+
+/// What kind of failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The backend could not be reached (DNS, TCP connect).
+    Connect,
+    /// A step took longer than its timeout.
+    Timeout,
+    /// The TLS handshake with the backend failed (untrusted chain, wrong name, ...).
+    Tls,
+    /// The backend did not offer STARTTLS, refused it, or sent bytes after its OK.
+    Starttls,
+    /// The backend broke the protocol (PREAUTH greeting, BYE, malformed or unexpected responses).
+    Protocol,
+    /// The backend rejected the credentials.
+    AuthFailed,
+    /// The backend answered the login with a temporary failure (`[UNAVAILABLE]`, `[SERVERBUG]`, ...).
+    TempFail,
+    /// No backend is routed for this user.
+    NoRoute,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Connect => "connect",
+            Kind::Timeout => "timeout",
+            Kind::Tls => "tls",
+            Kind::Starttls => "starttls",
+            Kind::Protocol => "protocol",
+            Kind::AuthFailed => "auth_failed",
+            Kind::TempFail => "tempfail",
+            Kind::NoRoute => "no_route",
+        }
+    }
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+            Side::Proxy => "proxy",
+        }
+    }
+}
+
+/// A classified failure with a detail for the proxy's log (never shown to the client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub side: Side,
+    pub kind: Kind,
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn backend(kind: Kind, detail: impl Into<String>) -> Self {
+        Self {
+            side: Side::Backend,
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// What the client is told. Wrong credentials and unrouted users look the same, so the reply does not
+    /// reveal which accounts exist; everything else is a temporary failure.
+    pub fn rejection(&self) -> Rejection {
+        match self.kind {
+            Kind::AuthFailed | Kind::NoRoute => Rejection::AUTHENTICATION_FAILED,
+            _ => Rejection::UNAVAILABLE,
+        }
+    }
+
+    /// Whether credentials reached the backend before the failure.
+    pub fn is_auth_failure(&self) -> bool {
+        self.kind == Kind::AuthFailed
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.side.as_str(),
+            self.kind.as_str(),
+            self.detail
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_decides_the_reply() {
+        assert_eq!(
+            Failure::backend(Kind::Connect, "refused").rejection(),
+            Rejection::UNAVAILABLE
+        );
+        assert_eq!(
+            Failure::backend(Kind::Tls, "bad cert").rejection(),
+            Rejection::UNAVAILABLE
+        );
+        let auth = Failure {
+            side: Side::Client,
+            kind: Kind::AuthFailed,
+            detail: String::new(),
+        };
+        assert_eq!(auth.rejection(), Rejection::AUTHENTICATION_FAILED);
+        let unrouted = Failure {
+            side: Side::Proxy,
+            kind: Kind::NoRoute,
+            detail: String::new(),
+        };
+        assert_eq!(unrouted.rejection(), Rejection::AUTHENTICATION_FAILED);
+        assert_eq!(auth.to_string(), "client auth_failed: ");
+    }
+}

@@ -1,0 +1,257 @@
+//! One client connection's whole life, top to bottom: TLS handshake, the pre-auth conversation, the backend
+//! login, then the relay. Runs in one task inside one tracing span carrying the session id and peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tracing::{Instrument, field};
+
+use crate::failure::{Failure, Kind, Side};
+use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth};
+use crate::imap::response;
+use crate::net::relay::{self, RelayEnd};
+use crate::net::upstream::{self, LoginContext, Upstream};
+use crate::net::{Phase, Shared};
+
+/// A fresh random session id (16 URL-safe characters), sent to the backend as `x-session-id`.
+pub fn new_session_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Runs one connection to its end. Errors are logged here, never returned.
+pub async fn run(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    phase: watch::Receiver<Phase>,
+) {
+    let id = new_session_id();
+    let span = tracing::info_span!("session", id = %id, peer = %peer, user = field::Empty);
+    async move {
+        let started = Instant::now();
+        let end = serve(&shared, tcp, peer, local, &id, phase).await;
+        tracing::info!(duration_ms = started.elapsed().as_millis() as u64, end = %end, "session end");
+    }
+    .instrument(span)
+    .await
+}
+
+/// How a session ended, for the closing log line.
+enum End {
+    HandshakeFailed(String),
+    ClientClosed,
+    ClientError(std::io::Error),
+    PreAuthClosed(CloseReason),
+    Shutdown,
+    Relayed { up: u64, down: u64, end: RelayEnd },
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::HandshakeFailed(e) => write!(f, "tls handshake failed: {e}"),
+            End::ClientClosed => f.write_str("client closed before login"),
+            End::ClientError(e) => write!(f, "client I/O error before login: {e}"),
+            End::PreAuthClosed(reason) => write!(f, "closed before login: {reason:?}"),
+            End::Shutdown => f.write_str("proxy shutting down"),
+            End::Relayed { up, down, end } => {
+                write!(
+                    f,
+                    "relay ended ({end:?}); client->backend {up} bytes, backend->client {down} bytes"
+                )
+            }
+        }
+    }
+}
+
+async fn serve(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: &str,
+    mut phase: watch::Receiver<Phase>,
+) -> End {
+    let _ = tcp.set_nodelay(true);
+    let handshake = timeout(
+        shared.config.server.handshake_timeout,
+        shared.acceptor.accept(tcp),
+    )
+    .await;
+    let mut client = match handshake {
+        Err(_) => return End::HandshakeFailed("timed out".into()),
+        Ok(Err(e)) => return End::HandshakeFailed(e.to_string()),
+        Ok(Ok(stream)) => stream,
+    };
+    {
+        let (_, conn) = client.get_ref();
+        tracing::debug!(
+            version = ?conn.protocol_version(),
+            cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
+            sni = conn.server_name().unwrap_or("-"),
+            "tls established"
+        );
+    }
+
+    let mut machine = PreAuth::new();
+    if let Err(e) = write(&mut client, &machine.greeting()).await {
+        return End::ClientError(e);
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(action) = machine.next_action() {
+            match action {
+                Action::Send(bytes) => {
+                    if let Err(e) = write(&mut client, &bytes).await {
+                        return End::ClientError(e);
+                    }
+                }
+                Action::Close(reason) => {
+                    let _ = client.shutdown().await;
+                    return End::PreAuthClosed(reason);
+                }
+                Action::Login(request) => match login(shared, &request, &machine, peer, local, id)
+                    .await
+                {
+                    Ok(upstream) => {
+                        let pipelined = machine.into_pipelined();
+                        return relay_session(shared, client, upstream, &request, pipelined, phase)
+                            .await;
+                    }
+                    Err(failure) => {
+                        log_failure(&request, &failure);
+                        machine.login_failed(&request.tag, failure.rejection());
+                    }
+                },
+            }
+        }
+        tokio::select! {
+            read = timeout(shared.config.server.preauth_idle_timeout, client.read(&mut buf)) => match read {
+                Err(_) => machine.idle_timeout(),
+                Ok(Ok(0)) => return End::ClientClosed,
+                Ok(Ok(n)) => machine.feed(&buf[..n]),
+                Ok(Err(e)) => return End::ClientError(e),
+            },
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => {
+                let _ = write(&mut client, b"* BYE Server shutting down.\r\n").await;
+                let _ = client.shutdown().await;
+                return End::Shutdown;
+            }
+        }
+    }
+}
+
+async fn write<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+async fn login(
+    shared: &Shared,
+    request: &LoginRequest,
+    machine: &PreAuth,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: &str,
+) -> Result<Upstream, Failure> {
+    let user = &request.credentials.username;
+    tracing::Span::current().record("user", user.as_str());
+    let backend = shared.router.route(user).ok_or_else(|| Failure {
+        side: Side::Proxy,
+        kind: Kind::NoRoute,
+        detail: "no route and no default backend".into(),
+    })?;
+    let config = &shared.config;
+    upstream::login(LoginContext {
+        backend,
+        mode: config.backend_tls.mode,
+        tls: &shared.backend_tls,
+        connect_timeout: config.backend_tls.connect_timeout,
+        login_timeout: config.backend_tls.login_timeout,
+        credentials: &request.credentials,
+        id_fields: vec![
+            ("x-session-id", id.to_owned()),
+            ("x-originating-ip", peer.ip().to_string()),
+            ("x-originating-port", peer.port().to_string()),
+            ("x-connected-ip", local.ip().to_string()),
+            ("x-connected-port", local.port().to_string()),
+            ("x-proxy-ttl", config.server.proxy_ttl.to_string()),
+        ],
+        client_id: machine.client_id(),
+    })
+    .await
+    .inspect(|_| {
+        tracing::info!(user = %user, backend = %backend.name, mechanism = request.mechanism.as_str(), "login");
+    })
+    .map_err(|f| Failure { detail: format!("{} (backend {})", f.detail, backend.name), ..f })
+}
+
+fn log_failure(request: &LoginRequest, failure: &Failure) {
+    let user = request.credentials.username.as_str();
+    let mechanism = request.mechanism.as_str();
+    let (side, kind) = (failure.side.as_str(), failure.kind.as_str());
+    if failure.is_auth_failure() {
+        tracing::info!(user, mechanism, side, kind, detail = %failure.detail, "login failed");
+    } else {
+        tracing::warn!(user, mechanism, side, kind, detail = %failure.detail, "login failed");
+    }
+}
+
+async fn relay_session(
+    shared: &Shared,
+    mut client: tokio_rustls::server::TlsStream<TcpStream>,
+    mut upstream: Upstream,
+    request: &LoginRequest,
+    pipelined: Vec<u8>,
+    mut phase: watch::Receiver<Phase>,
+) -> End {
+    let ok = format!(
+        "{} OK [CAPABILITY {}] Logged in\r\n",
+        request.tag.as_str(),
+        response::client_capabilities(&upstream.capabilities)
+    );
+    let mut opening = ok.into_bytes();
+    opening.extend_from_slice(&upstream.pending);
+    if let Err(e) = write(&mut client, &opening).await {
+        return End::ClientError(e);
+    }
+    if !pipelined.is_empty() {
+        if let Err(e) = write(&mut upstream.stream, &pipelined).await {
+            let outcome = End::Relayed {
+                up: 0,
+                down: 0,
+                end: RelayEnd::Error(e),
+            };
+            return outcome;
+        }
+    }
+    let stop = async move {
+        crate::net::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
+    };
+    let outcome = relay::relay(
+        &mut client,
+        &mut upstream.stream,
+        shared.config.server.relay_idle_timeout,
+        stop,
+    )
+    .await;
+    if matches!(outcome.end, RelayEnd::Shutdown | RelayEnd::IdleTimeout) {
+        let _ = write(&mut client, b"* BYE Connection closed by proxy.\r\n").await;
+    }
+    End::Relayed {
+        up: outcome.client_to_backend + pipelined.len() as u64,
+        down: outcome.backend_to_client + upstream.pending.len() as u64,
+        end: outcome.end,
+    }
+}
