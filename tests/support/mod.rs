@@ -1,0 +1,37 @@
+//! Test support: a real Dovecot on loopback ports chosen at run time, a private PKI, the proxy started
+//! in-process, and a small IMAP-over-TLS client. Shared by the integration tests, the benchmark and the
+//! demo (which include this file by path).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod client;
+pub mod dovecot;
+pub mod pki;
+pub mod proxy;
+
+use std::net::TcpListener;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_until<T>(
+    timeout: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,91 @@
+//! imapgate started in-process on a loopback port chosen at run time, stopped by dropping its handle.
+
+use std::net::SocketAddr;
+
+use imapgate::app::Prepared;
+use imapgate::config::Config;
+use tokio::sync::oneshot;
+
+use super::pki::Pki;
+
+/// A `[[backend]]` section for a Dovecot port on 127.0.0.1, verified as "localhost".
+pub fn backend(name: &str, port: u16) -> String {
+    format!(
+        "[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls_name = \"localhost\"\n"
+    )
+}
+
+/// A configuration listening on 127.0.0.1:0 with the test PKI; `rest` adds backends, routes, overrides.
+pub fn config_text(pki: &Pki, rest: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:0"]
+handshake_timeout_secs = 5
+preauth_idle_timeout_secs = 30
+shutdown_grace_secs = 1
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[backend_tls]
+ca = "{ca}"
+connect_timeout_secs = 3
+login_timeout_secs = 10
+
+{rest}
+"#,
+        cert = pki.cert.display(),
+        key = pki.key.display(),
+        ca = pki.ca.display()
+    )
+}
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts the proxy on the current tokio runtime.
+    pub async fn start(config_text: &str) -> TestProxy {
+        init_logging();
+        let config = Config::from_toml(config_text, None)
+            .unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
+        let proxy = Prepared::new(config)
+            .expect("prepare")
+            .bind()
+            .await
+            .expect("bind");
+        let addr = proxy.local_addrs()[0];
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(proxy.serve(async {
+            let _ = stopped.await;
+        }));
+        TestProxy {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Shuts down gracefully and waits for the drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Logs to the test's captured output (shown on failure or with --nocapture).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "imapgate=debug".into()))
+        .with_test_writer()
+        .try_init();
+}
