@@ -135,7 +135,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ImapClient<S> {
                 let data = self.exact(n).await?;
                 reply.literals.push(data);
                 let rest = self.line().await?;
-                line.push_str("\u{1}");
+                line.push('\u{1}');
                 line.push_str(&rest);
             }
             let done = line.starts_with(&prefix);
