@@ -20,11 +20,7 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("imapgate-core-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = support::scratch_dir("imapgate-core-");
         let pki = Pki::generate(&dir);
         let dovecot = Dovecot::start("core", &pki, &[]);
         Env { pki, dovecot }

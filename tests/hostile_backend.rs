@@ -19,11 +19,7 @@ fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
         Pki::generate(
-            &tempfile::Builder::new()
-                .prefix("imapgate-hostile-")
-                .tempdir()
-                .unwrap()
-                .keep(),
+            &support::scratch_dir("imapgate-hostile-"),
         )
     })
 }

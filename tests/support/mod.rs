@@ -35,3 +35,29 @@ pub fn wait_until<T>(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Removes `path` when this process exits, however it exits: a shell that ignores signals waits for its
+/// stdin (held here forever) to close.
+pub fn remove_on_exit(path: &std::path::Path) {
+    use std::sync::Mutex;
+    static KEEPERS: Mutex<Vec<std::process::ChildStdin>> = Mutex::new(Vec::new());
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"trap '' INT TERM HUP; read _ignored; rm -rf "$1""#)
+        .arg("sh")
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn();
+    if let Ok(mut child) = child {
+        if let Some(stdin) = child.stdin.take() {
+            KEEPERS.lock().unwrap().push(stdin);
+        }
+    }
+}
+
+/// A directory for this test process's files, removed when the process exits.
+pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap().keep();
+    remove_on_exit(&dir);
+    dir
+}
