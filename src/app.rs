@@ -26,9 +26,7 @@ impl Prepared {
         let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
         let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
         if config.backend_tls.mode == BackendMode::Plain {
-            tracing::warn!(
-                "backend_tls.mode = \"plain\": passwords travel to backends unencrypted"
-            );
+            tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");
         }
         let router = Router::new(&config);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
@@ -67,10 +65,7 @@ pub struct Proxy {
 impl Proxy {
     /// The bound addresses (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     /// Serves until `shutdown` resolves, then drains. Returns when every session has ended.
@@ -79,11 +74,7 @@ impl Proxy {
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
-        for (listener, addr) in self
-            .listeners
-            .into_iter()
-            .zip(self.shared.config.server.listen.iter())
-        {
+        for (listener, addr) in self.listeners.into_iter().zip(self.shared.config.server.listen.iter()) {
             tracing::info!(listen = %listener.local_addr().map_or(*addr, |a| a), "listening");
             tokio::spawn(accept_loop(
                 listener,
@@ -100,8 +91,7 @@ impl Proxy {
             "shutting down"
         );
         let _ = phase_tx.send(Phase::Draining);
-        let drained =
-            tokio::time::timeout(self.shared.config.server.shutdown_grace, done_rx.recv()).await;
+        let drained = tokio::time::timeout(self.shared.config.server.shutdown_grace, done_rx.recv()).await;
         if drained.is_err() {
             tracing::info!("grace period over; closing remaining sessions");
             let _ = phase_tx.send(Phase::Closing);

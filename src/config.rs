@@ -310,9 +310,7 @@ fn split_address(address: &str) -> Option<(String, u16)> {
     let (host, port) = address.rsplit_once(':')?;
     let valid_host = !host.is_empty()
         && host.len() <= 253
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
     let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
     valid_host.then(|| (host.to_ascii_lowercase(), port))
 }
@@ -461,10 +459,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         }
     }
     if default.is_none() && raw.route.default.is_none() && rules.is_empty() {
-        errors.push(err(
-            "route",
-            "set route.default or at least one [[route.rule]]",
-        ));
+        errors.push(err("route", "set route.default or at least one [[route.rule]]"));
     }
 
     if !errors.is_empty() {
@@ -549,9 +544,7 @@ mod tests {
             vec!["backend_tls.mode"]
         );
         assert_eq!(
-            keys(&format!(
-                "{MINIMAL}\n[backend_tls]\nmode = \"carrier-pigeon\""
-            )),
+            keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"carrier-pigeon\"")),
             vec!["backend_tls.mode"]
         );
         assert_eq!(
@@ -560,10 +553,7 @@ mod tests {
             )),
             vec!["route.rule[0]"]
         );
-        assert_eq!(
-            keys(&MINIMAL.replace("[tls]", "[tls]\ncolour = 1")),
-            vec!["tls.colour"]
-        );
+        assert_eq!(keys(&MINIMAL.replace("[tls]", "[tls]\ncolour = 1")), vec!["tls.colour"]);
         let dup = format!("{MINIMAL}\n[[backend]]\nname = \"mbox1\"\naddress = \"[::1]:143\"");
         assert_eq!(keys(&dup), vec!["backend[1].name"]);
     }

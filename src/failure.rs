@@ -96,13 +96,7 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.side.as_str(),
-            self.kind.as_str(),
-            self.detail
-        )
+        write!(f, "{} {}: {}", self.side.as_str(), self.kind.as_str(), self.detail)
     }
 }
 

@@ -32,10 +32,7 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(errors) => {
-            eprintln!(
-                "imapgate: invalid configuration {}:\n{errors}",
-                cli.config.display()
-            );
+            eprintln!("imapgate: invalid configuration {}:\n{errors}", cli.config.display());
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -44,10 +41,7 @@ fn main() -> ExitCode {
     let prepared = match Prepared::new(config) {
         Ok(prepared) => prepared,
         Err(e) => {
-            eprintln!(
-                "imapgate: invalid configuration {}:\n{e}",
-                cli.config.display()
-            );
+            eprintln!("imapgate: invalid configuration {}:\n{e}", cli.config.display());
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -72,9 +66,7 @@ fn main() -> ExitCode {
 }
 
 fn run(prepared: Prepared) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let proxy = prepared.bind().await?;
         proxy.serve(shutdown_signal()).await;
@@ -84,10 +76,7 @@ fn run(prepared: Prepared) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::warn!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

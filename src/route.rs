@@ -80,9 +80,7 @@ mod tests {
     use super::*;
 
     fn router(rules: &str, default: Option<&str>) -> Router {
-        let default = default
-            .map(|d| format!("default = \"{d}\""))
-            .unwrap_or_default();
+        let default = default.map(|d| format!("default = \"{d}\"")).unwrap_or_default();
         let text = format!(
             r#"
             [server]
@@ -123,16 +121,9 @@ mod tests {
 
     #[test]
     fn no_default_refuses_unmatched() {
-        let r = router(
-            "[[route.rule]]\ndomain = \"example.org\"\nbackend = \"b\"",
-            None,
-        );
+        let r = router("[[route.rule]]\ndomain = \"example.org\"\nbackend = \"b\"", None);
         assert_eq!(to(&r, "x@example.org").as_deref(), Some("b"));
         assert_eq!(to(&r, "x@example.net"), None);
-        assert!(
-            r.describe()
-                .iter()
-                .any(|l| l.contains("unmatched users are refused"))
-        );
+        assert!(r.describe().iter().any(|l| l.contains("unmatched users are refused")));
     }
 }

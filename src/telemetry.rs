@@ -17,11 +17,7 @@ pub fn init(log: &LogConfig) -> Result<(), String> {
         .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     }
     .map_err(|e| e.to_string())
 }

@@ -56,14 +56,8 @@ async fn login_select_fetch_through_the_proxy() {
         "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN] Server ready."
     );
 
-    let login = c
-        .command("a1", "LOGIN alice@example.org alice-pw")
-        .await
-        .unwrap();
-    assert!(
-        login.tagged.starts_with("a1 OK [CAPABILITY IMAP4rev1"),
-        "{login:?}"
-    );
+    let login = c.command("a1", "LOGIN alice@example.org alice-pw").await.unwrap();
+    assert!(login.tagged.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "{login:?}");
     assert!(
         login.tagged.contains("IDLE"),
         "backend capabilities are passed on: {}",
@@ -73,10 +67,7 @@ async fn login_select_fetch_through_the_proxy() {
     assert!(login.tagged.ends_with("] Logged in"), "{}", login.tagged);
 
     let select = c.command("a2", "SELECT INBOX").await.unwrap();
-    assert!(
-        select.tagged.starts_with("a2 OK [READ-WRITE]"),
-        "{select:?}"
-    );
+    assert!(select.tagged.starts_with("a2 OK [READ-WRITE]"), "{select:?}");
     assert!(select.lines.iter().any(|l| l == "* 1 EXISTS"), "{select:?}");
     let fetch = c.command("a3", "FETCH 1 (BODY.PEEK[])").await.unwrap();
     assert!(fetch.tagged.starts_with("a3 OK"), "{fetch:?}");
@@ -91,21 +82,12 @@ async fn wrong_password_then_right_one_on_the_same_connection() {
     let env = env();
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    let wrong = c
-        .command("b1", "LOGIN bob@example.com not-the-password")
-        .await
-        .unwrap();
-    assert_eq!(
-        wrong.tagged,
-        "b1 NO [AUTHENTICATIONFAILED] Authentication failed."
-    );
+    let wrong = c.command("b1", "LOGIN bob@example.com not-the-password").await.unwrap();
+    assert_eq!(wrong.tagged, "b1 NO [AUTHENTICATIONFAILED] Authentication failed.");
     // Still unauthenticated: only pre-auth commands work.
     let select = c.command("b2", "SELECT INBOX").await.unwrap();
     assert!(select.tagged.starts_with("b2 BAD"), "{select:?}");
-    let right = c
-        .command("b3", "LOGIN bob@example.com bob-pw")
-        .await
-        .unwrap();
+    let right = c.command("b3", "LOGIN bob@example.com bob-pw").await.unwrap();
     assert!(right.tagged.starts_with("b3 OK [CAPABILITY"), "{right:?}");
     let noop = c.command("b4", "NOOP").await.unwrap();
     assert!(noop.tagged.starts_with("b4 OK"), "{noop:?}");
@@ -119,10 +101,7 @@ async fn authenticate_plain_with_and_without_sasl_ir() {
     let ir = b64(format!("\0bob@example.com\0{}", password("bob@example.com")).as_bytes());
 
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    let reply = c
-        .command("p1", &format!("AUTHENTICATE PLAIN {ir}"))
-        .await
-        .unwrap();
+    let reply = c.command("p1", &format!("AUTHENTICATE PLAIN {ir}")).await.unwrap();
     assert!(reply.tagged.starts_with("p1 OK [CAPABILITY"), "{reply:?}");
 
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
@@ -135,23 +114,15 @@ async fn authenticate_plain_with_and_without_sasl_ir() {
     // AUTHENTICATE LOGIN, and a wrong PLAIN password.
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     let bad = b64(b"\0bob@example.com\0nope");
-    let reply = c
-        .command("p3", &format!("AUTHENTICATE PLAIN {bad}"))
-        .await
-        .unwrap();
-    assert_eq!(
-        reply.tagged,
-        "p3 NO [AUTHENTICATIONFAILED] Authentication failed."
-    );
+    let reply = c.command("p3", &format!("AUTHENTICATE PLAIN {bad}")).await.unwrap();
+    assert_eq!(reply.tagged, "p3 NO [AUTHENTICATIONFAILED] Authentication failed.");
     c.send(b"p4 AUTHENTICATE LOGIN\r\n").await.unwrap();
     assert_eq!(c.line().await.unwrap(), "+ VXNlcm5hbWU6");
     c.send(format!("{}\r\n", b64(b"bob@example.com")).as_bytes())
         .await
         .unwrap();
     assert_eq!(c.line().await.unwrap(), "+ UGFzc3dvcmQ6");
-    c.send(format!("{}\r\n", b64(b"bob-pw")).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("{}\r\n", b64(b"bob-pw")).as_bytes()).await.unwrap();
     let reply = c.until_tagged("p4").await.unwrap();
     assert!(reply.tagged.starts_with("p4 OK [CAPABILITY"), "{reply:?}");
     proxy.stop().await;
@@ -280,32 +251,15 @@ async fn backend_sees_the_client_address() {
     c.send(b"i1 ID (\"name\" \"imapgate-test\" \"x-originating-ip\" \"203.0.113.66\")\r\n")
         .await
         .unwrap();
-    assert!(
-        c.until_tagged("i1")
-            .await
-            .unwrap()
-            .tagged
-            .starts_with("i1 OK")
-    );
-    let login = c
-        .command("i2", "LOGIN fetcher@example.org fetch-pw")
-        .await
-        .unwrap();
+    assert!(c.until_tagged("i1").await.unwrap().tagged.starts_with("i1 OK"));
+    let login = c.command("i2", "LOGIN fetcher@example.org fetch-pw").await.unwrap();
     assert!(login.tagged.starts_with("i2 OK"), "{login:?}");
     // Dovecot trusts the proxy (login_trusted_networks) and logs the client's address and port it was
     // given; the client's own x-originating-ip was dropped.
     let line = env
         .dovecot
-        .wait_for_log_line(&[
-            "Login: user=<fetcher@example.org>",
-            &format!("rport={client_port},"),
-        ])
-        .unwrap_or_else(|| {
-            panic!(
-                "no login line with rport={client_port}:\n{}",
-                env.dovecot.log()
-            )
-        });
+        .wait_for_log_line(&["Login: user=<fetcher@example.org>", &format!("rport={client_port},")])
+        .unwrap_or_else(|| panic!("no login line with rport={client_port}:\n{}", env.dovecot.log()));
     assert!(line.contains("rip=127.0.0.1"), "{line}");
     assert!(!env.dovecot.log().contains("203.0.113.66"));
     proxy.stop().await;
@@ -315,28 +269,16 @@ async fn backend_sees_the_client_address() {
 async fn backend_down_gives_unavailable() {
     let env = env();
     let closed_port = support::free_port();
-    let rest = format!(
-        "{}\n[route]\ndefault = \"down\"\n",
-        backend("down", closed_port)
-    );
+    let rest = format!("{}\n[route]\ndefault = \"down\"\n", backend("down", closed_port));
     let proxy = TestProxy::start(&config_text(&env.pki, &rest)).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    let reply = c
-        .command("d1", "LOGIN alice@example.org alice-pw")
-        .await
-        .unwrap();
+    let reply = c.command("d1", "LOGIN alice@example.org alice-pw").await.unwrap();
     assert_eq!(
         reply.tagged,
         "d1 NO [UNAVAILABLE] Service temporarily unavailable, try again later."
     );
     // The connection stays usable.
-    assert!(
-        c.command("d2", "NOOP")
-            .await
-            .unwrap()
-            .tagged
-            .starts_with("d2 OK")
-    );
+    assert!(c.command("d2", "NOOP").await.unwrap().tagged.starts_with("d2 OK"));
     proxy.stop().await;
 }
 
@@ -354,10 +296,7 @@ async fn untrusted_backend_certificate_gives_unavailable_and_no_credentials() {
             )
             .replace(
                 "[[backend]]",
-                &format!(
-                    "[backend_tls]\nca = \"{}\"\n[[backend]]",
-                    env.pki.rogue_cert.display()
-                ),
+                &format!("[backend_tls]\nca = \"{}\"\n[[backend]]", env.pki.rogue_cert.display()),
             ),
         ),
         (
@@ -366,10 +305,7 @@ async fn untrusted_backend_certificate_gives_unavailable_and_no_credentials() {
                 "{}\n[route]\ndefault = \"mbox\"\n",
                 backend("mbox", env.dovecot.imap_port)
             )
-            .replace(
-                "tls_name = \"localhost\"",
-                "tls_name = \"mail.example.net\"",
-            ),
+            .replace("tls_name = \"localhost\"", "tls_name = \"mail.example.net\""),
         ),
     ] {
         let text = config_text(&env.pki, &rest);
@@ -418,15 +354,9 @@ async fn pre_auth_commands_are_answered_locally() {
         c.command("c2", "STARTTLS").await.unwrap().tagged,
         "c2 BAD TLS is already active."
     );
-    assert_eq!(
-        c.command("c3", "NOOP").await.unwrap().tagged,
-        "c3 OK NOOP completed."
-    );
+    assert_eq!(c.command("c3", "NOOP").await.unwrap().tagged, "c3 OK NOOP completed.");
     let logout = c.command("c4", "LOGOUT").await.unwrap();
-    assert_eq!(
-        logout.lines,
-        vec!["* BYE Logging out.", "c4 OK Logout completed."]
-    );
+    assert_eq!(logout.lines, vec!["* BYE Logging out.", "c4 OK Logout completed."]);
     assert_eq!(c.rest().await, "");
     proxy.stop().await;
 }

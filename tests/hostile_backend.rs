@@ -17,11 +17,7 @@ const UNAVAILABLE: &str = "NO [UNAVAILABLE] Service temporarily unavailable, try
 
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
-    PKI.get_or_init(|| {
-        Pki::generate(
-            &support::scratch_dir("imapgate-hostile-"),
-        )
-    })
+    PKI.get_or_init(|| Pki::generate(&support::scratch_dir("imapgate-hostile-")))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -76,22 +72,12 @@ async fn lines<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn serve(
-    script: Script,
-    mut tcp: tokio::net::TcpStream,
-    log: Received,
-) -> std::io::Result<()> {
+async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) -> std::io::Result<()> {
     let greeting: Vec<u8> = match script {
-        Script::PreauthGreeting => {
-            b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as root\r\n".to_vec()
-        }
+        Script::PreauthGreeting => b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] Logged in as root\r\n".to_vec(),
         Script::ByeGreeting => b"* BYE Too many connections\r\n".to_vec(),
-        Script::StarttlsNotAdvertised => {
-            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n".to_vec()
-        }
-        Script::HostileBanner => {
-            b"* OK [CAPABILITY IMAP4rev1 STARTTLS] %s%n%x\x07\x1b[2J\xff ready\r\n".to_vec()
-        }
+        Script::StarttlsNotAdvertised => b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n".to_vec(),
+        Script::HostileBanner => b"* OK [CAPABILITY IMAP4rev1 STARTTLS] %s%n%x\x07\x1b[2J\xff ready\r\n".to_vec(),
         _ => b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n".to_vec(),
     };
     tcp.write_all(&greeting).await?;
@@ -100,9 +86,9 @@ async fn serve(
         match (script, line.to_ascii_uppercase().contains("STARTTLS")) {
             (Script::StarttlsAnswered(reply), true) => Some(format!("{tag} {reply}\r\n")),
             (Script::StarttlsContinuation, true) => Some("+ go ahead\r\n".into()),
-            (Script::BytesAfterStarttlsOk, true) => Some(format!(
-                "{tag} OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"
-            )),
+            (Script::BytesAfterStarttlsOk, true) => {
+                Some(format!("{tag} OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"))
+            }
             (Script::HostileBanner, true) => Some(format!("{tag} BAD %s%n\x00\r\n")),
             (Script::Referral, true) => {
                 // Reply, then hand over to TLS.
@@ -140,10 +126,7 @@ async fn serve(
 
 async fn attempt(script: Script) -> (String, String) {
     let (port, received) = spawn_backend(script).await;
-    let rest = format!(
-        "{}\n[route]\ndefault = \"hostile\"\n",
-        backend("hostile", port)
-    );
+    let rest = format!("{}\n[route]\ndefault = \"hostile\"\n", backend("hostile", port));
     let proxy = TestProxy::start(&config_text(pki(), &rest)).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &pki().ca).await;
     let reply = c
@@ -165,10 +148,7 @@ async fn assert_fails_closed(script: Script) {
         !seen.contains(PASSWORD),
         "{script:?}: password reached the backend: {seen:?}"
     );
-    assert!(
-        !seen.to_ascii_uppercase().contains("LOGIN"),
-        "{script:?}: {seen:?}"
-    );
+    assert!(!seen.to_ascii_uppercase().contains("LOGIN"), "{script:?}: {seen:?}");
     assert!(
         !seen.to_ascii_uppercase().contains("AUTHENTICATE"),
         "{script:?}: {seen:?}"
@@ -213,8 +193,5 @@ async fn referral_is_neither_followed_nor_forwarded() {
     let (reply, seen) = attempt(Script::Referral).await;
     assert_eq!(reply, "h1 NO [AUTHENTICATIONFAILED] Authentication failed.");
     assert!(seen.contains("AUTHENTICATE PLAIN"), "{seen:?}");
-    assert!(
-        seen.contains("\"x-originating-ip\" \"127.0.0.1\""),
-        "{seen:?}"
-    );
+    assert!(seen.contains("\"x-originating-ip\" \"127.0.0.1\""), "{seen:?}");
 }

@@ -10,10 +10,7 @@ use support::proxy::{TestProxy, backend, config_text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_and_domains_reach_their_backends() {
-    let dir = tempfile::Builder::new()
-        .prefix("imapgate-routing-")
-        .tempdir()
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("imapgate-routing-").tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let east = Dovecot::start("east", &pki, &[]);
     let west = Dovecot::start("west", &pki, &[]);
@@ -45,12 +42,7 @@ async fn users_and_domains_reach_their_backends() {
             expected.name,
             expected.log()
         );
-        assert_eq!(
-            other.logins_of(user),
-            0,
-            "{user} also reached {}",
-            other.name
-        );
+        assert_eq!(other.logins_of(user), 0, "{user} also reached {}", other.name);
         c.command("r2", "LOGOUT").await.unwrap();
     }
     proxy.stop().await;

@@ -20,9 +20,8 @@ pub struct Tag(String);
 
 impl Tag {
     pub fn parse(bytes: &[u8]) -> Option<Tag> {
-        let valid = !bytes.is_empty()
-            && bytes.len() <= MAX_TAG
-            && bytes.iter().all(|&b| is_astring_char(b) && b != b'+');
+        let valid =
+            !bytes.is_empty() && bytes.len() <= MAX_TAG && bytes.iter().all(|&b| is_astring_char(b) && b != b'+');
         // All bytes are ASCII once validated.
         valid.then(|| Tag(String::from_utf8_lossy(bytes).into_owned()))
     }
@@ -89,8 +88,7 @@ fn is_astring_char(b: u8) -> bool {
 
 /// `ATOM-CHAR`: any 7-bit CHAR except atom-specials `( ) { SP CTL % * " \ ]`.
 fn is_atom_char(b: u8) -> bool {
-    (0x21..0x7f).contains(&b)
-        && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
+    (0x21..0x7f).contains(&b) && !matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
 }
 
 /// Commands known from IMAP4rev1/rev2 and common extensions that need authentication.
@@ -250,8 +248,7 @@ impl<'a> Cursor<'a> {
 
     fn nstring(&mut self) -> Option<Option<Vec<u8>>> {
         let line = self.line();
-        if line[self.pos..].len() >= 3 && line[self.pos..self.pos + 3].eq_ignore_ascii_case(b"NIL")
-        {
+        if line[self.pos..].len() >= 3 && line[self.pos..self.pos + 3].eq_ignore_ascii_case(b"NIL") {
             let after = line.get(self.pos + 3).copied();
             if after.is_none_or(|b| !is_atom_char(b)) {
                 self.pos += 3;
@@ -278,11 +275,8 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
         tag: Some(tag.clone()),
         kind,
     };
-    cur.sp()
-        .ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
-    let name = cur
-        .atom()
-        .ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
+    cur.sp().ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
+    let name = cur.atom().ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
     let name = String::from_utf8_lossy(name).to_ascii_uppercase();
     let body = match name.as_str() {
         "CAPABILITY" => CommandBody::Capability,
@@ -290,11 +284,8 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
         "LOGOUT" => CommandBody::Logout,
         "STARTTLS" => CommandBody::StartTls,
         "ID" => {
-            cur.sp()
-                .ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
-            CommandBody::Id(
-                id_params(&mut cur).ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?,
-            )
+            cur.sp().ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
+            CommandBody::Id(id_params(&mut cur).ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?)
         }
         "LOGIN" => {
             let args = (|| {
@@ -305,18 +296,13 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
                 Some((user, pass))
             })();
             let (user, pass) = args.ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
-            let password =
-                credentials::password(pass).map_err(|e| fail(ParseErrorKind::Credentials(e)))?;
-            let username =
-                Username::parse(&user).map_err(|e| fail(ParseErrorKind::Credentials(e)))?;
+            let password = credentials::password(pass).map_err(|e| fail(ParseErrorKind::Credentials(e)))?;
+            let username = Username::parse(&user).map_err(|e| fail(ParseErrorKind::Credentials(e)))?;
             CommandBody::Login(Credentials { username, password })
         }
         "AUTHENTICATE" => {
-            cur.sp()
-                .ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
-            let mechanism = cur
-                .atom()
-                .ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
+            cur.sp().ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
+            let mechanism = cur.atom().ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
             let mechanism = String::from_utf8_lossy(mechanism).to_ascii_uppercase();
             let initial_response = cur.sp().map(|()| {
                 cur.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
@@ -363,8 +349,7 @@ fn id_params(cur: &mut Cursor<'_>) -> Option<IdParams> {
             Some(v) => Some(String::from_utf8(v).ok()?),
             None => None,
         };
-        let too_long =
-            key.len() > ID_MAX_KEY || value.as_ref().is_some_and(|v| v.len() > ID_MAX_VALUE);
+        let too_long = key.len() > ID_MAX_KEY || value.as_ref().is_some_and(|v| v.len() > ID_MAX_VALUE);
         let control = key
             .chars()
             .chain(value.iter().flat_map(|v| v.chars()))
@@ -426,43 +411,22 @@ mod tests {
             login(b"a LOGIN {5}\r\nalice {6+}\r\n(){}%*\r\n").unwrap(),
             ("alice".into(), b"(){}%*".to_vec())
         );
-        assert_eq!(
-            login("a login \"jürgen\" x\r\n".as_bytes()).unwrap().0,
-            "jürgen"
-        );
+        assert_eq!(login("a login \"jürgen\" x\r\n".as_bytes()).unwrap().0, "jürgen");
     }
 
     #[test]
     fn login_rejects_bad_escapes_nul_and_smuggled_crlf() {
-        assert_eq!(
-            kind(b"a LOGIN \"a\\nb\" x\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
-        assert_eq!(
-            kind(b"a LOGIN \"a\0b\" x\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
-        assert_eq!(
-            kind(b"a LOGIN a\rb x\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
+        assert_eq!(kind(b"a LOGIN \"a\\nb\" x\r\n"), ParseErrorKind::InvalidArguments);
+        assert_eq!(kind(b"a LOGIN \"a\0b\" x\r\n"), ParseErrorKind::InvalidArguments);
+        assert_eq!(kind(b"a LOGIN a\rb x\r\n"), ParseErrorKind::InvalidArguments);
         assert_eq!(
             kind(b"a LOGIN {17}\r\nx\r\nb DELETE INBOX secret\r\n"),
             ParseErrorKind::Credentials(CredentialsError::UsernameControl)
         );
         assert_eq!(kind(b"a LOGIN alice\r\n"), ParseErrorKind::InvalidArguments);
-        assert_eq!(
-            kind(b"a LOGIN alice pw extra\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
-        assert_eq!(
-            kind(b"a LOGIN  alice pw\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
-        assert_eq!(
-            kind(b"a LOGIN alice {-1}\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
+        assert_eq!(kind(b"a LOGIN alice pw extra\r\n"), ParseErrorKind::InvalidArguments);
+        assert_eq!(kind(b"a LOGIN  alice pw\r\n"), ParseErrorKind::InvalidArguments);
+        assert_eq!(kind(b"a LOGIN alice {-1}\r\n"), ParseErrorKind::InvalidArguments);
     }
 
     #[test]
@@ -520,10 +484,7 @@ mod tests {
                 initial_response,
             } => {
                 assert_eq!(mechanism, "PLAIN");
-                assert_eq!(
-                    initial_response.as_deref(),
-                    Some(&b"AGFsaWNlAHNlY3JldA=="[..])
-                );
+                assert_eq!(initial_response.as_deref(), Some(&b"AGFsaWNlAHNlY3JldA=="[..]));
             }
             other => panic!("{other:?}"),
         }
@@ -534,14 +495,8 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(
-            kind(b"a AUTHENTICATE PLAIN a b\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
-        assert_eq!(
-            kind(b"a AUTHENTICATE\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
+        assert_eq!(kind(b"a AUTHENTICATE PLAIN a b\r\n"), ParseErrorKind::InvalidArguments);
+        assert_eq!(kind(b"a AUTHENTICATE\r\n"), ParseErrorKind::InvalidArguments);
     }
 
     #[test]
@@ -562,16 +517,9 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        assert!(
-            matches!(parse(&frame(b"a ID NIL\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty())
-        );
-        assert!(
-            matches!(parse(&frame(b"a ID ()\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty())
-        );
-        assert_eq!(
-            kind(b"a ID ((\"a\" \"b\"))\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
+        assert!(matches!(parse(&frame(b"a ID NIL\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty()));
+        assert!(matches!(parse(&frame(b"a ID ()\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty()));
+        assert_eq!(kind(b"a ID ((\"a\" \"b\"))\r\n"), ParseErrorKind::InvalidArguments);
         let deep = [
             b"a ID ".to_vec(),
             b"(".repeat(4000),
@@ -580,10 +528,7 @@ mod tests {
         ]
         .concat();
         assert_eq!(kind(&deep), ParseErrorKind::InvalidArguments);
-        assert_eq!(
-            kind(b"a ID (\"odd\")\r\n"),
-            ParseErrorKind::InvalidArguments
-        );
+        assert_eq!(kind(b"a ID (\"odd\")\r\n"), ParseErrorKind::InvalidArguments);
         let many: String = (0..31).map(|i| format!("\"k{i}\" \"v\" ")).collect();
         assert_eq!(
             kind(format!("a ID ({})\r\n", many.trim_end()).as_bytes()),

@@ -146,35 +146,20 @@ mod tests {
         };
         let shown = format!("{creds:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(
-            shown.contains("alice") && shown.contains("[REDACTED]"),
-            "{shown}"
-        );
+        assert!(shown.contains("alice") && shown.contains("[REDACTED]"), "{shown}");
     }
 
     #[test]
     fn usernames_are_validated() {
         assert_eq!(Username::parse(b""), Err(CredentialsError::EmptyUsername));
-        assert_eq!(
-            Username::parse(b"a\r\nb"),
-            Err(CredentialsError::UsernameControl)
-        );
-        assert_eq!(
-            Username::parse(b"a\0b"),
-            Err(CredentialsError::UsernameControl)
-        );
-        assert_eq!(
-            Username::parse(b"a\xffb"),
-            Err(CredentialsError::UsernameNotUtf8)
-        );
+        assert_eq!(Username::parse(b"a\r\nb"), Err(CredentialsError::UsernameControl));
+        assert_eq!(Username::parse(b"a\0b"), Err(CredentialsError::UsernameControl));
+        assert_eq!(Username::parse(b"a\xffb"), Err(CredentialsError::UsernameNotUtf8));
         assert_eq!(
             Username::parse("a\u{85}b".as_bytes()),
             Err(CredentialsError::UsernameControl)
         );
-        assert_eq!(
-            Username::parse(&[b'a'; 257]),
-            Err(CredentialsError::UsernameTooLong)
-        );
+        assert_eq!(Username::parse(&[b'a'; 257]), Err(CredentialsError::UsernameTooLong));
         let user = Username::parse("jürgen@Example.ORG".as_bytes()).unwrap();
         assert_eq!(user.domain().as_deref(), Some("example.org"));
         assert_eq!(Username::parse(b"bob").unwrap().domain(), None);
@@ -182,10 +167,7 @@ mod tests {
 
     #[test]
     fn passwords_are_validated() {
-        assert_eq!(
-            password(vec![]).unwrap_err(),
-            CredentialsError::EmptyPassword
-        );
+        assert_eq!(password(vec![]).unwrap_err(), CredentialsError::EmptyPassword);
         assert_eq!(
             password(b"a\nb".to_vec()).unwrap_err(),
             CredentialsError::PasswordControl

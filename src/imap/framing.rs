@@ -137,10 +137,7 @@ fn announcement(line: &[u8]) -> Announcement {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return Announcement::Malformed { nonsync };
     }
-    match std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse::<u64>().ok())
-    {
+    match std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u64>().ok()) {
         Some(length) => Announcement::Literal { length, nonsync },
         None => Announcement::Malformed { nonsync },
     }
@@ -266,8 +263,8 @@ impl Framer {
                             } else {
                                 self.limits.max_sync_literal
                             };
-                            let fits_message = (self.current_size as u64).saturating_add(length)
-                                <= self.limits.max_message as u64;
+                            let fits_message =
+                                (self.current_size as u64).saturating_add(length) <= self.limits.max_message as u64;
                             if length > max || !fits_message {
                                 return Some(Err(self.too_big(line, nonsync)));
                             }
@@ -314,10 +311,7 @@ impl Framer {
             Some(Fragment::Line(first)) => first.clone(),
             _ => line,
         };
-        let error = FramingError::LiteralTooBig {
-            first_line,
-            nonsync,
-        };
+        let error = FramingError::LiteralTooBig { first_line, nonsync };
         if nonsync {
             self.fail(error)
         } else {
@@ -370,10 +364,7 @@ mod tests {
     #[test]
     fn literal_content_is_not_framed() {
         // A literal carrying CRLF and something that looks like a command stays one literal.
-        let out = frames(
-            Limits::CLIENT_PREAUTH,
-            b"a LOGIN {12+}\r\nx\r\nb LOGOUT y\r\n",
-        );
+        let out = frames(Limits::CLIENT_PREAUTH, b"a LOGIN {12+}\r\nx\r\nb LOGOUT y\r\n");
         assert_eq!(
             out,
             vec![Ok(Event::Frame(Frame {
@@ -439,9 +430,7 @@ mod tests {
             let out = frames(Limits::CLIENT_PREAUTH, input);
             assert_eq!(out.len(), 1, "{input:?}");
             let err = out[0].clone().unwrap_err();
-            assert!(
-                err.is_fatal() && matches!(err, FramingError::LiteralTooBig { nonsync: true, .. })
-            );
+            assert!(err.is_fatal() && matches!(err, FramingError::LiteralTooBig { nonsync: true, .. }));
         }
     }
 
@@ -456,17 +445,13 @@ mod tests {
             assert!(
                 matches!(
                     &out[..],
-                    [Ok(Event::Frame(_))]
-                        | [Err(FramingError::LiteralTooBig { nonsync: false, .. })]
+                    [Ok(Event::Frame(_))] | [Err(FramingError::LiteralTooBig { nonsync: false, .. })]
                 ),
                 "{input:?}: {out:?}"
             );
         }
         // u64 overflow of a sync literal: not a number, so no continuation is offered.
-        let out = frames(
-            Limits::CLIENT_PREAUTH,
-            b"a LOGIN {999999999999999999999}\r\n",
-        );
+        let out = frames(Limits::CLIENT_PREAUTH, b"a LOGIN {999999999999999999999}\r\n");
         assert!(matches!(&out[..], [Ok(Event::Frame(_))]));
     }
 
@@ -478,10 +463,7 @@ mod tests {
         }
         input.extend_from_slice(b")\r\n");
         let out = frames(Limits::CLIENT_PREAUTH, &input);
-        assert_eq!(
-            out.last(),
-            Some(&Err(FramingError::TooManyLiterals { max: 8 }))
-        );
+        assert_eq!(out.last(), Some(&Err(FramingError::TooManyLiterals { max: 8 })));
     }
 
     #[test]

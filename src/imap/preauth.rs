@@ -154,17 +154,12 @@ impl PreAuth {
                 return None;
             }
             match self.framer.next_event()? {
-                Ok(Event::LiteralAccepted { .. }) => {
-                    self.send("+ Ready for literal data.\r\n".into())
-                }
-                Ok(Event::Frame(frame)) => match std::mem::replace(&mut self.state, State::Command)
-                {
+                Ok(Event::LiteralAccepted { .. }) => self.send("+ Ready for literal data.\r\n".into()),
+                Ok(Event::Frame(frame)) => match std::mem::replace(&mut self.state, State::Command) {
                     State::Command => self.command(&frame),
                     State::PlainResponse { tag } => self.plain_response(tag, frame.first_line()),
                     State::LoginUsername { tag } => self.login_username(tag, frame.first_line()),
-                    State::LoginPassword { tag, username } => {
-                        self.login_password(tag, username, frame.first_line())
-                    }
+                    State::LoginPassword { tag, username } => self.login_password(tag, username, frame.first_line()),
                     // Returned above before reading input; keep the state as it was.
                     state @ (State::AwaitingLogin | State::Closed) => self.state = state,
                 },
@@ -233,9 +228,7 @@ impl PreAuth {
             Ok(command) => command,
             Err(error) => {
                 let text = match &error.kind {
-                    ParseErrorKind::Credentials(_) => {
-                        "Invalid username or password syntax.".to_owned()
-                    }
+                    ParseErrorKind::Credentials(_) => "Invalid username or password syntax.".to_owned(),
                     other => other.to_string(),
                 };
                 return self.bad(error.tag.as_ref(), &text);
@@ -249,10 +242,7 @@ impl PreAuth {
             )),
             CommandBody::Noop => self.send(format!("{} OK NOOP completed.\r\n", tag.as_str())),
             CommandBody::Logout => self.close_with(
-                format!(
-                    "* BYE Logging out.\r\n{} OK Logout completed.\r\n",
-                    tag.as_str()
-                ),
+                format!("* BYE Logging out.\r\n{} OK Logout completed.\r\n", tag.as_str()),
                 CloseReason::Logout,
             ),
             CommandBody::Id(params) => {
@@ -260,9 +250,7 @@ impl PreAuth {
                 self.send(format!("* ID NIL\r\n{} OK ID completed.\r\n", tag.as_str()));
             }
             CommandBody::StartTls => self.bad(Some(&tag), "TLS is already active."),
-            CommandBody::NotAllowed(_) => {
-                self.bad(Some(&tag), "Command not permitted before authentication.")
-            }
+            CommandBody::NotAllowed(_) => self.bad(Some(&tag), "Command not permitted before authentication."),
             CommandBody::Login(credentials) => self.login(tag, credentials, Mechanism::Login),
             CommandBody::Authenticate {
                 mechanism,
@@ -285,10 +273,7 @@ impl PreAuth {
                 self.framer.expect_raw_line();
                 self.state = State::LoginUsername { tag };
             }
-            _ => self.send(format!(
-                "{} NO Unsupported authentication mechanism.\r\n",
-                tag.as_str()
-            )),
+            _ => self.send(format!("{} NO Unsupported authentication mechanism.\r\n", tag.as_str())),
         }
     }
 
@@ -300,8 +285,7 @@ impl PreAuth {
     }
 
     fn login_username(&mut self, tag: Tag, line: &[u8]) {
-        let username =
-            sasl::decode_response(line).and_then(|u| Username::parse(&u).map_err(SaslError::from));
+        let username = sasl::decode_response(line).and_then(|u| Username::parse(&u).map_err(SaslError::from));
         match username {
             Ok(username) => {
                 self.send(format!("+ {}\r\n", sasl::LOGIN_PASSWORD_PROMPT));
@@ -313,32 +297,23 @@ impl PreAuth {
     }
 
     fn login_password(&mut self, tag: Tag, username: Username, line: &[u8]) {
-        let password = sasl::decode_response(line)
-            .and_then(|p| super::credentials::password(p).map_err(SaslError::from));
+        let password =
+            sasl::decode_response(line).and_then(|p| super::credentials::password(p).map_err(SaslError::from));
         match password {
-            Ok(password) => self.login(
-                tag,
-                Credentials { username, password },
-                Mechanism::SaslLogin,
-            ),
+            Ok(password) => self.login(tag, Credentials { username, password }, Mechanism::SaslLogin),
             Err(error) => self.sasl_error(&tag, &error),
         }
     }
 
     fn sasl_error(&mut self, tag: &Tag, error: &SaslError) {
         match error {
-            SaslError::Cancelled => self.send(format!(
-                "{} BAD Authentication cancelled.\r\n",
-                tag.as_str()
-            )),
+            SaslError::Cancelled => self.send(format!("{} BAD Authentication cancelled.\r\n", tag.as_str())),
             SaslError::AuthzidMismatch => self.send(format!(
                 "{} NO [AUTHORIZATIONFAILED] Authorization identity must match the user.\r\n",
                 tag.as_str()
             )),
             SaslError::InvalidBase64 => self.bad(Some(tag), "Invalid base64 data."),
-            SaslError::MalformedPlain | SaslError::Credentials(_) => {
-                self.bad(Some(tag), "Malformed SASL response.")
-            }
+            SaslError::MalformedPlain | SaslError::Credentials(_) => self.bad(Some(tag), "Malformed SASL response."),
         }
     }
 
@@ -360,9 +335,7 @@ impl PreAuth {
                     tag.as_str()
                 )
             }
-            (FramingError::LiteralTooBig { .. }, None) => {
-                "* BYE [TOOBIG] Literal too big.\r\n".into()
-            }
+            (FramingError::LiteralTooBig { .. }, None) => "* BYE [TOOBIG] Literal too big.\r\n".into(),
             (FramingError::LineTooLong { .. }, _) => "* BYE [TOOBIG] Line too long.\r\n".into(),
             (FramingError::MessageTooLong { .. } | FramingError::TooManyLiterals { .. }, _) => {
                 "* BYE [TOOBIG] Command too long.\r\n".into()
@@ -409,18 +382,13 @@ mod tests {
         let mut m = PreAuth::new();
         assert_eq!(
             run(&mut m, b"a CAPABILITY\r\nb NOOP\r\n"),
-            format!(
-                "* CAPABILITY {CAPABILITIES}\r\na OK Capability completed.\r\nb OK NOOP completed.\r\n"
-            )
+            format!("* CAPABILITY {CAPABILITIES}\r\na OK Capability completed.\r\nb OK NOOP completed.\r\n")
         );
         assert_eq!(
             run(&mut m, b"c ID (\"name\" \"mutt\")\r\n"),
             "* ID NIL\r\nc OK ID completed.\r\n"
         );
-        assert_eq!(
-            m.client_id(),
-            &vec![("name".to_owned(), Some("mutt".to_owned()))]
-        );
+        assert_eq!(m.client_id(), &vec![("name".to_owned(), Some("mutt".to_owned()))]);
         assert_eq!(
             run(&mut m, b"d LOGOUT\r\ne NOOP\r\n"),
             "* BYE Logging out.\r\nd OK Logout completed.\r\n[close Logout]"
@@ -440,10 +408,7 @@ mod tests {
             run(&mut m, b""),
             "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed.\r\n"
         );
-        assert_eq!(
-            run(&mut m, b"c LOGIN {5}\r\n"),
-            "+ Ready for literal data.\r\n"
-        );
+        assert_eq!(run(&mut m, b"c LOGIN {5}\r\n"), "+ Ready for literal data.\r\n");
         assert_eq!(
             run(&mut m, b"alice right\r\nd SELECT INBOX\r\ne NO"),
             "[login c LOGIN-command alice:right]"
@@ -460,10 +425,7 @@ mod tests {
         );
         let mut m = PreAuth::new();
         assert_eq!(run(&mut m, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
-        assert_eq!(
-            run(&mut m, b"AGFsaWNlAHNlY3JldA==\r\n"),
-            "[login a PLAIN alice:secret]"
-        );
+        assert_eq!(run(&mut m, b"AGFsaWNlAHNlY3JldA==\r\n"), "[login a PLAIN alice:secret]");
         let mut m = PreAuth::new();
         assert_eq!(
             run(&mut m, b"a AUTHENTICATE PLAIN\r\n*\r\n"),
@@ -486,21 +448,12 @@ mod tests {
     #[test]
     fn authenticate_login() {
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a AUTHENTICATE LOGIN\r\n"),
-            "+ VXNlcm5hbWU6\r\n"
-        );
+        assert_eq!(run(&mut m, b"a AUTHENTICATE LOGIN\r\n"), "+ VXNlcm5hbWU6\r\n");
         assert_eq!(run(&mut m, b"YWxpY2U=\r\n"), "+ UGFzc3dvcmQ6\r\n");
         assert_eq!(run(&mut m, b"c2VjcmV0\r\n"), "[login a LOGIN alice:secret]");
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a AUTHENTICATE LOGIN YWxpY2U=\r\n"),
-            "+ UGFzc3dvcmQ6\r\n"
-        );
-        assert_eq!(
-            run(&mut m, b"not base64!\r\n"),
-            "a BAD Invalid base64 data.\r\n"
-        );
+        assert_eq!(run(&mut m, b"a AUTHENTICATE LOGIN YWxpY2U=\r\n"), "+ UGFzc3dvcmQ6\r\n");
+        assert_eq!(run(&mut m, b"not base64!\r\n"), "a BAD Invalid base64 data.\r\n");
     }
 
     #[test]

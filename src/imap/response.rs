@@ -77,24 +77,19 @@ impl Response {
 }
 
 fn words_of(text: &str) -> Vec<String> {
-    text.split(' ')
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
+    text.split(' ').filter(|w| !w.is_empty()).map(str::to_owned).collect()
 }
 
 /// The capability list in a response code such as `CAPABILITY IMAP4rev1 STARTTLS`.
 pub fn code_capabilities(code: Option<&str>) -> Option<Vec<String>> {
     let code = code?;
     let (name, rest) = code.split_once(' ').unwrap_or((code, ""));
-    name.eq_ignore_ascii_case("CAPABILITY")
-        .then(|| words_of(rest))
+    name.eq_ignore_ascii_case("CAPABILITY").then(|| words_of(rest))
 }
 
 /// The first word of a response code, upper-cased (`AUTHENTICATIONFAILED`, `REFERRAL`, ...).
 pub fn code_name(code: Option<&str>) -> Option<String> {
-    code.and_then(|c| c.split(' ').next())
-        .map(str::to_ascii_uppercase)
+    code.and_then(|c| c.split(' ').next()).map(str::to_ascii_uppercase)
 }
 
 /// Case-insensitive capability lookup.
@@ -220,9 +215,7 @@ mod tests {
                 ..
             }
         ));
-        assert!(
-            matches!(parse("S BAD nope"), Response::Status { tag: Some(t), status: Status::Bad, .. } if t == "S")
-        );
+        assert!(matches!(parse("S BAD nope"), Response::Status { tag: Some(t), status: Status::Bad, .. } if t == "S"));
         assert!(
             matches!(parse("L no [REFERRAL imap://x/] go"), Response::Status { status: Status::No, code: Some(c), .. } if c.starts_with("REFERRAL"))
         );
@@ -244,10 +237,7 @@ mod tests {
             Some(vec!["A".into(), "B".into()])
         );
         assert_eq!(code_capabilities(Some("ALERT")), None);
-        assert_eq!(
-            code_name(Some("referral imap://x")).as_deref(),
-            Some("REFERRAL")
-        );
+        assert_eq!(code_name(Some("referral imap://x")).as_deref(), Some("REFERRAL"));
         assert_eq!(
             client_capabilities(&[
                 "IMAP4rev1".into(),
@@ -261,9 +251,7 @@ mod tests {
 
     #[test]
     fn strings_are_quoted_or_literal() {
-        assert!(
-            matches!(encode_string(b"a\"b\\c", false), Encoded::Quoted(q) if q == b"\"a\\\"b\\\\c\"")
-        );
+        assert!(matches!(encode_string(b"a\"b\\c", false), Encoded::Quoted(q) if q == b"\"a\\\"b\\\\c\""));
         match encode_string("jürgen".as_bytes(), true) {
             Encoded::Literal { header, data } => {
                 assert_eq!(header, b"{7+}");

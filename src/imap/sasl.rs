@@ -47,8 +47,7 @@ pub fn decode_response(line: &[u8]) -> Result<Vec<u8>, SaslError> {
 /// `[authzid] NUL authcid NUL passwd`.
 pub fn parse_plain(message: &[u8]) -> Result<Credentials, SaslError> {
     let mut parts = message.split(|&b| b == 0);
-    let (Some(authzid), Some(authcid), Some(passwd), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(authzid), Some(authcid), Some(passwd), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(SaslError::MalformedPlain);
     };
@@ -88,27 +87,15 @@ mod tests {
         assert_eq!(creds.password.expose(), b"tanstaaftanstaaf");
         // "Ursel\0Kurt\0xipj3plmq": authzid differs.
         let decoded = decode_response(b"VXJzZWwAS3VydAB4aXBqM3BsbXE=").unwrap();
-        assert_eq!(
-            parse_plain(&decoded).unwrap_err(),
-            SaslError::AuthzidMismatch
-        );
+        assert_eq!(parse_plain(&decoded).unwrap_err(), SaslError::AuthzidMismatch);
     }
 
     #[test]
     fn plain_shapes() {
         assert!(parse_plain(b"alice\0alice\0pw").is_ok());
-        assert_eq!(
-            parse_plain(b"\0\0pw").unwrap_err(),
-            SaslError::MalformedPlain
-        );
-        assert_eq!(
-            parse_plain(b"\0a\0p\0w").unwrap_err(),
-            SaslError::MalformedPlain
-        );
-        assert_eq!(
-            parse_plain(b"alice pw").unwrap_err(),
-            SaslError::MalformedPlain
-        );
+        assert_eq!(parse_plain(b"\0\0pw").unwrap_err(), SaslError::MalformedPlain);
+        assert_eq!(parse_plain(b"\0a\0p\0w").unwrap_err(), SaslError::MalformedPlain);
+        assert_eq!(parse_plain(b"alice pw").unwrap_err(), SaslError::MalformedPlain);
         assert_eq!(
             parse_plain(b"\0alice\0").unwrap_err(),
             SaslError::Credentials(CredentialsError::EmptyPassword)
@@ -127,11 +114,7 @@ mod tests {
             b"!!!!",
             b"AHRpbQ==\r",
         ] {
-            assert_eq!(
-                decode_response(bad).unwrap_err(),
-                SaslError::InvalidBase64,
-                "{bad:?}"
-            );
+            assert_eq!(decode_response(bad).unwrap_err(), SaslError::InvalidBase64, "{bad:?}");
         }
         assert_eq!(
             decode_response(&vec![b'A'; MAX_RESPONSE + 4]).unwrap_err(),

@@ -33,9 +33,6 @@ pub enum Phase {
 
 /// Resolves once the phase satisfies `reached` (or the sender is gone). Returns no guard, so it can sit in
 /// a `select!` of a `Send` future.
-pub async fn phase_reached(
-    phase: &mut tokio::sync::watch::Receiver<Phase>,
-    reached: impl FnMut(&Phase) -> bool,
-) {
+pub async fn phase_reached(phase: &mut tokio::sync::watch::Receiver<Phase>, reached: impl FnMut(&Phase) -> bool) {
     let _ = phase.wait_for(reached).await;
 }

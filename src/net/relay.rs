@@ -75,13 +75,7 @@ impl Direction {
     }
 
     /// Copies until the reader is exhausted (then shuts the writer down) or would block.
-    fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-        w: &mut W,
-        moved: &mut bool,
-    ) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, moved: &mut bool) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -174,8 +168,7 @@ where
     });
     tokio::pin!(stop);
     let end = loop {
-        let deadline =
-            started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle_timeout;
+        let deadline = started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle_timeout;
         tokio::select! {
             result = &mut copy => break match result {
                 Ok(()) => RelayEnd::Closed,

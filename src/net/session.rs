@@ -81,11 +81,7 @@ async fn serve(
     mut phase: watch::Receiver<Phase>,
 ) -> End {
     let _ = tcp.set_nodelay(true);
-    let handshake = timeout(
-        shared.config.server.handshake_timeout,
-        shared.acceptor.accept(tcp),
-    )
-    .await;
+    let handshake = timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp)).await;
     let mut client = match handshake {
         Err(_) => return End::HandshakeFailed("timed out".into()),
         Ok(Err(e)) => return End::HandshakeFailed(e.to_string()),
@@ -118,13 +114,10 @@ async fn serve(
                     let _ = client.shutdown().await;
                     return End::PreAuthClosed(reason);
                 }
-                Action::Login(request) => match login(shared, &request, &machine, peer, local, id)
-                    .await
-                {
+                Action::Login(request) => match login(shared, &request, &machine, peer, local, id).await {
                     Ok(upstream) => {
                         let pipelined = machine.into_pipelined();
-                        return relay_session(shared, client, upstream, &request, pipelined, phase)
-                            .await;
+                        return relay_session(shared, client, upstream, &request, pipelined, phase).await;
                     }
                     Err(failure) => {
                         log_failure(&request, &failure);
@@ -149,10 +142,7 @@ async fn serve(
     }
 }
 
-async fn write<S: tokio::io::AsyncWrite + Unpin>(
-    stream: &mut S,
-    bytes: &[u8],
-) -> std::io::Result<()> {
+async fn write<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }
@@ -194,7 +184,10 @@ async fn login(
     .inspect(|_| {
         tracing::info!(user = %user, backend = %backend.name, mechanism = request.mechanism.as_str(), "login");
     })
-    .map_err(|f| Failure { detail: format!("{} (backend {})", f.detail, backend.name), ..f })
+    .map_err(|f| Failure {
+        detail: format!("{} (backend {})", f.detail, backend.name),
+        ..f
+    })
 }
 
 fn log_failure(request: &LoginRequest, failure: &Failure) {

@@ -22,10 +22,7 @@ pub enum TlsConfigError {
     #[error("{key}: {path} holds no certificate")]
     NoCertificate { key: &'static str, path: PathBuf },
     #[error("{key}: {source}")]
-    Rustls {
-        key: &'static str,
-        source: rustls::Error,
-    },
+    Rustls { key: &'static str, source: rustls::Error },
     #[error("backend_tls.ca: no system root certificates could be loaded")]
     NoSystemRoots,
 }
@@ -40,13 +37,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] =
-    &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn certificates(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let pem = |source| TlsConfigError::Pem {
         key,
         path: path.to_owned(),
@@ -79,10 +72,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsCo
         .map_err(|source| TlsConfigError::Rustls { key: "tls", source })?
         .with_no_client_auth()
         .with_single_cert(chain, private_key)
-        .map_err(|source| TlsConfigError::Rustls {
-            key: "tls.key",
-            source,
-        })?;
+        .map_err(|source| TlsConfigError::Rustls { key: "tls.key", source })?;
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     Ok(Arc::new(config))
 }

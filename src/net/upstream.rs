@@ -31,11 +31,7 @@ pub enum BackendStream {
 }
 
 impl AsyncRead for BackendStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -44,11 +40,7 @@ impl AsyncRead for BackendStream {
 }
 
 impl AsyncWrite for BackendStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -140,10 +132,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
                 .as_deref()
                 .is_some_and(|c| response::has_capability(c, "STARTTLS"))
             {
-                return Err(Failure::backend(
-                    Kind::Starttls,
-                    "backend does not advertise STARTTLS",
-                ));
+                return Err(Failure::backend(Kind::Starttls, "backend does not advertise STARTTLS"));
             }
             plain.send(b"S STARTTLS\r\n").await?;
             let reply = plain.tagged("S", &mut None).await.map_err(|f| Failure {
@@ -163,10 +152,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
                 ));
             }
             let BackendStream::Plain(tcp) = plain.stream else {
-                return Err(Failure::backend(
-                    Kind::Protocol,
-                    "internal: STARTTLS on a TLS stream",
-                ));
+                return Err(Failure::backend(Kind::Protocol, "internal: STARTTLS on a TLS stream"));
             };
             Conn::new(BackendStream::Tls(Box::new(handshake(tcp, ctx).await?)))
         }
@@ -198,10 +184,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
                 Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" | "CONTACTADMIN")
             );
             return Err(if temporary {
-                Failure::backend(
-                    Kind::TempFail,
-                    format!("login refused: {}", reply.describe()),
-                )
+                Failure::backend(Kind::TempFail, format!("login refused: {}", reply.describe()))
             } else {
                 Failure {
                     side: Side::Client,
@@ -229,21 +212,13 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
     })
 }
 
-async fn handshake(
-    tcp: TcpStream,
-    ctx: &LoginContext<'_>,
-) -> Result<TlsStream<TcpStream>, Failure> {
+async fn handshake(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<TlsStream<TcpStream>, Failure> {
     let name = ServerName::try_from(ctx.backend.tls_name.clone())
         .map_err(|e| Failure::backend(Kind::Tls, format!("invalid tls_name: {e}")))?;
     TlsConnector::from(Arc::clone(ctx.tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| {
-            Failure::backend(
-                Kind::Tls,
-                format!("TLS handshake with {}: {e}", ctx.backend.name),
-            )
-        })
+        .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))
 }
 
 /// A tagged reply, reduced.
@@ -262,11 +237,7 @@ impl Reply {
             Status::PreAuth => "PREAUTH",
             Status::Bye => "BYE",
         };
-        let code = self
-            .code
-            .as_deref()
-            .map(|c| format!("[{c}] "))
-            .unwrap_or_default();
+        let code = self.code.as_deref().map(|c| format!("[{c}] ")).unwrap_or_default();
         response::loggable(format!("{status} {code}{}", self.text).as_bytes())
     }
 }
@@ -299,29 +270,20 @@ impl Conn {
                     if parsed == Response::Malformed {
                         return Err(Failure::backend(
                             Kind::Protocol,
-                            format!(
-                                "malformed response: {}",
-                                response::loggable(frame.first_line())
-                            ),
+                            format!("malformed response: {}", response::loggable(frame.first_line())),
                         ));
                     }
                     return Ok(parsed);
                 }
                 Some(Ok(Event::LiteralAccepted { .. })) => continue,
                 Some(Err(e)) => {
-                    return Err(Failure::backend(
-                        Kind::Protocol,
-                        format!("backend response: {e}"),
-                    ));
+                    return Err(Failure::backend(Kind::Protocol, format!("backend response: {e}")));
                 }
                 None => {}
             }
             let n = self.stream.read(&mut buf).await.map_err(io_failure)?;
             if n == 0 {
-                return Err(Failure::backend(
-                    Kind::Protocol,
-                    "backend closed the connection",
-                ));
+                return Err(Failure::backend(Kind::Protocol, "backend closed the connection"));
             }
             self.framer.push(&buf[..n]);
         }
@@ -343,10 +305,7 @@ impl Conn {
                 ..
             } => Err(Failure::backend(
                 Kind::Protocol,
-                format!(
-                    "backend greeted with PREAUTH: {}",
-                    response::loggable(text.as_bytes())
-                ),
+                format!("backend greeted with PREAUTH: {}", response::loggable(text.as_bytes())),
             )),
             Response::Status {
                 status: Status::Bye,
@@ -354,15 +313,9 @@ impl Conn {
                 ..
             } => Err(Failure::backend(
                 Kind::Protocol,
-                format!(
-                    "backend greeted with BYE: {}",
-                    response::loggable(text.as_bytes())
-                ),
+                format!("backend greeted with BYE: {}", response::loggable(text.as_bytes())),
             )),
-            _ => Err(Failure::backend(
-                Kind::Protocol,
-                "backend greeting is not * OK",
-            )),
+            _ => Err(Failure::backend(Kind::Protocol, "backend greeting is not * OK")),
         }
     }
 
@@ -383,11 +336,7 @@ impl Conn {
     }
 
     /// Reads until the tagged reply for `tag`, keeping any untagged CAPABILITY seen on the way.
-    async fn tagged(
-        &mut self,
-        tag: &str,
-        capabilities: &mut Option<Vec<String>>,
-    ) -> Result<Reply, Failure> {
+    async fn tagged(&mut self, tag: &str, capabilities: &mut Option<Vec<String>>) -> Result<Reply, Failure> {
         loop {
             match self.response().await? {
                 Response::Status {
@@ -467,9 +416,7 @@ impl Conn {
         if response::has_capability(capabilities, "AUTH=PLAIN") {
             let ir = sasl::encode_plain(&credentials.username, &credentials.password);
             if response::has_capability(capabilities, "SASL-IR") {
-                let line = Secret::new(
-                    [b"L AUTHENTICATE PLAIN ", ir.expose().as_slice(), b"\r\n"].concat(),
-                );
+                let line = Secret::new([b"L AUTHENTICATE PLAIN ", ir.expose().as_slice(), b"\r\n"].concat());
                 self.send(line.expose()).await?;
             } else {
                 self.send(b"L AUTHENTICATE PLAIN\r\n").await?;
@@ -505,9 +452,7 @@ impl Conn {
                 }
                 Encoded::Literal { header, data } => {
                     let data = Secret::new(data);
-                    let head = Secret::new(
-                        [pending.expose().as_slice(), header.as_slice(), b"\r\n"].concat(),
-                    );
+                    let head = Secret::new([pending.expose().as_slice(), header.as_slice(), b"\r\n"].concat());
                     self.send(head.expose()).await?;
                     if !non_sync {
                         if let Some(reply) = self.continuation("L").await? {

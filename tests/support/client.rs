@@ -52,10 +52,7 @@ impl TlsClient {
         Self::connect_with(addr, tls_config(ca, &[b"imap"])).await
     }
 
-    pub async fn connect_with(
-        addr: SocketAddr,
-        config: Arc<rustls::ClientConfig>,
-    ) -> std::io::Result<TlsClient> {
+    pub async fn connect_with(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsClient> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let stream = TlsConnector::from(config)
@@ -102,8 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ImapClient<S> {
         loop {
             if let Some(lf) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
                 let raw = &self.buf[self.start..self.start + lf];
-                let line =
-                    String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw)).into_owned();
+                let line = String::from_utf8_lossy(raw.strip_suffix(b"\r").unwrap_or(raw)).into_owned();
                 self.start += lf + 1;
                 return Ok(line);
             }

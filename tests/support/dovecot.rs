@@ -79,22 +79,12 @@ impl Dovecot {
         }
         // Dovecot needs the whole path to its base_dir reachable by its unprivileged users.
         set_mode(&dir, 0o755);
-        let euid = std::fs::metadata("/proc/self")
-            .map(|m| m.uid())
-            .unwrap_or(0);
+        let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
         let (mail_uid, mail_gid, internal, login, mail_owner) = if euid == 0 {
-            let (uid, gid, _) =
-                passwd_entry(|n, _| n == "mail").expect("a 'mail' user (Debian has uid 8)");
-            (
-                uid,
-                gid,
-                "dovecot".to_owned(),
-                "dovenull".to_owned(),
-                Some((uid, gid)),
-            )
+            let (uid, gid, _) = passwd_entry(|n, _| n == "mail").expect("a 'mail' user (Debian has uid 8)");
+            (uid, gid, "dovecot".to_owned(), "dovenull".to_owned(), Some((uid, gid)))
         } else {
-            let (uid, gid, user) =
-                passwd_entry(|_, uid| uid == euid).expect("current user in /etc/passwd");
+            let (uid, gid, user) = passwd_entry(|_, uid| uid == euid).expect("current user in /etc/passwd");
             (uid, gid, user.clone(), user, None)
         };
         let mut users = String::new();
@@ -208,8 +198,7 @@ service anvil {{
         });
         if ready.is_none() {
             let mut out = String::new();
-            let _ = std::fs::File::open(dovecot.dir.join("stdout.log"))
-                .and_then(|mut f| f.read_to_string(&mut out));
+            let _ = std::fs::File::open(dovecot.dir.join("stdout.log")).and_then(|mut f| f.read_to_string(&mut out));
             panic!("dovecot {name} did not start: {out}\n{}", dovecot.log());
         }
         dovecot

@@ -35,8 +35,7 @@ fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
 }
 
 fn leaf(names: &[&str], issuer: &Issuer<'static, KeyPair>) -> (String, String) {
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, names[0]);
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate().unwrap();

@@ -10,9 +10,7 @@ use super::pki::Pki;
 
 /// A `[[backend]]` section for a Dovecot port on 127.0.0.1, verified as "localhost".
 pub fn backend(name: &str, port: u16) -> String {
-    format!(
-        "[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls_name = \"localhost\"\n"
-    )
+    format!("[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls_name = \"localhost\"\n")
 }
 
 /// A configuration listening on 127.0.0.1:0 with the test PKI; `rest` adds backends, routes, overrides.
@@ -52,13 +50,8 @@ impl TestProxy {
     /// Starts the proxy on the current tokio runtime.
     pub async fn start(config_text: &str) -> TestProxy {
         init_logging();
-        let config = Config::from_toml(config_text, None)
-            .unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
-        let proxy = Prepared::new(config)
-            .expect("prepare")
-            .bind()
-            .await
-            .expect("bind");
+        let config = Config::from_toml(config_text, None).unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
+        let proxy = Prepared::new(config).expect("prepare").bind().await.expect("bind");
         let addr = proxy.local_addrs()[0];
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(proxy.serve(async {

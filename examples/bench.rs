@@ -1,0 +1,324 @@
+//! Benchmark: the same Dovecot reached directly (implicit TLS) and through imapgate (STARTTLS backend), in
+//! one run. Prints logins/s at 50 concurrent clients, NOOP round trips, FETCH throughput on a >100 MB
+//! mailbox, imapgate's resident memory per idle authenticated session, and the ratios against the targets.
+//! Run through `scripts/bench.sh`, which builds the release binaries first. Loopback only; every loop is
+//! bounded in count and time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::client::{TlsClient, tls_config};
+use support::dovecot::Dovecot;
+use support::pki::Pki;
+
+struct Options {
+    clients: usize,
+    login_seconds: u64,
+    noops: usize,
+    sessions: usize,
+    mailbox_mb: usize,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        clients: 50,
+        login_seconds: 8,
+        noops: 3000,
+        sessions: 1000,
+        mailbox_mb: 110,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let value = pair.get(1).and_then(|v| v.parse().ok());
+        match (pair[0].as_str(), value) {
+            ("--clients", Some(v)) => o.clients = v,
+            ("--login-seconds", Some(v)) => o.login_seconds = v as u64,
+            ("--noops", Some(v)) => o.noops = v,
+            ("--sessions", Some(v)) => o.sessions = v,
+            ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
+            _ => {
+                eprintln!("usage: bench [--clients N] [--login-seconds S] [--noops N] [--sessions N] [--mailbox-mb M]");
+                std::process::exit(64);
+            }
+        }
+    }
+    o
+}
+
+/// The imapgate binary next to this example's directory (target/release/imapgate).
+fn imapgate_binary() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("imapgate")
+}
+
+struct Gate {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Gate {
+    fn start(dir: &Path, pki: &Pki, dovecot: &Dovecot, name: &str) -> Gate {
+        let port = support::free_port();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+                 [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
+                 [route]\ndefault = \"dovecot\"\n[log]\nlevel = \"warn\"\n",
+                pki.cert.display(),
+                pki.key.display(),
+                pki.ca.display(),
+                dovecot.imap_port
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(imapgate_binary())
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run target/release/imapgate (scripts/bench.sh builds it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).expect("imapgate up");
+        Gate { child, addr }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn logged_in(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, user: &str, pass: &str) -> TlsClient {
+    let mut c = TlsClient::connect_with(addr, Arc::clone(config)).await.unwrap();
+    c.line().await.unwrap();
+    let reply = c.command("L", &format!("LOGIN {user} {pass}")).await.unwrap();
+    assert!(reply.tagged.starts_with("L OK"), "{reply:?}");
+    c
+}
+
+/// Logins per second with `clients` concurrent loops of connect + LOGIN + LOGOUT.
+async fn logins_per_second(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, clients: usize, seconds: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (config, done, failed) = (Arc::clone(config), Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let attempt = async {
+                    let mut c = TlsClient::connect_with(addr, Arc::clone(&config)).await?;
+                    c.line().await?;
+                    let reply = c.command("L", "LOGIN alice@example.org alice-pw").await?;
+                    if !reply.tagged.starts_with("L OK") {
+                        return Err(std::io::Error::other(reply.tagged));
+                    }
+                    c.command("Q", "LOGOUT").await?;
+                    Ok::<_, std::io::Error>(())
+                };
+                match tokio::time::timeout(Duration::from_secs(20), attempt).await {
+                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failed.load(Ordering::Relaxed);
+    if failures > 0 {
+        eprintln!("  ({failures} login attempts failed)");
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// NOOP round trips on one session: (p50, p99) in microseconds.
+async fn noop_latency(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, count: usize) -> (f64, f64) {
+    let mut c = logged_in(addr, config, "alice@example.org", "alice-pw").await;
+    for _ in 0..200 {
+        c.command("W", "NOOP").await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let t = Instant::now();
+        c.command("N", "NOOP").await.unwrap();
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[count / 2], samples[count * 99 / 100])
+}
+
+/// MB/s of `FETCH 1:* BODY.PEEK[]` on the big mailbox, best of three.
+async fn fetch_throughput(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> (f64, usize) {
+    let mut best: f64 = 0.0;
+    let mut bytes = 0;
+    for _ in 0..3 {
+        let mut c = logged_in(addr, config, "fetcher@example.org", "fetch-pw").await;
+        c.command("S", "EXAMINE INBOX").await.unwrap();
+        let t = Instant::now();
+        let reply = c.command("F", "FETCH 1:* BODY.PEEK[]").await.unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert!(reply.tagged.starts_with("F OK"), "{}", reply.tagged);
+        bytes = reply.literals.iter().map(Vec::len).sum();
+        best = best.max(bytes as f64 / 1e6 / secs);
+    }
+    (best, bytes)
+}
+
+fn fill_mailbox(dovecot: &Dovecot, megabytes: usize) {
+    let per_message = 2 * 1024 * 1024;
+    let mut state: u32 = 1;
+    for i in 0..megabytes.div_ceil(2) {
+        let mut msg = format!("From: bench@example.net\r\nSubject: bench {i}\r\n\r\n").into_bytes();
+        while msg.len() < per_message {
+            for _ in 0..76 {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                msg.push(b'!' + ((state >> 16) % 90) as u8);
+            }
+            msg.extend_from_slice(b"\r\n");
+        }
+        dovecot.deliver("fetcher@example.org", &format!("{i}.bench"), &msg);
+    }
+}
+
+fn ratio_line(name: &str, direct: f64, proxied: f64, target: &str, ok: bool) {
+    println!(
+        "{name:<28} {direct:>12.1} {proxied:>12.1} {:>8.3}x  target {target:<8} {}",
+        proxied / direct,
+        if ok { "met" } else { "MISSED" }
+    );
+}
+
+fn main() {
+    let o = options();
+    let dir = support::scratch_dir("imapgate-bench-");
+    let pki = Pki::generate(&dir);
+    eprintln!(
+        "starting Dovecot and imapgate; filling a {} MB mailbox ...",
+        o.mailbox_mb
+    );
+    let dovecot = Dovecot::start("bench", &pki, &[]);
+    fill_mailbox(&dovecot, o.mailbox_mb);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let config = tls_config(&pki.ca, &[b"imap"]);
+        let direct: SocketAddr = format!("127.0.0.1:{}", dovecot.imaps_port).parse().unwrap();
+
+        // Memory first, on a fresh imapgate process: RSS growth per idle authenticated session.
+        let gate = Gate::start(&dir, &pki, &dovecot, "memory");
+        for _ in 0..20 {
+            logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = gate.rss_kib();
+        let mut sessions = Vec::with_capacity(o.sessions);
+        let addr = gate.addr;
+        for chunk in 0..o.sessions.div_ceil(50) {
+            let n = 50.min(o.sessions - chunk * 50);
+            let batch: Vec<_> = (0..n)
+                .map(|_| {
+                    let config = Arc::clone(&config);
+                    tokio::spawn(async move { logged_in(addr, &config, "alice@example.org", "alice-pw").await })
+                })
+                .collect();
+            for task in batch {
+                sessions.push(task.await.unwrap());
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = gate.rss_kib();
+        let per_session_kib = (after.saturating_sub(before)) as f64 / o.sessions as f64;
+        drop(sessions);
+        drop(gate);
+
+        let gate = Gate::start(&dir, &pki, &dovecot, "proxy");
+        eprintln!(
+            "measuring logins ({} clients, {} s each) ...",
+            o.clients, o.login_seconds
+        );
+        let logins_direct = logins_per_second(direct, &config, o.clients, o.login_seconds).await;
+        let logins_proxy = logins_per_second(gate.addr, &config, o.clients, o.login_seconds).await;
+        eprintln!("measuring NOOP round trips ({}) ...", o.noops);
+        let (p50_direct, p99_direct) = noop_latency(direct, &config, o.noops).await;
+        let (p50_proxy, p99_proxy) = noop_latency(gate.addr, &config, o.noops).await;
+        eprintln!("measuring FETCH throughput ...");
+        let (fetch_direct, bytes) = fetch_throughput(direct, &config).await;
+        let (fetch_proxy, _) = fetch_throughput(gate.addr, &config).await;
+
+        println!();
+        println!("imapgate benchmark: Dovecot direct (implicit TLS) vs through imapgate (STARTTLS backend)");
+        println!(
+            "machine: {} cores; client, imapgate and Dovecot share them",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("{:<28} {:>12} {:>12} {:>9}", "", "direct", "imapgate", "ratio");
+        ratio_line(
+            &format!("logins/s ({} clients)", o.clients),
+            logins_direct,
+            logins_proxy,
+            ">=0.95x",
+            logins_proxy >= 0.95 * logins_direct,
+        );
+        ratio_line(
+            "NOOP p50 (us)",
+            p50_direct,
+            p50_proxy,
+            "<=1.10x",
+            p50_proxy <= 1.10 * p50_direct,
+        );
+        ratio_line("NOOP p99 (us)", p99_direct, p99_proxy, "-", true);
+        ratio_line(
+            &format!("FETCH MB/s ({} MB)", bytes / 1_000_000),
+            fetch_direct,
+            fetch_proxy,
+            ">=0.95x",
+            fetch_proxy >= 0.95 * fetch_direct,
+        );
+        println!(
+            "{:<28} {:>12} {:>12.1}            target <=12 KiB {}",
+            format!("KiB/idle session ({})", o.sessions),
+            "-",
+            per_session_kib,
+            if per_session_kib <= 12.0 { "met" } else { "MISSED" }
+        );
+        println!(
+            "imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions",
+            o.sessions
+        );
+        drop(gate);
+    });
+}
