@@ -25,6 +25,14 @@ struct Options {
     noops: usize,
     sessions: usize,
     mailbox_mb: usize,
+    /// Run only this part: memory, logins, noop or fetch.
+    only: Option<String>,
+}
+
+impl Options {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == part)
+    }
 }
 
 fn options() -> Options {
@@ -34,9 +42,14 @@ fn options() -> Options {
         noops: 3000,
         sessions: 1000,
         mailbox_mb: 110,
+        only: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
+        if pair[0] == "--only" && pair.len() == 2 {
+            o.only = Some(pair[1].clone());
+            continue;
+        }
         let value = pair.get(1).and_then(|v| v.parse().ok());
         match (pair[0].as_str(), value) {
             ("--clients", Some(v)) => o.clients = v,
@@ -45,7 +58,9 @@ fn options() -> Options {
             ("--sessions", Some(v)) => o.sessions = v,
             ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
             _ => {
-                eprintln!("usage: bench [--clients N] [--login-seconds S] [--noops N] [--sessions N] [--mailbox-mb M]");
+                eprintln!(
+                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--sessions N] [--mailbox-mb M] [--only memory|logins|noop|fetch]"
+                );
                 std::process::exit(64);
             }
         }
@@ -88,7 +103,12 @@ impl Gate {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(imapgate_binary())
+        let mut command = Command::new(imapgate_binary());
+        // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
+        if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
+            command.env("TOKIO_WORKER_THREADS", workers);
+        }
+        let child = command
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
@@ -96,7 +116,10 @@ impl Gate {
             .spawn()
             .expect("run target/release/imapgate (scripts/bench.sh builds it)");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).expect("imapgate up");
+        if support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).is_none() {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            panic!("imapgate did not start:\n{log}");
+        }
         Gate { child, addr }
     }
 
@@ -238,87 +261,87 @@ fn main() {
         let config = tls_config(&pki.ca, &[b"imap"]);
         let direct: SocketAddr = format!("127.0.0.1:{}", dovecot.imaps_port).parse().unwrap();
 
-        // Memory first, on a fresh imapgate process: RSS growth per idle authenticated session.
-        let gate = Gate::start(&dir, &pki, &dovecot, "memory");
-        for _ in 0..20 {
-            logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = gate.rss_kib();
-        let mut sessions = Vec::with_capacity(o.sessions);
-        let addr = gate.addr;
-        for chunk in 0..o.sessions.div_ceil(50) {
-            let n = 50.min(o.sessions - chunk * 50);
-            let batch: Vec<_> = (0..n)
-                .map(|_| {
-                    let config = Arc::clone(&config);
-                    tokio::spawn(async move { logged_in(addr, &config, "alice@example.org", "alice-pw").await })
-                })
-                .collect();
-            for task in batch {
-                sessions.push(task.await.unwrap());
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = gate.rss_kib();
-        let per_session_kib = (after.saturating_sub(before)) as f64 / o.sessions as f64;
-        drop(sessions);
-        drop(gate);
-
-        let gate = Gate::start(&dir, &pki, &dovecot, "proxy");
-        eprintln!(
-            "measuring logins ({} clients, {} s each) ...",
-            o.clients, o.login_seconds
-        );
-        let logins_direct = logins_per_second(direct, &config, o.clients, o.login_seconds).await;
-        let logins_proxy = logins_per_second(gate.addr, &config, o.clients, o.login_seconds).await;
-        eprintln!("measuring NOOP round trips ({}) ...", o.noops);
-        let (p50_direct, p99_direct) = noop_latency(direct, &config, o.noops).await;
-        let (p50_proxy, p99_proxy) = noop_latency(gate.addr, &config, o.noops).await;
-        eprintln!("measuring FETCH throughput ...");
-        let (fetch_direct, bytes) = fetch_throughput(direct, &config).await;
-        let (fetch_proxy, _) = fetch_throughput(gate.addr, &config).await;
-
-        println!();
         println!("imapgate benchmark: Dovecot direct (implicit TLS) vs through imapgate (STARTTLS backend)");
         println!(
             "machine: {} cores; client, imapgate and Dovecot share them",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         println!("{:<28} {:>12} {:>12} {:>9}", "", "direct", "imapgate", "ratio");
-        ratio_line(
-            &format!("logins/s ({} clients)", o.clients),
-            logins_direct,
-            logins_proxy,
-            ">=0.95x",
-            logins_proxy >= 0.95 * logins_direct,
-        );
-        ratio_line(
-            "NOOP p50 (us)",
-            p50_direct,
-            p50_proxy,
-            "<=1.10x",
-            p50_proxy <= 1.10 * p50_direct,
-        );
-        ratio_line("NOOP p99 (us)", p99_direct, p99_proxy, "-", true);
-        ratio_line(
-            &format!("FETCH MB/s ({} MB)", bytes / 1_000_000),
-            fetch_direct,
-            fetch_proxy,
-            ">=0.95x",
-            fetch_proxy >= 0.95 * fetch_direct,
-        );
-        println!(
-            "{:<28} {:>12} {:>12.1}            target <=12 KiB {}",
-            format!("KiB/idle session ({})", o.sessions),
-            "-",
-            per_session_kib,
-            if per_session_kib <= 12.0 { "met" } else { "MISSED" }
-        );
-        println!(
-            "imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions",
-            o.sessions
-        );
+
+        if o.runs("memory") {
+            // On a fresh imapgate process: RSS growth per idle authenticated session.
+            let gate = Gate::start(&dir, &pki, &dovecot, "memory");
+            for _ in 0..20 {
+                logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = gate.rss_kib();
+            let mut sessions = Vec::with_capacity(o.sessions);
+            let addr = gate.addr;
+            for chunk in 0..o.sessions.div_ceil(50) {
+                let n = 50.min(o.sessions - chunk * 50);
+                let batch: Vec<_> = (0..n)
+                    .map(|_| {
+                        let config = Arc::clone(&config);
+                        tokio::spawn(async move { logged_in(addr, &config, "alice@example.org", "alice-pw").await })
+                    })
+                    .collect();
+                for task in batch {
+                    sessions.push(task.await.unwrap());
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = gate.rss_kib();
+            let per_session_kib = (after.saturating_sub(before)) as f64 / o.sessions as f64;
+            println!(
+                "{:<28} {:>12} {:>12.1}            target <=12 KiB {}",
+                format!("KiB/idle session ({})", o.sessions),
+                "-",
+                per_session_kib,
+                if per_session_kib <= 12.0 { "met" } else { "MISSED" }
+            );
+            println!(
+                "  (imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions)",
+                o.sessions
+            );
+            drop(sessions);
+        }
+
+        let gate = Gate::start(&dir, &pki, &dovecot, "proxy");
+        if o.runs("logins") {
+            let logins_direct = logins_per_second(direct, &config, o.clients, o.login_seconds).await;
+            let logins_proxy = logins_per_second(gate.addr, &config, o.clients, o.login_seconds).await;
+            ratio_line(
+                &format!("logins/s ({} clients)", o.clients),
+                logins_direct,
+                logins_proxy,
+                ">=0.95x",
+                logins_proxy >= 0.95 * logins_direct,
+            );
+        }
+        if o.runs("noop") {
+            let (p50_direct, p99_direct) = noop_latency(direct, &config, o.noops).await;
+            let (p50_proxy, p99_proxy) = noop_latency(gate.addr, &config, o.noops).await;
+            ratio_line(
+                "NOOP p50 (us)",
+                p50_direct,
+                p50_proxy,
+                "<=1.10x",
+                p50_proxy <= 1.10 * p50_direct,
+            );
+            ratio_line("NOOP p99 (us)", p99_direct, p99_proxy, "-", true);
+        }
+        if o.runs("fetch") {
+            let (fetch_direct, bytes) = fetch_throughput(direct, &config).await;
+            let (fetch_proxy, _) = fetch_throughput(gate.addr, &config).await;
+            ratio_line(
+                &format!("FETCH MB/s ({} MB)", bytes / 1_000_000),
+                fetch_direct,
+                fetch_proxy,
+                ">=0.95x",
+                fetch_proxy >= 0.95 * fetch_direct,
+            );
+        }
         drop(gate);
     });
 }

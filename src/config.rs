@@ -267,7 +267,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("IMAPGATE_").split("__"));
+            // Only IMAPGATE_<SECTION>__<KEY> variables are configuration; others with the prefix (such as
+            // IMAPGATE_DEMO_PORT) belong to tools around imapgate.
+            .merge(
+                Env::prefixed("IMAPGATE_")
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            );
         Self::from_figment(figment, path.parent())
     }
 
@@ -556,6 +562,24 @@ mod tests {
         assert_eq!(keys(&MINIMAL.replace("[tls]", "[tls]\ncolour = 1")), vec!["tls.colour"]);
         let dup = format!("{MINIMAL}\n[[backend]]\nname = \"mbox1\"\naddress = \"[::1]:143\"");
         assert_eq!(keys(&dup), vec!["backend[1].name"]);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API fixes the error type.
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("proxy.toml", MINIMAL)?;
+            jail.set_env("IMAPGATE_SERVER__LISTEN", "[\"127.0.0.1:10993\"]");
+            jail.set_env("IMAPGATE_BACKEND_TLS__MODE", "tls");
+            jail.set_env("IMAPGATE_DEMO_PORT", "9999");
+            let config = Config::load(Path::new("proxy.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(config.server.listen, vec!["127.0.0.1:10993".parse().unwrap()]);
+            assert_eq!(config.backend_tls.mode, BackendMode::Tls);
+            jail.set_env("IMAPGATE_SERVER__LISTEN_ON", "x");
+            let errors = Config::load(Path::new("proxy.toml")).unwrap_err();
+            assert_eq!(errors.0[0].key, "server.listen_on");
+            Ok(())
+        });
     }
 
     #[test]

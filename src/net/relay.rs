@@ -1,7 +1,8 @@
 //! After login, "all that is left is the dummy proxying": bytes are copied both ways unchanged.
 //!
-//! Each direction reads into a small inline buffer while idle and into a 16 KiB heap buffer while data
-//! flows; the heap buffer is freed as soon as the peer goes quiet, so an idle session costs little memory.
+//! Each direction reads into a small inline buffer while idle or interactive, and into a 16 KiB heap buffer
+//! once a read fills the small one (a bulk transfer); the heap buffer is freed as soon as the peer goes
+//! quiet, so an idle session costs little memory and a NOOP costs no allocation.
 //! A direction that reaches end-of-stream shuts down the other side's write half (half-close), and the
 //! relay ends when both directions have, on an I/O error, or when nothing moved for the idle timeout.
 
@@ -127,8 +128,8 @@ impl Direction {
                     self.cap = n;
                     self.in_burst = in_burst;
                     self.need_flush = true;
-                    if !in_burst {
-                        // Data is flowing; more is likely to follow.
+                    if !in_burst && n == IDLE_BUFFER {
+                        // The small buffer filled up: a bulk transfer is under way.
                         self.burst = Some(vec![0; BURST_BUFFER].into_boxed_slice());
                     }
                 }

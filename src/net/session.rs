@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
+use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
@@ -97,27 +98,53 @@ async fn serve(
         );
     }
 
-    let mut machine = PreAuth::new();
-    if let Err(e) = write(&mut client, &machine.greeting()).await {
-        return End::ClientError(e);
+    match pre_auth(shared, &mut client, peer, local, id, &mut phase).await {
+        Ok(LoggedIn {
+            request,
+            upstream,
+            pipelined,
+        }) => relay_session(shared, client, upstream, &request, pipelined, phase).await,
+        Err(end) => end,
     }
-    let mut buf = [0u8; 4096];
+}
+
+/// A successful login: what the relay starts from.
+struct LoggedIn {
+    request: LoginRequest,
+    upstream: Upstream,
+    /// Bytes the client sent behind its login command.
+    pipelined: Vec<u8>,
+}
+
+/// The pre-auth conversation until a login succeeds or the connection ends. Its buffers live on the heap
+/// and are gone once it returns, so a relayed session does not carry them.
+async fn pre_auth(
+    shared: &Shared,
+    client: &mut TlsStream<TcpStream>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: &str,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<LoggedIn, End> {
+    let mut machine = PreAuth::new();
+    write(client, &machine.greeting()).await.map_err(End::ClientError)?;
+    let mut buf = vec![0u8; 4096];
     loop {
         while let Some(action) = machine.next_action() {
             match action {
-                Action::Send(bytes) => {
-                    if let Err(e) = write(&mut client, &bytes).await {
-                        return End::ClientError(e);
-                    }
-                }
+                Action::Send(bytes) => write(client, &bytes).await.map_err(End::ClientError)?,
                 Action::Close(reason) => {
                     let _ = client.shutdown().await;
-                    return End::PreAuthClosed(reason);
+                    return Err(End::PreAuthClosed(reason));
                 }
                 Action::Login(request) => match login(shared, &request, &machine, peer, local, id).await {
                     Ok(upstream) => {
                         let pipelined = machine.into_pipelined();
-                        return relay_session(shared, client, upstream, &request, pipelined, phase).await;
+                        return Ok(LoggedIn {
+                            request,
+                            upstream,
+                            pipelined,
+                        });
                     }
                     Err(failure) => {
                         log_failure(&request, &failure);
@@ -129,14 +156,14 @@ async fn serve(
         tokio::select! {
             read = timeout(shared.config.server.preauth_idle_timeout, client.read(&mut buf)) => match read {
                 Err(_) => machine.idle_timeout(),
-                Ok(Ok(0)) => return End::ClientClosed,
+                Ok(Ok(0)) => return Err(End::ClientClosed),
                 Ok(Ok(n)) => machine.feed(&buf[..n]),
-                Ok(Err(e)) => return End::ClientError(e),
+                Ok(Err(e)) => return Err(End::ClientError(e)),
             },
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => {
-                let _ = write(&mut client, b"* BYE Server shutting down.\r\n").await;
+            () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {
+                let _ = write(client, b"* BYE Server shutting down.\r\n").await;
                 let _ = client.shutdown().await;
-                return End::Shutdown;
+                return Err(End::Shutdown);
             }
         }
     }
@@ -203,7 +230,7 @@ fn log_failure(request: &LoginRequest, failure: &Failure) {
 
 async fn relay_session(
     shared: &Shared,
-    mut client: tokio_rustls::server::TlsStream<TcpStream>,
+    mut client: TlsStream<TcpStream>,
     mut upstream: Upstream,
     request: &LoginRequest,
     pipelined: Vec<u8>,

@@ -158,17 +158,14 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
         }
     };
 
-    // Capabilities may change after TLS: ask again.
-    let capabilities = conn.capability().await?;
-    if response::has_capability(&capabilities, "ID") {
-        let id = response::id_command("I", &ctx.id_fields, ctx.client_id);
-        conn.send(&id).await?;
-        let reply = conn.tagged("I", &mut None).await?;
-        if reply.status != Status::Ok {
-            tracing::warn!(backend = %ctx.backend.name, reply = %reply.describe(), "backend refused ID; client address not passed on");
-        }
-    } else {
-        tracing::warn!(backend = %ctx.backend.name, "backend lacks ID; client address not passed on");
+    // Capabilities may change after TLS: ask again. ID goes in the same write (one round trip less); a
+    // backend without ID answers it with BAD, which only costs the client address in its log.
+    let id = response::id_command("I", &ctx.id_fields, ctx.client_id);
+    conn.send(&[b"C CAPABILITY\r\n".as_slice(), &id].concat()).await?;
+    let capabilities = conn.capability_reply().await?;
+    let reply = conn.tagged("I", &mut None).await?;
+    if reply.status != Status::Ok {
+        tracing::warn!(backend = %ctx.backend.name, reply = %reply.describe(), "backend refused ID; client address not passed on");
     }
 
     let mut collected = None;
@@ -262,7 +259,8 @@ impl Conn {
     }
 
     async fn response(&mut self) -> Result<Response, Failure> {
-        let mut buf = [0u8; 4096];
+        // On the heap: an inline array would stay in every session task's allocation for its whole life.
+        let mut buf = vec![0u8; 4096];
         loop {
             match self.framer.next_event() {
                 Some(Ok(Event::Frame(frame))) => {
@@ -321,6 +319,11 @@ impl Conn {
 
     async fn capability(&mut self) -> Result<Vec<String>, Failure> {
         self.send(b"C CAPABILITY\r\n").await?;
+        self.capability_reply().await
+    }
+
+    /// Reads the reply to a `C CAPABILITY` already sent.
+    async fn capability_reply(&mut self) -> Result<Vec<String>, Failure> {
         let mut caps = None;
         let reply = self.tagged("C", &mut caps).await?;
         match (
