@@ -14,6 +14,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
+use crate::imap::command::Tag;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth};
 use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
@@ -82,11 +83,17 @@ async fn serve(
     mut phase: watch::Receiver<Phase>,
 ) -> End {
     let _ = tcp.set_nodelay(true);
-    let handshake = timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp)).await;
+    // Futures and streams that are large are boxed: a task's allocation is the size of its largest state,
+    // and what only the handshake or the login needs should not stay in every relayed session.
+    let handshake = Box::pin(timeout(
+        shared.config.server.handshake_timeout,
+        shared.acceptor.accept(tcp),
+    ))
+    .await;
     let mut client = match handshake {
         Err(_) => return End::HandshakeFailed("timed out".into()),
         Ok(Err(e)) => return End::HandshakeFailed(e.to_string()),
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => Box::new(stream),
     };
     {
         let (_, conn) = client.get_ref();
@@ -98,19 +105,16 @@ async fn serve(
         );
     }
 
-    match pre_auth(shared, &mut client, peer, local, id, &mut phase).await {
-        Ok(LoggedIn {
-            request,
-            upstream,
-            pipelined,
-        }) => relay_session(shared, client, upstream, &request, pipelined, phase).await,
+    match Box::pin(pre_auth(shared, &mut client, peer, local, id, &mut phase)).await {
+        Ok(logged_in) => relay_session(shared, client, logged_in, phase).await,
         Err(end) => end,
     }
 }
 
 /// A successful login: what the relay starts from.
 struct LoggedIn {
-    request: LoginRequest,
+    /// The client's tag for the login command; the credentials are dropped (and wiped) once used.
+    tag: Tag,
     upstream: Upstream,
     /// Bytes the client sent behind its login command.
     pipelined: Vec<u8>,
@@ -141,7 +145,7 @@ async fn pre_auth(
                     Ok(upstream) => {
                         let pipelined = machine.into_pipelined();
                         return Ok(LoggedIn {
-                            request,
+                            tag: request.tag,
                             upstream,
                             pipelined,
                         });
@@ -228,50 +232,58 @@ fn log_failure(request: &LoginRequest, failure: &Failure) {
     }
 }
 
+/// Answers the client's login, forwards what it pipelined, then relays until the session ends. Only the
+/// opening reply is built from the login's data; credentials and capability lists are gone by the relay.
 async fn relay_session(
     shared: &Shared,
-    mut client: TlsStream<TcpStream>,
-    mut upstream: Upstream,
-    request: &LoginRequest,
-    pipelined: Vec<u8>,
+    mut client: Box<TlsStream<TcpStream>>,
+    logged_in: LoggedIn,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
-    let ok = format!(
+    let LoggedIn {
+        tag,
+        upstream,
+        pipelined,
+    } = logged_in;
+    let Upstream {
+        stream: mut backend,
+        pending,
+        capabilities,
+    } = upstream;
+    let mut opening = format!(
         "{} OK [CAPABILITY {}] Logged in\r\n",
-        request.tag.as_str(),
-        response::client_capabilities(&upstream.capabilities)
-    );
-    let mut opening = ok.into_bytes();
-    opening.extend_from_slice(&upstream.pending);
+        tag.as_str(),
+        response::client_capabilities(&capabilities)
+    )
+    .into_bytes();
+    drop(capabilities);
+    opening.extend_from_slice(&pending);
+    let (early_up, early_down) = (pipelined.len() as u64, pending.len() as u64);
+    drop(pending);
     if let Err(e) = write(&mut client, &opening).await {
         return End::ClientError(e);
     }
+    drop(opening);
     if !pipelined.is_empty() {
-        if let Err(e) = write(&mut upstream.stream, &pipelined).await {
-            let outcome = End::Relayed {
+        if let Err(e) = write(&mut backend, &pipelined).await {
+            return End::Relayed {
                 up: 0,
-                down: 0,
+                down: early_down,
                 end: RelayEnd::Error(e),
             };
-            return outcome;
         }
     }
+    drop(pipelined);
     let stop = async move {
         crate::net::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
     };
-    let outcome = relay::relay(
-        &mut client,
-        &mut upstream.stream,
-        shared.config.server.relay_idle_timeout,
-        stop,
-    )
-    .await;
+    let outcome = relay::relay(&mut client, &mut backend, shared.config.server.relay_idle_timeout, stop).await;
     if matches!(outcome.end, RelayEnd::Shutdown | RelayEnd::IdleTimeout) {
         let _ = write(&mut client, b"* BYE Connection closed by proxy.\r\n").await;
     }
     End::Relayed {
-        up: outcome.client_to_backend + pipelined.len() as u64,
-        down: outcome.backend_to_client + upstream.pending.len() as u64,
+        up: outcome.client_to_backend + early_up,
+        down: outcome.backend_to_client + early_down,
         end: outcome.end,
     }
 }

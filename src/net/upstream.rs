@@ -212,10 +212,18 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
 async fn handshake(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<TlsStream<TcpStream>, Failure> {
     let name = ServerName::try_from(ctx.backend.tls_name.clone())
         .map_err(|e| Failure::backend(Kind::Tls, format!("invalid tls_name: {e}")))?;
-    TlsConnector::from(Arc::clone(ctx.tls))
+    let tls = TlsConnector::from(Arc::clone(ctx.tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))
+        .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))?;
+    let (_, conn) = tls.get_ref();
+    tracing::debug!(
+        backend = %ctx.backend.name,
+        version = ?conn.protocol_version(),
+        kind = ?conn.handshake_kind(),
+        "backend tls established"
+    );
+    Ok(tls)
 }
 
 /// A tagged reply, reduced.
