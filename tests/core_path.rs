@@ -395,3 +395,51 @@ async fn graceful_shutdown_says_bye_before_login() {
         "listener still open"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_modes_implicit_tls_and_plain() {
+    let env = env();
+    // Implicit TLS to Dovecot's IMAPS port.
+    let rest = format!(
+        "{}\n[route]\ndefault = \"mbox\"\n",
+        backend("mbox", env.dovecot.imaps_port)
+    );
+    let text = config_text(&env.pki, &rest).replace("[backend_tls]\n", "[backend_tls]\nmode = \"tls\"\n");
+    let proxy = TestProxy::start(&text).await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    let reply = c.command("m1", "LOGIN bob@example.com bob-pw").await.unwrap();
+    assert!(reply.tagged.starts_with("m1 OK [CAPABILITY"), "{reply:?}");
+    proxy.stop().await;
+
+    // Plain, only with the explicit opt-in (Dovecot accepts plaintext logins from loopback).
+    let rest = format!(
+        "{}\n[route]\ndefault = \"mbox\"\n",
+        backend("mbox", env.dovecot.imap_port)
+    );
+    let text = config_text(&env.pki, &rest).replace(
+        "[backend_tls]\n",
+        "[backend_tls]\nmode = \"plain\"\nallow_plaintext = true\n",
+    );
+    let proxy = TestProxy::start(&text).await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    let reply = c.command("m2", "LOGIN bob@example.com bob-pw").await.unwrap();
+    assert!(reply.tagged.starts_with("m2 OK [CAPABILITY"), "{reply:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_bad_commands_end_the_connection() {
+    let env = env();
+    let proxy = proxy().await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    c.send(b"x1 SELECT INBOX\r\nx2 FOO\r\nx3 LOGIN\r\nx4 NOOP\r\n")
+        .await
+        .unwrap();
+    let rest = c.rest().await;
+    assert_eq!(
+        rest,
+        "x1 BAD Command not permitted before authentication.\r\nx2 BAD Unknown command.\r\n\
+         x3 BAD Invalid arguments.\r\n* BYE Too many invalid commands.\r\n"
+    );
+    proxy.stop().await;
+}
