@@ -94,7 +94,9 @@ impl Gate {
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
                  [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
                  [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
-                 [route]\ndefault = \"dovecot\"\n[log]\nlevel = \"warn\"\n",
+                 [route]\ndefault = \"dovecot\"\n[log]\nlevel = \"warn\"\n\
+                 [defence]\nconnections_per_prefix = 5000\nconnection_rate_per_minute = 1000000\n\
+                 connection_burst = 10000\nauth_in_flight = 200\n",
                 pki.cert.display(),
                 pki.key.display(),
                 pki.ca.display(),

@@ -13,6 +13,7 @@ use crate::config::{BackendMode, Config};
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Phase, Shared, session};
 use crate::route::Router;
+use crate::security::Defence;
 
 /// Everything validated and loaded, nothing bound yet.
 pub struct Prepared {
@@ -30,12 +31,14 @@ impl Prepared {
         }
         let router = Router::new(&config);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let defence = Defence::new(config.defence.clone());
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 router,
                 acceptor,
                 backend_tls,
+                defence,
             }),
         })
     }
@@ -68,9 +71,15 @@ impl Proxy {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
+    /// The brute-force defence, for inspection (tests, benchmarks).
+    pub fn defence(&self) -> Arc<Defence> {
+        Arc::clone(&self.shared.defence)
+    }
+
     /// Serves until `shutdown` resolves, then drains. Returns when every session has ended.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        tokio::spawn(sweep_loop(Arc::clone(&self.shared.defence), phase_rx.clone()));
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
@@ -123,17 +132,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Cheap refusal before any TLS work.
+        // Cheap refusals before any TLS work: global cap, deny list, bans, per-prefix caps and rates.
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection refused: max_connections reached");
+            tracing::warn!(event = "refused", %peer, reason = "max_connections", "connection refused before TLS");
+            continue;
+        };
+        let Ok(admitted) = shared.defence.admit(peer.ip()) else {
             continue;
         };
         let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
         let (shared, phase, done) = (Arc::clone(&shared), phase.clone(), done.clone());
         tokio::spawn(async move {
             session::run(shared, tcp, peer, local, phase).await;
+            drop(admitted);
             drop(permit);
             drop(done);
         });
+    }
+}
+
+/// Defence housekeeping every few seconds: lift bans, forget idle entries, prune limiters.
+async fn sweep_loop(defence: Arc<Defence>, mut phase: watch::Receiver<Phase>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => defence.sweep(),
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+        }
     }
 }

@@ -43,6 +43,97 @@ struct RawConfig {
     route: RawRoute,
     #[serde(default)]
     log: LogConfig,
+    #[serde(default)]
+    defence: RawDefence,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDefence {
+    ipv4_prefix: u8,
+    ipv6_prefix: u8,
+    ipv6_wide_prefix: u8,
+    failures: u32,
+    wide_failures: u32,
+    window_secs: u64,
+    ban_secs: u64,
+    ban_max_secs: u64,
+    tarpit_ms: Vec<u64>,
+    auth_in_flight: u32,
+    auth_queue_timeout_secs: u64,
+    account_delay_after: u32,
+    account_block_after: u32,
+    account_reset_secs: u64,
+    connections_per_prefix: u32,
+    connection_rate_per_minute: u32,
+    connection_burst: u32,
+    trusted: Vec<ipnet::IpNet>,
+    deny: Vec<ipnet::IpNet>,
+    max_tracked: usize,
+}
+
+impl Default for RawDefence {
+    fn default() -> Self {
+        Self {
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            ipv6_wide_prefix: 48,
+            failures: 5,
+            wide_failures: 50,
+            window_secs: 600,
+            ban_secs: 600,
+            ban_max_secs: 86_400,
+            tarpit_ms: vec![2_000, 4_000, 8_000, 15_000],
+            auth_in_flight: 2,
+            auth_queue_timeout_secs: 30,
+            account_delay_after: 5,
+            account_block_after: 50,
+            account_reset_secs: 3_600,
+            connections_per_prefix: 50,
+            connection_rate_per_minute: 60,
+            connection_burst: 30,
+            trusted: Vec::new(),
+            deny: Vec::new(),
+            max_tracked: 100_000,
+        }
+    }
+}
+
+/// Brute-force defence and connection admission, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefenceConfig {
+    /// Prefix lengths that key failures: IPv4, IPv6, and the coarser IPv6 bucket.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    pub ipv6_wide_prefix: u8,
+    /// Failed logins a prefix may have per window before it is banned.
+    pub failures: u32,
+    /// The same for the coarse IPv6 bucket.
+    pub wide_failures: u32,
+    pub window: Duration,
+    /// First ban; each repeat doubles it, up to `ban_max`.
+    pub ban: Duration,
+    pub ban_max: Duration,
+    /// Delay before answering the n-th failure in a window (the last value repeats).
+    pub tarpit: Vec<Duration>,
+    /// Logins one prefix may have at a backend at once; more wait.
+    pub auth_in_flight: u32,
+    pub auth_queue_timeout: Duration,
+    /// Consecutive failures of one account (from anywhere) before its logins are delayed.
+    pub account_delay_after: u32,
+    /// Consecutive failures after which the account is blocked for prefixes that never logged into it.
+    pub account_block_after: u32,
+    /// An account's failure count is forgotten after this long without failures.
+    pub account_reset: Duration,
+    pub connections_per_prefix: u32,
+    pub connection_rate_per_minute: u32,
+    pub connection_burst: u32,
+    /// Skip per-address limits (per-account counting stays).
+    pub trusted: Vec<ipnet::IpNet>,
+    /// Refused before TLS.
+    pub deny: Vec<ipnet::IpNet>,
+    /// Most prefixes and most accounts tracked; older idle entries are dropped first.
+    pub max_tracked: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,6 +351,7 @@ pub struct Config {
     pub backends: Vec<Backend>,
     pub route: RouteConfig,
     pub log: LogConfig,
+    pub defence: DefenceConfig,
 }
 
 impl Config {
@@ -468,10 +560,13 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         errors.push(err("route", "set route.default or at least one [[route.rule]]"));
     }
 
+    let defence = validate_defence(raw.defence, &mut errors);
+
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     Ok(Config {
+        defence,
         server,
         tls,
         backend_tls,
@@ -479,6 +574,69 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         route: RouteConfig { default, rules },
         log: raw.log,
     })
+}
+
+fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceConfig {
+    let mut positive = |key: &str, value: u64| {
+        if value == 0 {
+            errors.push(err(format!("defence.{key}"), "must be at least 1"));
+        }
+    };
+    positive("failures", raw.failures.into());
+    positive("wide_failures", raw.wide_failures.into());
+    positive("window_secs", raw.window_secs);
+    positive("ban_secs", raw.ban_secs);
+    positive("auth_in_flight", raw.auth_in_flight.into());
+    positive("auth_queue_timeout_secs", raw.auth_queue_timeout_secs);
+    positive("account_block_after", raw.account_block_after.into());
+    positive("account_reset_secs", raw.account_reset_secs);
+    positive("connections_per_prefix", raw.connections_per_prefix.into());
+    positive("connection_rate_per_minute", raw.connection_rate_per_minute.into());
+    positive("connection_burst", raw.connection_burst.into());
+    positive("max_tracked", raw.max_tracked as u64);
+    if raw.ipv4_prefix == 0 || raw.ipv4_prefix > 32 {
+        errors.push(err("defence.ipv4_prefix", "must be 1 to 32"));
+    }
+    if raw.ipv6_prefix == 0 || raw.ipv6_prefix > 128 {
+        errors.push(err("defence.ipv6_prefix", "must be 1 to 128"));
+    }
+    if raw.ipv6_wide_prefix == 0 || raw.ipv6_wide_prefix > raw.ipv6_prefix {
+        errors.push(err("defence.ipv6_wide_prefix", "must be 1 to defence.ipv6_prefix"));
+    }
+    if raw.ban_max_secs < raw.ban_secs {
+        errors.push(err("defence.ban_max_secs", "must be at least defence.ban_secs"));
+    }
+    if raw.tarpit_ms.is_empty() || raw.tarpit_ms.iter().any(|ms| *ms > 60_000) {
+        errors.push(err("defence.tarpit_ms", "needs 1 or more delays of at most 60000 ms"));
+    }
+    DefenceConfig {
+        ipv4_prefix: raw.ipv4_prefix,
+        ipv6_prefix: raw.ipv6_prefix,
+        ipv6_wide_prefix: raw.ipv6_wide_prefix,
+        failures: raw.failures,
+        wide_failures: raw.wide_failures,
+        window: Duration::from_secs(raw.window_secs),
+        ban: Duration::from_secs(raw.ban_secs),
+        ban_max: Duration::from_secs(raw.ban_max_secs),
+        tarpit: raw.tarpit_ms.into_iter().map(Duration::from_millis).collect(),
+        auth_in_flight: raw.auth_in_flight,
+        auth_queue_timeout: Duration::from_secs(raw.auth_queue_timeout_secs),
+        account_delay_after: raw.account_delay_after,
+        account_block_after: raw.account_block_after,
+        account_reset: Duration::from_secs(raw.account_reset_secs),
+        connections_per_prefix: raw.connections_per_prefix,
+        connection_rate_per_minute: raw.connection_rate_per_minute,
+        connection_burst: raw.connection_burst,
+        trusted: raw.trusted,
+        deny: raw.deny,
+        max_tracked: raw.max_tracked,
+    }
+}
+
+impl Default for DefenceConfig {
+    fn default() -> Self {
+        validate_defence(RawDefence::default(), &mut Vec::new())
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`]; no I/O beyond reading files.
 //! - [`imap`]: sans-IO protocol logic (framing, pre-auth state machine, SASL, backend responses).
 //! - [`route`]: which backend serves a user.
+//! - [`security`]: brute-force defence (failure budgets, bans, tarpit) and admission before TLS.
 //! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
 //! - [`net`]: sockets: TLS listener, per-connection session, backend leg (STARTTLS + ID + login), relay.
 //! - [`app`]: wires listeners and shutdown.
@@ -14,4 +15,5 @@ pub mod failure;
 pub mod imap;
 pub mod net;
 pub mod route;
+pub mod security;
 pub mod telemetry;

@@ -17,6 +17,7 @@ pub struct Shared {
     pub router: Router,
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
+    pub defence: Arc<crate::security::Defence>,
 }
 
 /// The proxy's life cycle as sessions see it.

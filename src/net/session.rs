@@ -15,7 +15,7 @@ use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
 use crate::imap::command::Tag;
-use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth};
+use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
 use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::upstream::{self, LoginContext, Upstream};
@@ -141,20 +141,40 @@ async fn pre_auth(
                     let _ = client.shutdown().await;
                     return Err(End::PreAuthClosed(reason));
                 }
-                Action::Login(request) => match login(shared, &request, &machine, peer, local, id).await {
-                    Ok(upstream) => {
-                        let pipelined = machine.into_pipelined();
-                        return Ok(LoggedIn {
-                            tag: request.tag,
-                            upstream,
-                            pipelined,
-                        });
+                Action::Login(request) => {
+                    let user = &request.credentials.username;
+                    tracing::Span::current().record("user", user.as_str());
+                    let permit = match shared.defence.begin_login(peer.ip(), user).await {
+                        Ok(permit) => permit,
+                        Err(_refusal) => {
+                            // Logged by the defence; no backend is contacted.
+                            machine.login_failed(&request.tag, Rejection::UNAVAILABLE);
+                            continue;
+                        }
+                    };
+                    match login(shared, &request, &machine, peer, local, id).await {
+                        Ok(upstream) => {
+                            shared.defence.login_succeeded(permit);
+                            let pipelined = machine.into_pipelined();
+                            return Ok(LoggedIn {
+                                tag: request.tag,
+                                upstream,
+                                pipelined,
+                            });
+                        }
+                        Err(failure) => {
+                            log_failure(&request, &failure);
+                            if failure.is_auth_failure() {
+                                let delay = shared.defence.login_failed(permit, user, &request.credentials.password);
+                                tokio::select! {
+                                    () = tokio::time::sleep(delay) => {}
+                                    () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
+                                }
+                            }
+                            machine.login_failed(&request.tag, failure.rejection());
+                        }
                     }
-                    Err(failure) => {
-                        log_failure(&request, &failure);
-                        machine.login_failed(&request.tag, failure.rejection());
-                    }
-                },
+                }
             }
         }
         tokio::select! {
@@ -187,7 +207,6 @@ async fn login(
     id: &str,
 ) -> Result<Upstream, Failure> {
     let user = &request.credentials.username;
-    tracing::Span::current().record("user", user.as_str());
     let backend = shared.router.route(user).ok_or_else(|| Failure {
         side: Side::Proxy,
         kind: Kind::NoRoute,

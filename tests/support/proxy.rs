@@ -13,6 +13,10 @@ pub fn backend(name: &str, port: u16) -> String {
     format!("[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ntls_name = \"localhost\"\n")
 }
 
+/// Defence settings for tests that are not about the defence: every test connects from 127.0.0.1, so
+/// the per-address limits are wide and the tarpit short.
+pub const DEFAULT_TEST_DEFENCE: &str = "[defence]\ntarpit_ms = [20]\nconnection_rate_per_minute = 100000\nconnection_burst = 1000\nauth_in_flight = 20\n";
+
 /// A configuration listening on 127.0.0.1:0 with the test PKI; `rest` adds backends, routes, overrides.
 pub fn config_text(pki: &Pki, rest: &str) -> String {
     format!(
@@ -33,7 +37,9 @@ connect_timeout_secs = 3
 login_timeout_secs = 10
 
 {rest}
+{defence}
 "#,
+        defence = if rest.contains("[defence]") { "" } else { DEFAULT_TEST_DEFENCE },
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display()
