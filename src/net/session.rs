@@ -143,8 +143,13 @@ async fn pre_auth(
                 }
                 Action::Login(request) => {
                     let user = &request.credentials.username;
-                    tracing::Span::current().record("user", user.as_str());
-                    let permit = match shared.defence.begin_login(peer.ip(), user).await {
+                    let attempt = tracing::info_span!("login", user = %user, mechanism = request.mechanism.as_str());
+                    let permit = match shared
+                        .defence
+                        .begin_login(peer.ip(), user)
+                        .instrument(attempt.clone())
+                        .await
+                    {
                         Ok(permit) => permit,
                         Err(_refusal) => {
                             // Logged by the defence; no backend is contacted.
@@ -152,8 +157,13 @@ async fn pre_auth(
                             continue;
                         }
                     };
-                    match login(shared, &request, &machine, peer, local, id).await {
+                    match login(shared, &request, &machine, peer, local, id)
+                        .instrument(attempt.clone())
+                        .await
+                    {
                         Ok(upstream) => {
+                            // The session's user, recorded once: only a successful login names it.
+                            tracing::Span::current().record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
                             let pipelined = machine.into_pipelined();
                             return Ok(LoggedIn {
@@ -163,9 +173,14 @@ async fn pre_auth(
                             });
                         }
                         Err(failure) => {
-                            log_failure(&request, &failure);
-                            if failure.is_auth_failure() {
-                                let delay = shared.defence.login_failed(permit, user, &request.credentials.password);
+                            // Wrong credentials cost a tarpit delay; backend trouble does not count.
+                            let tarpit = attempt.in_scope(|| {
+                                log_failure(&request, &failure);
+                                failure
+                                    .is_auth_failure()
+                                    .then(|| shared.defence.login_failed(permit, user, &request.credentials.password))
+                            });
+                            if let Some(delay) = tarpit {
                                 tokio::select! {
                                     () = tokio::time::sleep(delay) => {}
                                     () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}

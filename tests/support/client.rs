@@ -53,7 +53,23 @@ impl TlsClient {
     }
 
     pub async fn connect_with(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> std::io::Result<TlsClient> {
-        let tcp = TcpStream::connect(addr).await?;
+        Self::connect_from(None, addr, config).await
+    }
+
+    /// Connects from a chosen loopback source address (e.g. 127.0.0.7), to act as another client.
+    pub async fn connect_from(
+        source: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<TlsClient> {
+        let tcp = match source {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         tcp.set_nodelay(true)?;
         let stream = TlsConnector::from(config)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)

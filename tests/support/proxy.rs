@@ -15,7 +15,8 @@ pub fn backend(name: &str, port: u16) -> String {
 
 /// Defence settings for tests that are not about the defence: every test connects from 127.0.0.1, so
 /// the per-address limits are wide and the tarpit short.
-pub const DEFAULT_TEST_DEFENCE: &str = "[defence]\ntarpit_ms = [20]\nconnection_rate_per_minute = 100000\nconnection_burst = 1000\nauth_in_flight = 20\n";
+pub const DEFAULT_TEST_DEFENCE: &str =
+    "[defence]\ntarpit_ms = [20]\nconnection_rate_per_minute = 100000\nconnection_burst = 1000\nauth_in_flight = 20\n";
 
 /// A configuration listening on 127.0.0.1:0 with the test PKI; `rest` adds backends, routes, overrides.
 pub fn config_text(pki: &Pki, rest: &str) -> String {
@@ -39,7 +40,11 @@ login_timeout_secs = 10
 {rest}
 {defence}
 "#,
-        defence = if rest.contains("[defence]") { "" } else { DEFAULT_TEST_DEFENCE },
+        defence = if rest.contains("[defence]") {
+            ""
+        } else {
+            DEFAULT_TEST_DEFENCE
+        },
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display()
@@ -48,6 +53,7 @@ login_timeout_secs = 10
 
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub defence: std::sync::Arc<imapgate::security::Defence>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -59,12 +65,14 @@ impl TestProxy {
         let config = Config::from_toml(config_text, None).unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
         let proxy = Prepared::new(config).expect("prepare").bind().await.expect("bind");
         let addr = proxy.local_addrs()[0];
+        let defence = proxy.defence();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(proxy.serve(async {
             let _ = stopped.await;
         }));
         TestProxy {
             addr,
+            defence,
             stop: Some(stop),
             task: Some(task),
         }
