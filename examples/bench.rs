@@ -9,15 +9,18 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::client::{TlsClient, tls_config};
 use support::dovecot::Dovecot;
+use support::gate::Gate;
 use support::pki::Pki;
+
+/// Every benchmark client comes from 127.0.0.1: per-address limits are opened wide (the defence still runs).
+const BENCH_DEFENCE: &str = "[defence]\nconnections_per_prefix = 5000\nconnection_rate_per_minute = 1000000\n\
+                             connection_burst = 10000\nauth_in_flight = 200\n";
 
 struct Options {
     clients: usize,
@@ -66,80 +69,6 @@ fn options() -> Options {
         }
     }
     o
-}
-
-/// The imapgate binary next to this example's directory (target/release/imapgate).
-fn imapgate_binary() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("imapgate")
-}
-
-struct Gate {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Gate {
-    fn start(dir: &Path, pki: &Pki, dovecot: &Dovecot, name: &str) -> Gate {
-        let port = support::free_port();
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
-                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
-                 [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
-                 [route]\ndefault = \"dovecot\"\n[log]\nlevel = \"warn\"\n\
-                 [defence]\nconnections_per_prefix = 5000\nconnection_rate_per_minute = 1000000\n\
-                 connection_burst = 10000\nauth_in_flight = 200\n",
-                pki.cert.display(),
-                pki.key.display(),
-                pki.ca.display(),
-                dovecot.imap_port
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let mut command = Command::new(imapgate_binary());
-        // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
-        if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
-            command.env("TOKIO_WORKER_THREADS", workers);
-        }
-        let child = command
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("run target/release/imapgate (scripts/bench.sh builds it)");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        if support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).is_none() {
-            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-            panic!("imapgate did not start:\n{log}");
-        }
-        Gate { child, addr }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn logged_in(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, user: &str, pass: &str) -> TlsClient {
@@ -273,7 +202,7 @@ fn main() {
 
         if o.runs("memory") {
             // On a fresh imapgate process: RSS growth per idle authenticated session.
-            let gate = Gate::start(&dir, &pki, &dovecot, "memory");
+            let gate = Gate::start(&dir, &pki, &dovecot, "memory", BENCH_DEFENCE);
             for _ in 0..20 {
                 logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
             }
@@ -312,7 +241,7 @@ fn main() {
 
         // Let Dovecot reap the sessions of the memory run before timing anything.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let gate = Gate::start(&dir, &pki, &dovecot, "proxy");
+        let gate = Gate::start(&dir, &pki, &dovecot, "proxy", BENCH_DEFENCE);
         // Each figure alternates direct and proxied rounds so that drift on a shared machine hits both.
         if o.runs("logins") {
             let (mut direct_rate, mut proxy_rate) = (0.0, 0.0);

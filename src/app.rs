@@ -155,10 +155,28 @@ async fn accept_loop(
 async fn sweep_loop(defence: Arc<Defence>, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    for n in 1u64.. {
         tokio::select! {
             _ = tick.tick() => defence.sweep(),
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => break,
+        }
+        if n % 60 == 0 {
+            log_defence_stats(&defence);
         }
     }
+    log_defence_stats(&defence);
+}
+
+fn log_defence_stats(defence: &Defence) {
+    let stats = defence.stats();
+    tracing::info!(
+        event = "defence_stats",
+        tracked_prefixes = stats.tracked_prefixes,
+        tracked_accounts = stats.tracked_accounts,
+        ban_entries = stats.ban_entries,
+        active_bans = stats.active_bans,
+        limiter_keys = stats.limiter_keys,
+        max_in_flight = stats.max_in_flight,
+        "defence tables"
+    );
 }

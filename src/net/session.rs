@@ -151,8 +151,14 @@ async fn pre_auth(
                         .await
                     {
                         Ok(permit) => permit,
-                        Err(_refusal) => {
-                            // Logged by the defence; no backend is contacted.
+                        Err(refusal) => {
+                            // Logged by the defence; no backend is contacted. The answer waits as long as
+                            // the longest tarpit step, so a refused attacker cannot spin.
+                            let delay = shared.defence.refusal_delay(refusal);
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => {}
+                                () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
+                            }
                             machine.login_failed(&request.tag, Rejection::UNAVAILABLE);
                             continue;
                         }

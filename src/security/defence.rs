@@ -116,6 +116,9 @@ struct Ban {
 #[derive(Debug, Default)]
 struct AccountState {
     consecutive: u32,
+    /// Logins of this account under way: they count towards the delay and the block before their
+    /// outcome is known, so a burst of parallel guesses cannot slip past the threshold.
+    pending: u32,
     last_failure: Option<Instant>,
     recent: VecDeque<(Fingerprint, Instant)>,
     known: Vec<IpNet>,
@@ -159,11 +162,21 @@ impl Drop for ConnectionGuard {
 
 /// A login allowed to go to a backend: holds the prefix's in-flight slot until the outcome is reported.
 pub struct LoginPermit {
+    defence: Arc<Defence>,
     key: IpNet,
     wide: Option<IpNet>,
     trusted: bool,
     account: String,
     _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for LoginPermit {
+    fn drop(&mut self) {
+        let mut tables = self.defence.lock();
+        if let Some(state) = tables.accounts.get_mut(&self.account) {
+            state.pending = state.pending.saturating_sub(1);
+        }
+    }
 }
 
 fn quota(count: u32, per: Duration) -> Quota {
@@ -281,13 +294,13 @@ impl Defence {
 
     /// Before a login goes to a backend: refuses banned prefixes and blocked accounts, waits for one of the
     /// prefix's in-flight slots, and applies the account's progressive delay.
-    pub async fn begin_login(&self, ip: IpAddr, user: &Username) -> Result<LoginPermit, Refusal> {
+    pub async fn begin_login(self: &Arc<Self>, ip: IpAddr, user: &Username) -> Result<LoginPermit, Refusal> {
         let trusted = self.is_trusted(ip);
         let key = self.policy.key(ip);
         let wide = self.policy.wide_key(ip);
         let account = canonical_account(user);
         let now = Instant::now();
-        let (slots, delay) = {
+        let (slots, delay, mut permit) = {
             let mut tables = self.lock();
             if !trusted {
                 if let Some(remaining) = tables.banned(key, wide, now) {
@@ -295,16 +308,28 @@ impl Defence {
                     return Err(self.refused(ip, Refusal::Banned { remaining }, Some(user)));
                 }
             }
-            let mut consecutive = 0;
-            if let Some(state) = tables.accounts.get_mut(&account) {
-                state.expire(now, self.config.account_reset);
-                consecutive = state.consecutive;
-                if consecutive >= self.config.account_block_after && !state.known.contains(&key) {
-                    drop(tables);
-                    return Err(self.refused(ip, Refusal::AccountBlocked, Some(user)));
-                }
+            let Some(state) = tables.account(&account, self.config.max_tracked) else {
+                drop(tables);
+                return Err(self.refused(ip, Refusal::Busy, Some(user)));
+            };
+            state.expire(now, self.config.account_reset);
+            let load = state.consecutive + state.pending;
+            if load >= self.config.account_block_after && !state.known.contains(&key) {
+                drop(tables);
+                return Err(self.refused(ip, Refusal::AccountBlocked, Some(user)));
             }
-            let delay = match consecutive.checked_sub(self.config.account_delay_after) {
+            state.pending += 1;
+            state.last_seen = Some(now);
+            // From here on, dropping the permit undoes `pending`.
+            let permit = LoginPermit {
+                defence: Arc::clone(self),
+                key,
+                wide,
+                trusted,
+                account: account.clone(),
+                _slot: None,
+            };
+            let delay = match load.checked_sub(self.config.account_delay_after) {
                 Some(over) => self.tarpit(over + 1),
                 None => Duration::ZERO,
             };
@@ -315,25 +340,23 @@ impl Defence {
                     Some(state) => Some(Arc::clone(&state.slots)),
                     None => {
                         drop(tables);
+                        drop(permit);
                         return Err(self.refused(ip, Refusal::Busy, Some(user)));
                     }
                 }
             };
-            (slots, delay)
+            (slots, delay, permit)
         };
-        let slot = match slots {
-            None => None,
-            Some(slots) => {
-                let acquired =
-                    tokio::time::timeout(self.config.auth_queue_timeout, slots.clone().acquire_owned()).await;
-                let Ok(Ok(permit)) = acquired else {
-                    return Err(self.refused(ip, Refusal::Busy, Some(user)));
-                };
-                let in_flight = u64::from(self.config.auth_in_flight) - slots.available_permits() as u64;
-                self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
-                Some(permit)
-            }
-        };
+        if let Some(slots) = slots {
+            let acquired = tokio::time::timeout(self.config.auth_queue_timeout, slots.clone().acquire_owned()).await;
+            let Ok(Ok(slot)) = acquired else {
+                drop(permit);
+                return Err(self.refused(ip, Refusal::Busy, Some(user)));
+            };
+            let in_flight = u64::from(self.config.auth_in_flight) - slots.available_permits() as u64;
+            self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
+            permit._slot = Some(slot);
+        }
         if !delay.is_zero() {
             tracing::info!(
                 event = "account_delay",
@@ -344,13 +367,7 @@ impl Defence {
             );
             tokio::time::sleep(delay).await;
         }
-        Ok(LoginPermit {
-            key,
-            wide,
-            trusted,
-            account,
-            _slot: slot,
-        })
+        Ok(permit)
     }
 
     /// The backend accepted the login: the account's failure count resets and the prefix becomes known.
@@ -472,7 +489,7 @@ impl Defence {
             .retain(|_, state| !state.idle(now, config.window, config.auth_in_flight));
         tables.accounts.retain(|_, state| {
             state.expire(now, config.account_reset);
-            state.consecutive > 0 || !state.known.is_empty()
+            state.consecutive > 0 || state.pending > 0 || !state.known.is_empty()
         });
         let limiters = [&tables.failure_budget, &tables.wide_budget, &tables.connection_rate];
         for limiter in limiters {
@@ -513,6 +530,15 @@ impl Defence {
         tables
             .banned(self.policy.key(ip), self.policy.wide_key(ip), Instant::now())
             .is_some()
+    }
+
+    /// How long a refused login waits for its answer: the longest tarpit step, except when the wait for a
+    /// login slot already took its time.
+    pub fn refusal_delay(&self, refusal: Refusal) -> Duration {
+        match refusal {
+            Refusal::Busy => Duration::ZERO,
+            _ => self.config.tarpit.iter().copied().max().unwrap_or_default(),
+        }
     }
 
     /// The n-th (1-based) tarpit delay; the last configured value repeats.
@@ -640,14 +666,19 @@ impl Tables {
     /// The state of an account, created if needed; when full, accounts without failures go first.
     fn account(&mut self, account: &str, max: usize) -> Option<&mut AccountState> {
         if !self.accounts.contains_key(account) && self.accounts.len() >= max {
+            // Accounts with logins under way are kept: their permits still refer to them.
             let mut candidates: Vec<(Option<Instant>, u32, String)> = self
                 .accounts
                 .iter()
+                .filter(|(_, s)| s.pending == 0)
                 .map(|(k, s)| (s.last_seen, s.consecutive, k.clone()))
                 .collect();
             candidates.sort_unstable_by_key(|(seen, failures, _)| (*failures, *seen));
             for (_, _, old) in candidates.into_iter().take((max / 10).max(1)) {
                 self.accounts.remove(&old);
+            }
+            if self.accounts.len() >= max {
+                return None;
             }
         }
         Some(self.accounts.entry(account.to_owned()).or_default())
@@ -679,7 +710,7 @@ mod tests {
         credentials::password(p.as_bytes().to_vec()).unwrap()
     }
 
-    async fn fail(d: &Defence, ip: &str, name: &str, password: &str) -> Result<Duration, Refusal> {
+    async fn fail(d: &Arc<Defence>, ip: &str, name: &str, password: &str) -> Result<Duration, Refusal> {
         let permit = d.begin_login(ip.parse().unwrap(), &user(name)).await?;
         Ok(d.login_failed(permit, &user(name), &pw(password)))
     }
@@ -718,7 +749,7 @@ mod tests {
     }
 
     /// `n` failures with distinct passwords from `ip`, each on a fresh account.
-    async fn futures_collect(d: &Defence, ip: &str, n: usize) -> Vec<Result<Duration, Refusal>> {
+    async fn futures_collect(d: &Arc<Defence>, ip: &str, n: usize) -> Vec<Result<Duration, Refusal>> {
         let mut out = Vec::new();
         for i in 0..n {
             out.push(fail(d, ip, &format!("user{i}"), &format!("pw{i}")).await);
@@ -805,6 +836,35 @@ mod tests {
             fail(&d, "203.0.113.202", "ana@example.org", "x").await.is_ok(),
             "a success resets the count"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parallel_burst_cannot_slip_past_the_account_block() {
+        let d = Defence::new(DefenceConfig {
+            failures: 1000,
+            ..config()
+        });
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let d = Arc::clone(&d);
+            tasks.push(tokio::spawn(async move {
+                d.begin_login(format!("203.0.113.{i}").parse().unwrap(), &user("target"))
+                    .await
+            }));
+        }
+        // Permits are held (the logins are "at the backend") until every attempt has its answer.
+        let mut held = Vec::new();
+        let mut blocked = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(permit) => held.push(permit),
+                Err(Refusal::AccountBlocked) => blocked += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(held.len(), 50);
+        // Pending logins count before their outcome: only 50 are let through at once.
+        assert!(blocked >= 10, "{blocked} blocked");
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod dovecot;
+pub mod gate;
 pub mod pki;
 pub mod proxy;
 

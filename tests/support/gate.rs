@@ -1,0 +1,102 @@
+//! The release `imapgate` binary as a separate process in front of a test Dovecot, for benchmarks that
+//! measure its own memory and CPU.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::dovecot::Dovecot;
+use super::pki::Pki;
+
+/// The imapgate binary next to this example's directory (target/release/imapgate).
+pub fn imapgate_binary() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("imapgate")
+}
+
+pub struct Gate {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Gate {
+    /// Starts imapgate on a free loopback port; `extra` adds sections such as `[defence]`.
+    pub fn start(dir: &Path, pki: &Pki, dovecot: &Dovecot, name: &str, extra: &str) -> Gate {
+        let port = super::free_port();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+                 [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
+                 [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info\"\n{extra}",
+                pki.cert.display(),
+                pki.key.display(),
+                pki.ca.display(),
+                dovecot.imap_port
+            ),
+        )
+        .unwrap();
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(imapgate_binary());
+        // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
+        if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
+            command.env("TOKIO_WORKER_THREADS", workers);
+        }
+        let child = command
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run target/release/imapgate (scripts/bench.sh builds it)");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        if super::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).is_none() {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            panic!("imapgate did not start:\n{log}");
+        }
+        Gate {
+            child,
+            addr,
+            log: log_path,
+        }
+    }
+
+    /// Resident memory, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Gate {
+    /// SIGTERM (graceful drain), then waits up to 30 s; returns the log.
+    pub fn terminate(mut self) -> String {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = super::wait_until(Duration::from_secs(30), || self.child.try_wait().ok().flatten());
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
