@@ -443,3 +443,25 @@ async fn three_bad_commands_end_the_connection() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_compress_after_login_are_never_forwarded() {
+    let env = env();
+    let proxy = proxy().await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    // STARTTLS pipelined behind the login, then STARTTLS and COMPRESS on their own.
+    c.send(b"g1 LOGIN bob@example.com bob-pw\r\ng2 STARTTLS\r\n")
+        .await
+        .unwrap();
+    assert!(c.until_tagged("g1").await.unwrap().tagged.starts_with("g1 OK"));
+    let reply = c.until_tagged("g2").await.unwrap();
+    assert!(reply.tagged.starts_with("g2 BAD"), "{reply:?}");
+    let reply = c.command("g3", "starttls").await.unwrap();
+    assert!(reply.tagged.starts_with("g3 BAD"), "{reply:?}");
+    let reply = c.command("g4", "COMPRESS DEFLATE").await.unwrap();
+    assert!(reply.tagged.starts_with("g4 BAD"), "{reply:?}");
+    // The session goes on, uncompressed and in the clear inside TLS.
+    let reply = c.command("g5", "NOOP").await.unwrap();
+    assert!(reply.tagged.starts_with("g5 OK"), "{reply:?}");
+    proxy.stop().await;
+}

@@ -4,6 +4,7 @@
 pub mod command;
 pub mod credentials;
 pub mod framing;
+pub mod inspect;
 pub mod preauth;
 pub mod response;
 pub mod sasl;

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::imap::inspect::CommandGuard;
+
 const IDLE_BUFFER: usize = 512;
 const BURST_BUFFER: usize = 16 * 1024;
 
@@ -51,11 +53,14 @@ struct Direction {
     need_flush: bool,
     finished: bool,
     bytes: u64,
+    /// Client-to-backend only: neutralises STARTTLS and COMPRESS in the command stream.
+    guard: Option<CommandGuard>,
 }
 
 impl Direction {
-    fn new() -> Self {
+    fn new(guard: Option<CommandGuard>) -> Self {
         Self {
+            guard,
             idle: [0; IDLE_BUFFER],
             burst: None,
             in_burst: false,
@@ -119,6 +124,9 @@ impl Direction {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
+                    if let Some(guard) = self.guard.as_mut() {
+                        guard.scan(read_buf.filled_mut());
+                    }
                     let n = read_buf.filled().len();
                     if n == 0 {
                         self.read_done = true;
@@ -143,14 +151,15 @@ pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
     idle_timeout: Duration,
+    guard: CommandGuard,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction::new();
-    let mut down = Direction::new();
+    let mut up = Direction::new(Some(guard));
+    let mut down = Direction::new(None);
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved; shared with the copy closure.
     let last_activity = AtomicU64::new(0);
@@ -206,6 +215,7 @@ mod tests {
                 &mut client_near,
                 &mut backend_near,
                 Duration::from_secs(5),
+                CommandGuard::new(),
                 std::future::pending(),
             )
             .await
@@ -239,6 +249,7 @@ mod tests {
             &mut client_near,
             &mut backend_near,
             Duration::from_secs(1860),
+            CommandGuard::new(),
             std::future::pending(),
         )
         .await;

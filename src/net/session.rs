@@ -15,6 +15,7 @@ use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
 use crate::imap::command::Tag;
+use crate::imap::inspect::CommandGuard;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
 use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
@@ -283,8 +284,11 @@ async fn relay_session(
     let LoggedIn {
         tag,
         upstream,
-        pipelined,
+        mut pipelined,
     } = logged_in;
+    // Commands pipelined behind the login are the first the guard sees.
+    let mut guard = CommandGuard::new();
+    guard.scan(&mut pipelined);
     let Upstream {
         stream: mut backend,
         pending,
@@ -317,7 +321,14 @@ async fn relay_session(
     let stop = async move {
         crate::net::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
     };
-    let outcome = relay::relay(&mut client, &mut backend, shared.config.server.relay_idle_timeout, stop).await;
+    let outcome = relay::relay(
+        &mut client,
+        &mut backend,
+        shared.config.server.relay_idle_timeout,
+        guard,
+        stop,
+    )
+    .await;
     if matches!(outcome.end, RelayEnd::Shutdown | RelayEnd::IdleTimeout) {
         let _ = write(&mut client, b"* BYE Connection closed by proxy.\r\n").await;
     }
