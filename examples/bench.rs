@@ -39,14 +39,7 @@ impl Options {
 }
 
 fn options() -> Options {
-    let mut o = Options {
-        clients: 50,
-        login_seconds: 8,
-        noops: 3000,
-        sessions: 1000,
-        mailbox_mb: 110,
-        only: None,
-    };
+    let mut o = Options { clients: 50, login_seconds: 8, noops: 3000, sessions: 1000, mailbox_mb: 110, only: None };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         if pair[0] == "--only" && pair.len() == 2 {
@@ -179,16 +172,10 @@ fn main() {
     let o = options();
     let dir = support::scratch_dir("imapgate-bench-");
     let pki = Pki::generate(&dir);
-    eprintln!(
-        "starting Dovecot and imapgate; filling a {} MB mailbox ...",
-        o.mailbox_mb
-    );
+    eprintln!("starting Dovecot and imapgate; filling a {} MB mailbox ...", o.mailbox_mb);
     let dovecot = Dovecot::start("bench", &pki, &[]);
     fill_mailbox(&dovecot, o.mailbox_mb);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let config = tls_config(&pki.ca, &[b"imap"]);
         let direct: SocketAddr = format!("127.0.0.1:{}", dovecot.imaps_port).parse().unwrap();
@@ -232,10 +219,7 @@ fn main() {
                 per_session_kib,
                 if per_session_kib <= 12.0 { "met" } else { "MISSED" }
             );
-            println!(
-                "  (imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions)",
-                o.sessions
-            );
+            println!("  (imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions)", o.sessions);
             drop(sessions);
         }
 
@@ -266,13 +250,7 @@ fn main() {
             }
             let (p50_direct, p99_direct) = percentiles(direct_samples);
             let (p50_proxy, p99_proxy) = percentiles(proxy_samples);
-            ratio_line(
-                "NOOP p50 (us)",
-                p50_direct,
-                p50_proxy,
-                "<=1.10x",
-                p50_proxy <= 1.10 * p50_direct,
-            );
+            ratio_line("NOOP p50 (us)", p50_direct, p50_proxy, "<=1.10x", p50_proxy <= 1.10 * p50_direct);
             ratio_line("NOOP p99 (us)", p99_direct, p99_proxy, "-", true);
         }
         if o.runs("fetch") {

@@ -13,10 +13,7 @@ use support::dovecot::{Dovecot, USERS};
 use support::pki::Pki;
 
 fn main() {
-    let port: u16 = std::env::var("IMAPGATE_DEMO_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(9993);
+    let port: u16 = std::env::var("IMAPGATE_DEMO_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(9993);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".demo");
     let _ = std::fs::remove_dir_all(&root);
     let pki = Pki::generate(&root);
@@ -48,56 +45,37 @@ address = "127.0.0.1:{imap}"
 tls_name = "localhost"
 [route]
 default = "dovecot-demo"
+[admin]
+listen = "127.0.0.1:{admin}"
 [log]
 format = "text"
 level = "info"
 "#,
-            imap = dovecot.imap_port
+            imap = dovecot.imap_port,
+            admin = port + 1,
         ),
     )
     .unwrap();
-    let binary = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("imapgate");
+    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("imapgate");
     let ca = pki.ca.display();
-    println!(
-        "Dovecot (private, {}) on 127.0.0.1:{} (STARTTLS)",
-        dovecot.dir.display(),
-        dovecot.imap_port
-    );
+    println!("Dovecot (private, {}) on 127.0.0.1:{} (STARTTLS)", dovecot.dir.display(), dovecot.imap_port);
     println!("imapgate on 127.0.0.1:{port}, configuration {}", config.display());
-    println!(
-        "Demo users: {}",
-        USERS[..2]
-            .iter()
-            .map(|(u, p)| format!("{u} / {p}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("Demo users: {}", USERS[..2].iter().map(|(u, p)| format!("{u} / {p}")).collect::<Vec<_>>().join(", "));
     println!("Try:");
     println!("  curl --cacert {ca} 'imaps://127.0.0.1:{port}/INBOX;UID=1' -u 'alice@example.org:alice-pw'");
     println!("  openssl s_client -quiet -CAfile {ca} -alpn imap -connect 127.0.0.1:{port}");
     println!("     then type: a LOGIN alice@example.org alice-pw / b SELECT INBOX / c LOGOUT");
+    println!("  curl http://127.0.0.1:{}/metrics     (Prometheus metrics; also /healthz, /readyz)", port + 1);
     println!("Ctrl-C stops imapgate and Dovecot.\n");
     let mut child = match Command::new(&binary).arg("--config").arg(&config).spawn() {
         Ok(child) => child,
         Err(e) => {
-            eprintln!(
-                "cannot run {}: {e} (build it with cargo build --release)",
-                binary.display()
-            );
+            eprintln!("cannot run {}: {e} (build it with cargo build --release)", binary.display());
             return;
         }
     };
     // Stop imapgate too when the demo is told to stop (Ctrl-C reaches both; SIGTERM only the demo).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).unwrap();

@@ -26,12 +26,7 @@ struct Options {
 }
 
 fn options() -> Options {
-    let mut o = Options {
-        prefixes: 500,
-        seconds: 20,
-        targets: 10,
-        legit: 4,
-    };
+    let mut o = Options { prefixes: 500, seconds: 20, targets: 10, legit: 4 };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         let value: Option<u32> = pair.get(1).and_then(|v| v.parse().ok());
@@ -59,12 +54,7 @@ struct Counters {
 }
 
 fn attacker_ip(i: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        10 + (i / 62_500) as u8,
-        ((i / 250) % 250) as u8,
-        (i % 250 + 1) as u8,
-    ))
+    IpAddr::V4(Ipv4Addr::new(127, 10 + (i / 62_500) as u8, ((i / 250) % 250) as u8, (i % 250 + 1) as u8))
 }
 
 async fn attacker(
@@ -78,11 +68,9 @@ async fn attacker(
     let ip = attacker_ip(i);
     let mut n = 0u64;
     while Instant::now() < deadline {
-        let Ok(Ok(mut c)) = tokio::time::timeout(
-            Duration::from_secs(10),
-            TlsClient::connect_from(Some(ip), addr, Arc::clone(&config)),
-        )
-        .await
+        let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(10), TlsClient::connect_from(Some(ip), addr, Arc::clone(&config)))
+                .await
         else {
             counters.refused_connections.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -97,11 +85,9 @@ async fn attacker(
             n += 1;
             let user = format!("victim{}@example.org", (u64::from(i) + n) % u64::from(targets));
             counters.attempts.fetch_add(1, Ordering::Relaxed);
-            let reply = tokio::time::timeout(
-                Duration::from_secs(40),
-                c.command("x", &format!("LOGIN {user} guess-{i}-{n}")),
-            )
-            .await;
+            let reply =
+                tokio::time::timeout(Duration::from_secs(40), c.command("x", &format!("LOGIN {user} guess-{i}-{n}")))
+                    .await;
             match reply {
                 Ok(Ok(r)) if r.tagged.contains("[AUTHENTICATIONFAILED]") => &counters.auth_failed,
                 Ok(Ok(r)) if r.tagged.contains("[UNAVAILABLE]") => &counters.unavailable,
@@ -145,9 +131,7 @@ async fn legit(id: u32, addr: SocketAddr, config: Arc<rustls::ClientConfig>, dea
 
 async fn legit_round(users: u32, addr: SocketAddr, config: &Arc<rustls::ClientConfig>, seconds: u64) -> Vec<f64> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let tasks: Vec<_> = (0..users)
-        .map(|id| tokio::spawn(legit(id, addr, Arc::clone(config), deadline)))
-        .collect();
+    let tasks: Vec<_> = (0..users).map(|id| tokio::spawn(legit(id, addr, Arc::clone(config), deadline))).collect();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
@@ -167,40 +151,26 @@ fn main() {
     let o = options();
     let dir = support::scratch_dir("imapgate-storm-");
     let pki = Pki::generate(&dir);
-    let mut users: Vec<(String, String)> = (0..o.targets)
-        .map(|i| (format!("victim{i}@example.org"), format!("right-{i}-pw")))
-        .collect();
+    let mut users: Vec<(String, String)> =
+        (0..o.targets).map(|i| (format!("victim{i}@example.org"), format!("right-{i}-pw"))).collect();
     users.extend((0..o.legit).map(|i| (format!("legit{i}@example.org"), "legit-pw".to_owned())));
     let dovecot = Dovecot::start("storm", &pki, &users);
     // Production defence defaults, except that the legitimate users' 127.0.1.0/24 addresses make many
     // connections each: nothing is trusted.
     let gate = Gate::start(&dir, &pki, &dovecot, "storm", "");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let config = tls_config(&pki.ca, &[b"imap"]);
         eprintln!("idle run: {} legitimate users for 10 s ...", o.legit);
         let idle = legit_round(o.legit, gate.addr, &config, 10).await;
         let rss_before = gate.rss_kib();
 
-        eprintln!(
-            "storm: {} prefixes against {} accounts for {} s ...",
-            o.prefixes, o.targets, o.seconds
-        );
+        eprintln!("storm: {} prefixes against {} accounts for {} s ...", o.prefixes, o.targets, o.seconds);
         let counters = Arc::new(Counters::default());
         let deadline = Instant::now() + Duration::from_secs(o.seconds);
         let attackers: Vec<_> = (0..o.prefixes)
             .map(|i| {
-                tokio::spawn(attacker(
-                    i,
-                    gate.addr,
-                    Arc::clone(&config),
-                    o.targets,
-                    deadline,
-                    Arc::clone(&counters),
-                ))
+                tokio::spawn(attacker(i, gate.addr, Arc::clone(&config), o.targets, deadline, Arc::clone(&counters)))
             })
             .collect();
         let peak_rss = AtomicU64::new(gate.rss_kib());
@@ -220,12 +190,7 @@ fn main() {
         let rss_after = gate.rss_kib();
         let backend_failures = dovecot.log().lines().filter(|l| l.contains("auth failed")).count();
         let log = gate.terminate();
-        let stats = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("\"defence_stats\""))
-            .unwrap_or("(no stats line)")
-            .to_owned();
+        let stats = log.lines().rev().find(|l| l.contains("\"defence_stats\"")).unwrap_or("(no stats line)").to_owned();
         let bans = log.lines().filter(|l| l.contains("\"event\":\"banned\"")).count();
 
         let c = &counters;
@@ -236,14 +201,8 @@ fn main() {
             o.prefixes, o.targets, o.seconds
         );
         println!("attempts fired                 {attempts}");
-        println!(
-            "  answered AUTHENTICATIONFAILED {}",
-            c.auth_failed.load(Ordering::Relaxed)
-        );
-        println!(
-            "  refused locally (UNAVAILABLE) {}",
-            c.unavailable.load(Ordering::Relaxed)
-        );
+        println!("  answered AUTHENTICATIONFAILED {}", c.auth_failed.load(Ordering::Relaxed));
+        println!("  refused locally (UNAVAILABLE) {}", c.unavailable.load(Ordering::Relaxed));
         println!(
             "  connections refused before TLS or dropped {}",
             c.refused_connections.load(Ordering::Relaxed) + c.other.load(Ordering::Relaxed)
@@ -260,10 +219,7 @@ fn main() {
         );
         let (p50_idle, p99_idle) = (pct(&idle, 50), pct(&idle, 99));
         let (p50_storm, p99_storm) = (pct(&during, 50), pct(&during, 99));
-        println!(
-            "legitimate login latency (ms)  idle p50 {p50_idle:.1} p99 {p99_idle:.1} ({} logins)",
-            idle.len()
-        );
+        println!("legitimate login latency (ms)  idle p50 {p50_idle:.1} p99 {p99_idle:.1} ({} logins)", idle.len());
         println!(
             "                               storm p50 {p50_storm:.1} p99 {p99_storm:.1} ({} logins)",
             during.len()

@@ -14,6 +14,9 @@ use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Phase, Shared, session};
 use crate::route::Router;
 use crate::security::Defence;
+use crate::telemetry::admin::{self, AdminState};
+use crate::telemetry::metrics::Metrics;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Everything validated and loaded, nothing bound yet.
 pub struct Prepared {
@@ -32,19 +35,17 @@ impl Prepared {
         let router = Router::new(&config);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let defence = Defence::new(config.defence.clone());
-        Ok(Self {
-            shared: Arc::new(Shared {
-                config,
-                router,
-                acceptor,
-                backend_tls,
-                defence,
-            }),
-        })
+        let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&backends));
+        Ok(Self { shared: Arc::new(Shared { config, router, acceptor, backend_tls, defence, metrics }) })
     }
 
-    /// Binds every configured listener.
+    /// Binds every configured listener and the admin server.
     pub async fn bind(self) -> std::io::Result<Proxy> {
+        let admin_addr = self.shared.config.admin.listen;
+        let admin = TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind admin {admin_addr}: {e}")))?;
         let mut listeners = Vec::new();
         for addr in &self.shared.config.server.listen {
             let listener = TcpListener::bind(addr)
@@ -52,10 +53,7 @@ impl Prepared {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
             listeners.push(listener);
         }
-        Ok(Proxy {
-            shared: self.shared,
-            listeners,
-        })
+        Ok(Proxy { shared: self.shared, listeners, admin })
     }
 }
 
@@ -63,12 +61,18 @@ impl Prepared {
 pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
+    admin: TcpListener,
 }
 
 impl Proxy {
     /// The bound addresses (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The admin server's address (useful with port 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
     }
 
     /// The brute-force defence, for inspection (tests, benchmarks).
@@ -79,7 +83,14 @@ impl Proxy {
     /// Serves until `shutdown` resolves, then drains. Returns when every session has ended.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
-        tokio::spawn(sweep_loop(Arc::clone(&self.shared.defence), phase_rx.clone()));
+        tokio::spawn(sweep_loop(Arc::clone(&self.shared), phase_rx.clone()));
+        tokio::spawn(probe_loop(Arc::clone(&self.shared), phase_rx.clone()));
+        let admin_state = Arc::new(AdminState {
+            metrics: Arc::clone(&self.shared.metrics),
+            listening: AtomicBool::new(false),
+            backends: self.shared.config.backends.iter().map(|b| b.name.clone()).collect(),
+        });
+        tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
@@ -94,11 +105,9 @@ impl Proxy {
             ));
         }
         drop(done_tx);
+        admin_state.listening.store(true, Ordering::Relaxed);
         shutdown.await;
-        tracing::info!(
-            grace_secs = self.shared.config.server.shutdown_grace.as_secs(),
-            "shutting down"
-        );
+        tracing::info!(grace_secs = self.shared.config.server.shutdown_grace.as_secs(), "shutting down");
         let _ = phase_tx.send(Phase::Draining);
         let drained = tokio::time::timeout(self.shared.config.server.shutdown_grace, done_rx.recv()).await;
         if drained.is_err() {
@@ -135,15 +144,24 @@ async fn accept_loop(
         // Cheap refusals before any TLS work: global cap, deny list, bans, per-prefix caps and rates.
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(event = "refused", %peer, reason = "max_connections", "connection refused before TLS");
+            shared.metrics.connections_refused.with_label_values(&["max_connections"]).inc();
             continue;
         };
-        let Ok(admitted) = shared.defence.admit(peer.ip()) else {
-            continue;
+        let admitted = match shared.defence.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                shared.metrics.connections_refused.with_label_values(&[refusal.reason()]).inc();
+                continue;
+            }
         };
+        shared.metrics.connections_accepted.inc();
         let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
         let (shared, phase, done) = (Arc::clone(&shared), phase.clone(), done.clone());
         tokio::spawn(async move {
+            shared.metrics.connections_active.inc();
+            let metrics = Arc::clone(&shared.metrics);
             session::run(shared, tcp, peer, local, phase).await;
+            metrics.connections_active.dec();
             drop(admitted);
             drop(permit);
             drop(done);
@@ -152,19 +170,23 @@ async fn accept_loop(
 }
 
 /// Defence housekeeping every few seconds: lift bans, forget idle entries, prune limiters.
-async fn sweep_loop(defence: Arc<Defence>, mut phase: watch::Receiver<Phase>) {
+async fn sweep_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let defence = &shared.defence;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for n in 1u64.. {
         tokio::select! {
-            _ = tick.tick() => defence.sweep(),
+            _ = tick.tick() => {
+                defence.sweep();
+                shared.metrics.bans_active.set(defence.stats().active_bans as i64);
+            }
             () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => break,
         }
         if n % 60 == 0 {
-            log_defence_stats(&defence);
+            log_defence_stats(defence);
         }
     }
-    log_defence_stats(&defence);
+    log_defence_stats(defence);
 }
 
 fn log_defence_stats(defence: &Defence) {
@@ -179,4 +201,27 @@ fn log_defence_stats(defence: &Defence) {
         max_in_flight = stats.max_in_flight,
         "defence tables"
     );
+}
+
+/// Backend reachability for `imapgate_backend_up` and `/readyz`: a TCP connect to each backend every
+/// five seconds (logins update the gauge too).
+async fn probe_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+        }
+        for backend in &shared.config.backends {
+            let target = (backend.host.as_str(), backend.port);
+            let timeout = shared.config.backend_tls.connect_timeout;
+            let up = matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await, Ok(Ok(_)));
+            let gauge = shared.metrics.backend_up.with_label_values(&[&backend.name]);
+            if gauge.get() == 1 && !up {
+                tracing::warn!(backend = %backend.name, "backend unreachable");
+            }
+            gauge.set(i64::from(up));
+        }
+    }
 }

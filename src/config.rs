@@ -19,10 +19,7 @@ pub struct ConfigError {
 }
 
 fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigError { key: key.into(), message: message.into() }
 }
 
 /// All the problems found in one configuration.
@@ -45,6 +42,33 @@ struct RawConfig {
     log: LogConfig,
     #[serde(default)]
     defence: RawDefence,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default = "RawAdmin::default_listen")]
+    listen: String,
+}
+
+impl RawAdmin {
+    fn default_listen() -> String {
+        "127.0.0.1:9190".into()
+    }
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self { listen: Self::default_listen() }
+    }
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Deserialize)]
@@ -278,10 +302,7 @@ impl LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: Self::default_level(),
-        }
+        Self { format: LogFormat::Text, level: Self::default_level() }
     }
 }
 
@@ -352,6 +373,7 @@ pub struct Config {
     pub route: RouteConfig,
     pub log: LogConfig,
     pub defence: DefenceConfig,
+    pub admin: AdminConfig,
 }
 
 impl Config {
@@ -361,11 +383,7 @@ impl Config {
             .merge(Toml::file_exact(path))
             // Only IMAPGATE_<SECTION>__<KEY> variables are configuration; others with the prefix (such as
             // IMAPGATE_DEMO_PORT) belong to tools around imapgate.
-            .merge(
-                Env::prefixed("IMAPGATE_")
-                    .filter(|key| key.as_str().contains("__"))
-                    .split("__"),
-            );
+            .merge(Env::prefixed("IMAPGATE_").filter(|key| key.as_str().contains("__")).split("__"));
         Self::from_figment(figment, path.parent())
     }
 
@@ -379,11 +397,7 @@ impl Config {
             ConfigErrors(
                 e.into_iter()
                     .map(|e| {
-                        let key = if e.path.is_empty() {
-                            "(config)".to_owned()
-                        } else {
-                            e.path.join(".")
-                        };
+                        let key = if e.path.is_empty() { "(config)".to_owned() } else { e.path.join(".") };
                         err(key, e.kind.to_string())
                     })
                     .collect(),
@@ -423,10 +437,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     for (i, addr) in raw.server.listen.iter().enumerate() {
         match addr.parse::<SocketAddr>() {
             Ok(a) => listen.push(a),
-            Err(_) => errors.push(err(
-                format!("server.listen[{i}]"),
-                format!("{addr:?} is not an IP:port"),
-            )),
+            Err(_) => errors.push(err(format!("server.listen[{i}]"), format!("{addr:?} is not an IP:port"))),
         }
     }
     let secs = |key: &str, v: u64, errors: &mut Vec<ConfigError>| {
@@ -437,21 +448,13 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     };
     let server = ServerConfig {
         listen,
-        handshake_timeout: secs(
-            "server.handshake_timeout_secs",
-            raw.server.handshake_timeout_secs,
-            &mut errors,
-        ),
+        handshake_timeout: secs("server.handshake_timeout_secs", raw.server.handshake_timeout_secs, &mut errors),
         preauth_idle_timeout: secs(
             "server.preauth_idle_timeout_secs",
             raw.server.preauth_idle_timeout_secs,
             &mut errors,
         ),
-        relay_idle_timeout: secs(
-            "server.relay_idle_timeout_secs",
-            raw.server.relay_idle_timeout_secs,
-            &mut errors,
-        ),
+        relay_idle_timeout: secs("server.relay_idle_timeout_secs", raw.server.relay_idle_timeout_secs, &mut errors),
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
         max_connections: raw.server.max_connections,
         proxy_ttl: raw.server.proxy_ttl,
@@ -466,10 +469,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         ));
     }
 
-    let tls = TlsConfig {
-        cert: resolve(base, raw.tls.cert),
-        key: resolve(base, raw.tls.key),
-    };
+    let tls = TlsConfig { cert: resolve(base, raw.tls.cert), key: resolve(base, raw.tls.key) };
 
     if raw.backend_tls.mode == BackendMode::Plain && !raw.backend_tls.allow_plaintext {
         errors.push(err(
@@ -480,16 +480,8 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     let backend_tls = BackendTlsConfig {
         mode: raw.backend_tls.mode,
         ca: raw.backend_tls.ca.map(|p| resolve(base, p)),
-        connect_timeout: secs(
-            "backend_tls.connect_timeout_secs",
-            raw.backend_tls.connect_timeout_secs,
-            &mut errors,
-        ),
-        login_timeout: secs(
-            "backend_tls.login_timeout_secs",
-            raw.backend_tls.login_timeout_secs,
-            &mut errors,
-        ),
+        connect_timeout: secs("backend_tls.connect_timeout_secs", raw.backend_tls.connect_timeout_secs, &mut errors),
+        login_timeout: secs("backend_tls.login_timeout_secs", raw.backend_tls.login_timeout_secs, &mut errors),
     };
 
     let mut backends = Vec::new();
@@ -499,32 +491,18 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     }
     for (i, b) in raw.backend.into_iter().enumerate() {
         if b.name.is_empty() || !names.insert(b.name.clone()) {
-            errors.push(err(
-                format!("backend[{i}].name"),
-                format!("{:?} is empty or used twice", b.name),
-            ));
+            errors.push(err(format!("backend[{i}].name"), format!("{:?} is empty or used twice", b.name)));
         }
         let (host, port) = split_address(&b.address).unwrap_or_else(|| {
-            errors.push(err(
-                format!("backend[{i}].address"),
-                format!("{:?} is not host:port", b.address),
-            ));
+            errors.push(err(format!("backend[{i}].address"), format!("{:?} is not host:port", b.address)));
             // Kept so that routes naming it are not reported too; the errors stop the load anyway.
             (String::from("invalid"), 0)
         });
         let tls_name = b.tls_name.unwrap_or_else(|| host.clone());
         if rustls_pki_types::ServerName::try_from(tls_name.clone()).is_err() {
-            errors.push(err(
-                format!("backend[{i}].tls_name"),
-                format!("{tls_name:?} is not a DNS name or IP"),
-            ));
+            errors.push(err(format!("backend[{i}].tls_name"), format!("{tls_name:?} is not a DNS name or IP")));
         }
-        backends.push(Backend {
-            name: b.name,
-            host,
-            port,
-            tls_name,
-        });
+        backends.push(Backend { name: b.name, host, port, tls_name });
     }
 
     let lookup = |key: String, name: &str, errors: &mut Vec<ConfigError>| {
@@ -534,11 +512,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         }
         found
     };
-    let default = raw
-        .route
-        .default
-        .as_deref()
-        .and_then(|d| lookup("route.default".into(), d, &mut errors));
+    let default = raw.route.default.as_deref().and_then(|d| lookup("route.default".into(), d, &mut errors));
     let mut rules = Vec::new();
     for (i, rule) in raw.route.rule.iter().enumerate() {
         let key = format!("route.rule[{i}]");
@@ -561,12 +535,17 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     }
 
     let defence = validate_defence(raw.defence, &mut errors);
+    let admin_listen = raw.admin.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+        errors.push(err("admin.listen", format!("{:?} is not an IP:port", raw.admin.listen)));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
 
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     Ok(Config {
         defence,
+        admin: AdminConfig { listen: admin_listen },
         server,
         tls,
         backend_tls,
@@ -657,12 +636,7 @@ mod tests {
     "#;
 
     fn keys(text: &str) -> Vec<String> {
-        Config::from_toml(text, None)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.key)
-            .collect()
+        Config::from_toml(text, None).unwrap_err().0.into_iter().map(|e| e.key).collect()
     }
 
     #[test]
@@ -691,30 +665,13 @@ mod tests {
 
     #[test]
     fn errors_name_their_keys() {
+        assert_eq!(keys(&MINIMAL.replace("127.0.0.1:9993", "nonsense")), vec!["server.listen[0]"]);
+        assert_eq!(keys(&MINIMAL.replace("default = \"mbox1\"", "default = \"mbox9\"")), vec!["route.default"]);
+        assert_eq!(keys(&MINIMAL.replace("mail.internal:143", "mail.internal")), vec!["backend[0].address"]);
+        assert_eq!(keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"plain\"")), vec!["backend_tls.mode"]);
+        assert_eq!(keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"carrier-pigeon\"")), vec!["backend_tls.mode"]);
         assert_eq!(
-            keys(&MINIMAL.replace("127.0.0.1:9993", "nonsense")),
-            vec!["server.listen[0]"]
-        );
-        assert_eq!(
-            keys(&MINIMAL.replace("default = \"mbox1\"", "default = \"mbox9\"")),
-            vec!["route.default"]
-        );
-        assert_eq!(
-            keys(&MINIMAL.replace("mail.internal:143", "mail.internal")),
-            vec!["backend[0].address"]
-        );
-        assert_eq!(
-            keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"plain\"")),
-            vec!["backend_tls.mode"]
-        );
-        assert_eq!(
-            keys(&format!("{MINIMAL}\n[backend_tls]\nmode = \"carrier-pigeon\"")),
-            vec!["backend_tls.mode"]
-        );
-        assert_eq!(
-            keys(&format!(
-                "{MINIMAL}\n[[route.rule]]\nuser = \"a\"\ndomain = \"b\"\nbackend = \"mbox1\""
-            )),
+            keys(&format!("{MINIMAL}\n[[route.rule]]\nuser = \"a\"\ndomain = \"b\"\nbackend = \"mbox1\"")),
             vec!["route.rule[0]"]
         );
         assert_eq!(keys(&MINIMAL.replace("[tls]", "[tls]\ncolour = 1")), vec!["tls.colour"]);

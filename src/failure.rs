@@ -72,11 +72,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn backend(kind: Kind, detail: impl Into<String>) -> Self {
-        Self {
-            side: Side::Backend,
-            kind,
-            detail: detail.into(),
-        }
+        Self { side: Side::Backend, kind, detail: detail.into() }
     }
 
     /// What the client is told. Wrong credentials and unrouted users look the same, so the reply does not
@@ -108,25 +104,11 @@ mod tests {
 
     #[test]
     fn classification_decides_the_reply() {
-        assert_eq!(
-            Failure::backend(Kind::Connect, "refused").rejection(),
-            Rejection::UNAVAILABLE
-        );
-        assert_eq!(
-            Failure::backend(Kind::Tls, "bad cert").rejection(),
-            Rejection::UNAVAILABLE
-        );
-        let auth = Failure {
-            side: Side::Client,
-            kind: Kind::AuthFailed,
-            detail: String::new(),
-        };
+        assert_eq!(Failure::backend(Kind::Connect, "refused").rejection(), Rejection::UNAVAILABLE);
+        assert_eq!(Failure::backend(Kind::Tls, "bad cert").rejection(), Rejection::UNAVAILABLE);
+        let auth = Failure { side: Side::Client, kind: Kind::AuthFailed, detail: String::new() };
         assert_eq!(auth.rejection(), Rejection::AUTHENTICATION_FAILED);
-        let unrouted = Failure {
-            side: Side::Proxy,
-            kind: Kind::NoRoute,
-            detail: String::new(),
-        };
+        let unrouted = Failure { side: Side::Proxy, kind: Kind::NoRoute, detail: String::new() };
         assert_eq!(unrouted.rejection(), Rejection::AUTHENTICATION_FAILED);
         assert_eq!(auth.to_string(), "client auth_failed: ");
     }

@@ -24,12 +24,7 @@ impl Router {
                 RuleMatch::Domain(d) => domains.entry(d.clone()).or_insert(rule.backend),
             };
         }
-        Self {
-            backends: config.backends.clone(),
-            users,
-            domains,
-            default: config.route.default,
-        }
+        Self { backends: config.backends.clone(), users, domains, default: config.route.default }
     }
 
     /// The backend for `user`, or `None` when no rule matches and there is no default.
@@ -66,10 +61,7 @@ impl Router {
             None => lines.push("default -> (none: unmatched users are refused)".into()),
         }
         for b in &self.backends {
-            lines.push(format!(
-                "backend {} = {}:{} (tls name {})",
-                b.name, b.host, b.port, b.tls_name
-            ));
+            lines.push(format!("backend {} = {}:{} (tls name {})", b.name, b.host, b.port, b.tls_name));
         }
         lines
     }
@@ -103,8 +95,7 @@ mod tests {
     }
 
     fn to(r: &Router, user: &str) -> Option<String> {
-        r.route(&Username::parse(user.as_bytes()).unwrap())
-            .map(|b| b.name.clone())
+        r.route(&Username::parse(user.as_bytes()).unwrap()).map(|b| b.name.clone())
     }
 
     #[test]

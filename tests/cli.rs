@@ -30,24 +30,12 @@ fn check_prints_effective_routes() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let config = write_config(dir.path(), &valid(&pki));
-    let out = Command::new(env!("CARGO_BIN_EXE_imapgate"))
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imapgate")).arg("check").arg("--config").arg(&config).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("domain @example.org -> mbox2"), "{stdout}");
     assert!(stdout.contains("default -> mbox1"), "{stdout}");
-    assert!(
-        stdout.contains("backend mbox2 = ::1:143 (tls name localhost)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("backend mbox2 = ::1:143 (tls name localhost)"), "{stdout}");
 }
 
 #[test]
@@ -55,23 +43,13 @@ fn bad_configuration_exits_64_and_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     for (broken, key) in [
-        (
-            valid(&pki).replace("default = \"mbox1\"", "default = \"mbox9\""),
-            "route.default",
-        ),
-        (
-            valid(&pki).replace(&pki.key.display().to_string(), "/nonexistent/key.pem"),
-            "tls.key",
-        ),
+        (valid(&pki).replace("default = \"mbox1\"", "default = \"mbox9\""), "route.default"),
+        (valid(&pki).replace(&pki.key.display().to_string(), "/nonexistent/key.pem"), "tls.key"),
         (valid(&pki).replace("127.0.0.1:0", "localhost"), "server.listen[0]"),
     ] {
         let config = write_config(dir.path(), &broken);
         for args in [&["check", "--config"][..], &["--config"][..]] {
-            let out = Command::new(env!("CARGO_BIN_EXE_imapgate"))
-                .args(args)
-                .arg(&config)
-                .output()
-                .unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_imapgate")).args(args).arg(&config).output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(64), "{args:?} {key}: {stderr}");
             assert!(stderr.contains(key), "{args:?}: {stderr} should name {key}");

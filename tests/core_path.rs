@@ -29,10 +29,7 @@ fn env() -> &'static Env {
 
 async fn proxy() -> TestProxy {
     let env = env();
-    let rest = format!(
-        "{}\n[route]\ndefault = \"mbox\"\n",
-        backend("mbox", env.dovecot.imap_port)
-    );
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
     TestProxy::start(&config_text(&env.pki, &rest)).await
 }
 
@@ -51,18 +48,11 @@ async fn login_select_fetch_through_the_proxy() {
     env.dovecot.deliver("alice@example.org", "1.alice", &msg);
     let proxy = proxy().await;
     let (mut c, greeting) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    assert_eq!(
-        greeting,
-        "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN] Server ready."
-    );
+    assert_eq!(greeting, "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN] Server ready.");
 
     let login = c.command("a1", "LOGIN alice@example.org alice-pw").await.unwrap();
     assert!(login.tagged.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "{login:?}");
-    assert!(
-        login.tagged.contains("IDLE"),
-        "backend capabilities are passed on: {}",
-        login.tagged
-    );
+    assert!(login.tagged.contains("IDLE"), "backend capabilities are passed on: {}", login.tagged);
     assert!(!login.tagged.contains("COMPRESS="), "{}", login.tagged);
     assert!(login.tagged.ends_with("] Logged in"), "{}", login.tagged);
 
@@ -118,9 +108,7 @@ async fn authenticate_plain_with_and_without_sasl_ir() {
     assert_eq!(reply.tagged, "p3 NO [AUTHENTICATIONFAILED] Authentication failed.");
     c.send(b"p4 AUTHENTICATE LOGIN\r\n").await.unwrap();
     assert_eq!(c.line().await.unwrap(), "+ VXNlcm5hbWU6");
-    c.send(format!("{}\r\n", b64(b"bob@example.com")).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("{}\r\n", b64(b"bob@example.com")).as_bytes()).await.unwrap();
     assert_eq!(c.line().await.unwrap(), "+ UGFzc3dvcmQ6");
     c.send(format!("{}\r\n", b64(b"bob-pw")).as_bytes()).await.unwrap();
     let reply = c.until_tagged("p4").await.unwrap();
@@ -134,23 +122,16 @@ async fn login_with_quoted_specials_and_literals() {
     let proxy = proxy().await;
     // carol's password has a space, a quote, a backslash and braces: quoted with escapes.
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    let reply = c
-        .command("q1", r#"LOGIN "carol@example.org" "sp ace\"quo\\te{5}""#)
-        .await
-        .unwrap();
+    let reply = c.command("q1", r#"LOGIN "carol@example.org" "sp ace\"quo\\te{5}""#).await.unwrap();
     assert!(reply.tagged.starts_with("q1 OK [CAPABILITY"), "{reply:?}");
 
     // jürgen's name and password are UTF-8: synchronising literals, answered with "+".
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     let user = "jürgen@example.org";
     let pass = password(user);
-    c.send(format!("q2 LOGIN {{{}}}\r\n", user.len()).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("q2 LOGIN {{{}}}\r\n", user.len()).as_bytes()).await.unwrap();
     assert!(c.line().await.unwrap().starts_with("+ "));
-    c.send(format!("{user} {{{}}}\r\n", pass.len()).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("{user} {{{}}}\r\n", pass.len()).as_bytes()).await.unwrap();
     assert!(c.line().await.unwrap().starts_with("+ "));
     c.send(format!("{pass}\r\n").as_bytes()).await.unwrap();
     let reply = c.until_tagged("q2").await.unwrap();
@@ -158,11 +139,7 @@ async fn login_with_quoted_specials_and_literals() {
 
     // The same with non-synchronising literals (LITERAL-), in one segment.
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    let line = format!(
-        "q3 LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{pass}\r\n",
-        user.len(),
-        pass.len()
-    );
+    let line = format!("q3 LOGIN {{{}+}}\r\n{user} {{{}+}}\r\n{pass}\r\n", user.len(), pass.len());
     c.send(line.as_bytes()).await.unwrap();
     let reply = c.until_tagged("q3").await.unwrap();
     assert!(reply.tagged.starts_with("q3 OK [CAPABILITY"), "{reply:?}");
@@ -172,8 +149,7 @@ async fn login_with_quoted_specials_and_literals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_pipelined_behind_login_reach_the_backend_in_order() {
     let env = env();
-    env.dovecot
-        .deliver("pipeline@example.org", "1.pipe", &message("pipelined", "x"));
+    env.dovecot.deliver("pipeline@example.org", "1.pipe", &message("pipelined", "x"));
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     c.send(b"l1 LOGIN pipeline@example.org pipe-pw\r\nl2 SELECT INBOX\r\nl3 FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\nl4 LOGOUT\r\n")
@@ -184,10 +160,7 @@ async fn commands_pipelined_behind_login_reach_the_backend_in_order() {
     let select = c.until_tagged("l2").await.unwrap();
     assert!(select.tagged.starts_with("l2 OK"), "{select:?}");
     let fetch = c.until_tagged("l3").await.unwrap();
-    assert!(
-        String::from_utf8_lossy(&fetch.literals[0]).contains("Subject: pipelined"),
-        "{fetch:?}"
-    );
+    assert!(String::from_utf8_lossy(&fetch.literals[0]).contains("Subject: pipelined"), "{fetch:?}");
     let logout = c.until_tagged("l4").await.unwrap();
     assert!(logout.tagged.starts_with("l4 OK"), "{logout:?}");
     proxy.stop().await;
@@ -214,30 +187,14 @@ async fn twenty_megabyte_message_arrives_intact() {
 
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    assert!(
-        c.command("z1", "LOGIN big@example.org big-pw")
-            .await
-            .unwrap()
-            .tagged
-            .starts_with("z1 OK")
-    );
-    assert!(
-        c.command("z2", "SELECT INBOX")
-            .await
-            .unwrap()
-            .tagged
-            .starts_with("z2 OK")
-    );
+    assert!(c.command("z1", "LOGIN big@example.org big-pw").await.unwrap().tagged.starts_with("z1 OK"));
+    assert!(c.command("z2", "SELECT INBOX").await.unwrap().tagged.starts_with("z2 OK"));
     let fetch = c.command("z3", "FETCH 1 (BODY.PEEK[])").await.unwrap();
     assert!(fetch.tagged.starts_with("z3 OK"), "{}", fetch.tagged);
     assert_eq!(fetch.literals.len(), 1);
     assert_eq!(fetch.literals[0].len(), msg.len());
     let got = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &fetch.literals[0]);
-    assert_eq!(
-        got.as_ref(),
-        expected.as_ref(),
-        "SHA-256 of the fetched message differs"
-    );
+    assert_eq!(got.as_ref(), expected.as_ref(), "SHA-256 of the fetched message differs");
     proxy.stop().await;
 }
 
@@ -248,9 +205,7 @@ async fn backend_sees_the_client_address() {
     let mut c = TlsClient::connect(proxy.addr, &env.pki.ca).await.unwrap();
     let client_port = c.local_port();
     c.line().await.unwrap();
-    c.send(b"i1 ID (\"name\" \"imapgate-test\" \"x-originating-ip\" \"203.0.113.66\")\r\n")
-        .await
-        .unwrap();
+    c.send(b"i1 ID (\"name\" \"imapgate-test\" \"x-originating-ip\" \"203.0.113.66\")\r\n").await.unwrap();
     assert!(c.until_tagged("i1").await.unwrap().tagged.starts_with("i1 OK"));
     let login = c.command("i2", "LOGIN fetcher@example.org fetch-pw").await.unwrap();
     assert!(login.tagged.starts_with("i2 OK"), "{login:?}");
@@ -273,10 +228,7 @@ async fn backend_down_gives_unavailable() {
     let proxy = TestProxy::start(&config_text(&env.pki, &rest)).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     let reply = c.command("d1", "LOGIN alice@example.org alice-pw").await.unwrap();
-    assert_eq!(
-        reply.tagged,
-        "d1 NO [UNAVAILABLE] Service temporarily unavailable, try again later."
-    );
+    assert_eq!(reply.tagged, "d1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.");
     // The connection stays usable.
     assert!(c.command("d2", "NOOP").await.unwrap().tagged.starts_with("d2 OK"));
     proxy.stop().await;
@@ -290,41 +242,24 @@ async fn untrusted_backend_certificate_gives_unavailable_and_no_credentials() {
     for (label, rest) in [
         (
             "other CA",
-            format!(
-                "{}\n[route]\ndefault = \"mbox\"\n",
-                backend("mbox", env.dovecot.imap_port)
-            )
-            .replace(
+            format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port)).replace(
                 "[[backend]]",
                 &format!("[backend_tls]\nca = \"{}\"\n[[backend]]", env.pki.rogue_cert.display()),
             ),
         ),
         (
             "wrong name",
-            format!(
-                "{}\n[route]\ndefault = \"mbox\"\n",
-                backend("mbox", env.dovecot.imap_port)
-            )
-            .replace("tls_name = \"localhost\"", "tls_name = \"mail.example.net\""),
+            format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port))
+                .replace("tls_name = \"localhost\"", "tls_name = \"mail.example.net\""),
         ),
     ] {
         let text = config_text(&env.pki, &rest);
         // Later keys win in TOML only if not duplicated: drop the default [backend_tls] for the CA case.
-        let text = if label == "other CA" {
-            drop_first_backend_tls(&text)
-        } else {
-            text
-        };
+        let text = if label == "other CA" { drop_first_backend_tls(&text) } else { text };
         let proxy = TestProxy::start(&text).await;
         let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-        let reply = c
-            .command("t1", &format!("LOGIN {user} {}", password(user)))
-            .await
-            .unwrap();
-        assert_eq!(
-            reply.tagged, "t1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.",
-            "{label}"
-        );
+        let reply = c.command("t1", &format!("LOGIN {user} {}", password(user))).await.unwrap();
+        assert_eq!(reply.tagged, "t1 NO [UNAVAILABLE] Service temporarily unavailable, try again later.", "{label}");
         proxy.stop().await;
     }
     assert!(
@@ -346,14 +281,8 @@ async fn pre_auth_commands_are_answered_locally() {
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     let caps = c.command("c1", "CAPABILITY").await.unwrap();
-    assert_eq!(
-        caps.lines[0],
-        "* CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN"
-    );
-    assert_eq!(
-        c.command("c2", "STARTTLS").await.unwrap().tagged,
-        "c2 BAD TLS is already active."
-    );
+    assert_eq!(caps.lines[0], "* CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN");
+    assert_eq!(c.command("c2", "STARTTLS").await.unwrap().tagged, "c2 BAD TLS is already active.");
     assert_eq!(c.command("c3", "NOOP").await.unwrap().tagged, "c3 OK NOOP completed.");
     let logout = c.command("c4", "LOGOUT").await.unwrap();
     assert_eq!(logout.lines, vec!["* BYE Logging out.", "c4 OK Logout completed."]);
@@ -371,10 +300,7 @@ async fn alpn_without_imap_is_refused() {
         Err(_) => None,
         Ok(mut c) => c.line().await.ok(),
     };
-    assert_eq!(
-        greeting, None,
-        "a client offering only h2/http/1.1 must not get an IMAP greeting"
-    );
+    assert_eq!(greeting, None, "a client offering only h2/http/1.1 must not get an IMAP greeting");
     // No ALPN at all is fine (most IMAP clients).
     let none = client::tls_config(&env.pki.ca, &[]);
     let mut c = TlsClient::connect_with(proxy.addr, none).await.unwrap();
@@ -390,20 +316,14 @@ async fn graceful_shutdown_says_bye_before_login() {
     let addr = proxy.addr;
     proxy.stop().await;
     assert_eq!(c.line().await.unwrap(), "* BYE Server shutting down.");
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener still open"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener still open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_modes_implicit_tls_and_plain() {
     let env = env();
     // Implicit TLS to Dovecot's IMAPS port.
-    let rest = format!(
-        "{}\n[route]\ndefault = \"mbox\"\n",
-        backend("mbox", env.dovecot.imaps_port)
-    );
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imaps_port));
     let text = config_text(&env.pki, &rest).replace("[backend_tls]\n", "[backend_tls]\nmode = \"tls\"\n");
     let proxy = TestProxy::start(&text).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
@@ -412,14 +332,9 @@ async fn backend_modes_implicit_tls_and_plain() {
     proxy.stop().await;
 
     // Plain, only with the explicit opt-in (Dovecot accepts plaintext logins from loopback).
-    let rest = format!(
-        "{}\n[route]\ndefault = \"mbox\"\n",
-        backend("mbox", env.dovecot.imap_port)
-    );
-    let text = config_text(&env.pki, &rest).replace(
-        "[backend_tls]\n",
-        "[backend_tls]\nmode = \"plain\"\nallow_plaintext = true\n",
-    );
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
+    let text = config_text(&env.pki, &rest)
+        .replace("[backend_tls]\n", "[backend_tls]\nmode = \"plain\"\nallow_plaintext = true\n");
     let proxy = TestProxy::start(&text).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     let reply = c.command("m2", "LOGIN bob@example.com bob-pw").await.unwrap();
@@ -432,9 +347,7 @@ async fn three_bad_commands_end_the_connection() {
     let env = env();
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
-    c.send(b"x1 SELECT INBOX\r\nx2 FOO\r\nx3 LOGIN\r\nx4 NOOP\r\n")
-        .await
-        .unwrap();
+    c.send(b"x1 SELECT INBOX\r\nx2 FOO\r\nx3 LOGIN\r\nx4 NOOP\r\n").await.unwrap();
     let rest = c.rest().await;
     assert_eq!(
         rest,
@@ -450,9 +363,7 @@ async fn starttls_and_compress_after_login_are_never_forwarded() {
     let proxy = proxy().await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
     // STARTTLS pipelined behind the login, then STARTTLS and COMPRESS on their own.
-    c.send(b"g1 LOGIN bob@example.com bob-pw\r\ng2 STARTTLS\r\n")
-        .await
-        .unwrap();
+    c.send(b"g1 LOGIN bob@example.com bob-pw\r\ng2 STARTTLS\r\n").await.unwrap();
     assert!(c.until_tagged("g1").await.unwrap().tagged.starts_with("g1 OK"));
     let reply = c.until_tagged("g2").await.unwrap();
     assert!(reply.tagged.starts_with("g2 BAD"), "{reply:?}");

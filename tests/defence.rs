@@ -19,12 +19,7 @@ struct Env {
     dovecot: Dovecot,
 }
 
-const USERS: &[&str] = &[
-    "victim1@example.org",
-    "victim2@example.org",
-    "victim3@example.org",
-    "victim4@example.org",
-];
+const USERS: &[&str] = &["victim1@example.org", "victim2@example.org", "victim3@example.org", "victim4@example.org"];
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
@@ -38,10 +33,8 @@ fn env() -> &'static Env {
 
 async fn proxy(defence: &str) -> TestProxy {
     let env = env();
-    let rest = format!(
-        "{}\n[route]\ndefault = \"mbox\"\n[defence]\n{defence}\n",
-        backend("mbox", env.dovecot.imap_port)
-    );
+    let rest =
+        format!("{}\n[route]\ndefault = \"mbox\"\n[defence]\n{defence}\n", backend("mbox", env.dovecot.imap_port));
     TestProxy::start(&config_text(&env.pki, &rest)).await
 }
 
@@ -57,12 +50,7 @@ async fn client_from(proxy: &TestProxy, source: &str) -> std::io::Result<TlsClie
 /// Authentication failures Dovecot logged for `user` (each is one backend contact with credentials).
 fn backend_failures(user: &str) -> usize {
     let needle = format!("user=<{user}>");
-    env()
-        .dovecot
-        .log()
-        .lines()
-        .filter(|l| l.contains("auth failed") && l.contains(&needle))
-        .count()
+    env().dovecot.log().lines().filter(|l| l.contains("auth failed") && l.contains(&needle)).count()
 }
 
 fn wait_for_backend_failures(user: &str, n: usize) -> usize {
@@ -80,41 +68,24 @@ async fn six_failures_are_tarpitted_then_banned_without_backend_contact_and_the_
     let mut c = client_from(&proxy, "127.0.0.21").await.unwrap();
     let started = Instant::now();
     for i in 0..6 {
-        let reply = c
-            .command(&format!("f{i}"), &format!("LOGIN {user} wrong-{i}"))
-            .await
-            .unwrap();
+        let reply = c.command(&format!("f{i}"), &format!("LOGIN {user} wrong-{i}")).await.unwrap();
         assert_eq!(reply.tagged, format!("f{i} {AUTH_FAILED}"));
     }
     // Tarpit: 100 ms, then 200 ms for each later failure.
-    assert!(
-        started.elapsed() >= Duration::from_millis(1100),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(1100), "{:?}", started.elapsed());
     assert_eq!(wait_for_backend_failures(user, 6), 6);
 
     // Banned: the right password is refused without asking Dovecot, on this connection and on new ones.
     let reply = c.command("b1", &format!("LOGIN {user} right-pw")).await.unwrap();
     assert_eq!(reply.tagged, format!("b1 {UNAVAILABLE}"));
-    assert!(
-        client_from(&proxy, "127.0.0.21").await.is_err(),
-        "a banned prefix is refused before TLS"
-    );
+    assert!(client_from(&proxy, "127.0.0.21").await.is_err(), "a banned prefix is refused before TLS");
     assert!(proxy.defence.is_banned("127.0.0.21".parse().unwrap()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(backend_failures(user), 6, "no backend contact while banned");
     assert_eq!(env().dovecot.logins_of(user), 0);
     // Other addresses are unaffected.
     let mut other = client_from(&proxy, "127.0.0.22").await.unwrap();
-    assert!(
-        other
-            .command("o1", &format!("LOGIN {user} right-pw"))
-            .await
-            .unwrap()
-            .tagged
-            .starts_with("o1 OK")
-    );
+    assert!(other.command("o1", &format!("LOGIN {user} right-pw")).await.unwrap().tagged.starts_with("o1 OK"));
 
     // The ban lifts after its time (2 s; the sweep runs every second).
     tokio::time::sleep(Duration::from_millis(3200)).await;
@@ -131,18 +102,11 @@ async fn a_trusted_address_is_never_banned() {
     let proxy = proxy("failures = 3\ntarpit_ms = [10]\ntrusted = [\"127.0.0.23/32\"]\n").await;
     let mut c = client_from(&proxy, "127.0.0.23").await.unwrap();
     for i in 0..10 {
-        let reply = c
-            .command(&format!("t{i}"), &format!("LOGIN {user} wrong-{i}"))
-            .await
-            .unwrap();
+        let reply = c.command(&format!("t{i}"), &format!("LOGIN {user} wrong-{i}")).await.unwrap();
         assert_eq!(reply.tagged, format!("t{i} {AUTH_FAILED}"), "attempt {i}");
     }
     assert!(!proxy.defence.is_banned("127.0.0.23".parse().unwrap()));
-    assert_eq!(
-        wait_for_backend_failures(user, 10),
-        10,
-        "every attempt reached the backend"
-    );
+    assert_eq!(wait_for_backend_failures(user, 10), 10, "every attempt reached the backend");
     let reply = c.command("ok", &format!("LOGIN {user} right-pw")).await.unwrap();
     assert!(reply.tagged.starts_with("ok OK"), "{reply:?}");
     proxy.stop().await;
@@ -155,10 +119,7 @@ async fn the_same_wrong_password_twenty_times_counts_once() {
     let mut c = client_from(&proxy, "127.0.0.24").await.unwrap();
     let started = Instant::now();
     for i in 0..20 {
-        let reply = c
-            .command(&format!("s{i}"), &format!("LOGIN {user} old-password"))
-            .await
-            .unwrap();
+        let reply = c.command(&format!("s{i}"), &format!("LOGIN {user} old-password")).await.unwrap();
         assert_eq!(reply.tagged, format!("s{i} {AUTH_FAILED}"), "attempt {i}");
     }
     // Counted once: the tarpit never reached its 2 s step (Dovecot itself answers a failure after up to
@@ -177,9 +138,9 @@ async fn parallel_attempts_from_one_address_are_at_most_two_in_flight() {
     let mut tasks = Vec::new();
     for i in 0..10 {
         let mut c = client_from(&proxy, "127.0.0.25").await.unwrap();
-        tasks.push(tokio::spawn(async move {
-            c.command("p", &format!("LOGIN {user} wrong-{i}")).await.unwrap().tagged
-        }));
+        tasks.push(tokio::spawn(
+            async move { c.command("p", &format!("LOGIN {user} wrong-{i}")).await.unwrap().tagged },
+        ));
     }
     let started = Instant::now();
     for task in tasks {
@@ -187,11 +148,7 @@ async fn parallel_attempts_from_one_address_are_at_most_two_in_flight() {
     }
     assert_eq!(proxy.defence.stats().max_in_flight, 2);
     // Ten failures, two at a time, each holding its slot through a 300 ms tarpit: at least 5 rounds.
-    assert!(
-        started.elapsed() >= Duration::from_millis(1400),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
     proxy.stop().await;
 }
 

@@ -94,9 +94,9 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
                 // Reply, then hand over to TLS.
                 None
             }
-            (_, false) if line.to_ascii_uppercase().ends_with("CAPABILITY") => Some(format!(
-                "* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n{tag} OK done\r\n"
-            )),
+            (_, false) if line.to_ascii_uppercase().ends_with("CAPABILITY") => {
+                Some(format!("* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n{tag} OK done\r\n"))
+            }
             _ => Some(format!("{tag} BAD what?\r\n")),
         }
     })
@@ -129,10 +129,7 @@ async fn attempt(script: Script) -> (String, String) {
     let rest = format!("{}\n[route]\ndefault = \"hostile\"\n", backend("hostile", port));
     let proxy = TestProxy::start(&config_text(pki(), &rest)).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &pki().ca).await;
-    let reply = c
-        .command("h1", &format!("LOGIN alice@example.org {PASSWORD}"))
-        .await
-        .unwrap();
+    let reply = c.command("h1", &format!("LOGIN alice@example.org {PASSWORD}")).await.unwrap();
     // The session survives: the client may go on.
     let noop = c.command("h2", "NOOP").await.unwrap();
     assert_eq!(noop.tagged, "h2 OK NOOP completed.", "{script:?}");
@@ -144,15 +141,9 @@ async fn attempt(script: Script) -> (String, String) {
 async fn assert_fails_closed(script: Script) {
     let (reply, seen) = attempt(script).await;
     assert_eq!(reply, format!("h1 {UNAVAILABLE}"), "{script:?}");
-    assert!(
-        !seen.contains(PASSWORD),
-        "{script:?}: password reached the backend: {seen:?}"
-    );
+    assert!(!seen.contains(PASSWORD), "{script:?}: password reached the backend: {seen:?}");
     assert!(!seen.to_ascii_uppercase().contains("LOGIN"), "{script:?}: {seen:?}");
-    assert!(
-        !seen.to_ascii_uppercase().contains("AUTHENTICATE"),
-        "{script:?}: {seen:?}"
-    );
+    assert!(!seen.to_ascii_uppercase().contains("AUTHENTICATE"), "{script:?}: {seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,10 +28,7 @@ fn env() -> &'static Env {
 
 async fn proxy() -> TestProxy {
     let env = env();
-    let rest = format!(
-        "{}\n[route]\ndefault = \"mbox\"\n",
-        backend("mbox", env.dovecot.imap_port)
-    );
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
     let text = config_text(&env.pki, &rest).replace("preauth_idle_timeout_secs = 30", "preauth_idle_timeout_secs = 1");
     TestProxy::start(&text).await
 }
@@ -50,10 +47,7 @@ async fn exchange(input: &[u8]) -> String {
 async fn literal_announced_and_never_sent_times_out() {
     let started = Instant::now();
     let out = exchange(b"a LOGIN {5}\r\n").await;
-    assert_eq!(
-        out,
-        "+ Ready for literal data.\r\n* BYE Disconnected for inactivity.\r\n"
-    );
+    assert_eq!(out, "+ Ready for literal data.\r\n* BYE Disconnected for inactivity.\r\n");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -88,10 +82,7 @@ async fn literal_lengths_that_are_huge_negative_or_not_numbers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crlf_smuggled_in_a_username_never_reaches_the_backend() {
     let out = exchange(b"a LOGIN {29}\r\nalice@example.org\r\nb DELETE x {8}\r\nalice-pw\r\nc LOGOUT\r\n").await;
-    assert!(
-        out.starts_with("+ Ready for literal data.\r\n+ Ready for literal data.\r\na BAD"),
-        "{out}"
-    );
+    assert!(out.starts_with("+ Ready for literal data.\r\n+ Ready for literal data.\r\na BAD"), "{out}");
     assert!(out.contains("c OK Logout completed."), "{out}");
     assert_eq!(env().dovecot.logins_of("alice@example.org"), 0);
 }
@@ -99,10 +90,7 @@ async fn crlf_smuggled_in_a_username_never_reaches_the_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bare_cr_nul_and_odd_tags() {
     let out = exchange(b"a NO\rOP\r\nb\0 NOOP\r\n").await;
-    assert_eq!(
-        out,
-        "a BAD Unknown command.\r\n* BAD Invalid tag.\r\n* BYE Disconnected for inactivity.\r\n"
-    );
+    assert_eq!(out, "a BAD Unknown command.\r\n* BAD Invalid tag.\r\n* BYE Disconnected for inactivity.\r\n");
     let long_tag = "t".repeat(1000);
     let out = exchange(format!("{long_tag} NOOP\r\n+ NOOP\r\n% NOOP\r\n").as_bytes()).await;
     assert_eq!(
@@ -111,10 +99,7 @@ async fn bare_cr_nul_and_odd_tags() {
     );
     // A bare LF ends a line like CRLF.
     let out = exchange(b"a NOOP\nb LOGOUT\n").await;
-    assert_eq!(
-        out,
-        "a OK NOOP completed.\r\n* BYE Logging out.\r\nb OK Logout completed.\r\n"
-    );
+    assert_eq!(out, "a OK NOOP completed.\r\n* BYE Logging out.\r\nb OK Logout completed.\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,8 +142,5 @@ async fn deeply_nested_id_is_refused() {
     input.extend(std::iter::repeat_n(b')', 3000));
     input.extend_from_slice(b"\r\nb LOGOUT\r\n");
     let out = exchange(&input).await;
-    assert_eq!(
-        out,
-        "a BAD Invalid arguments.\r\n* BYE Logging out.\r\nb OK Logout completed.\r\n"
-    );
+    assert_eq!(out, "a BAD Invalid arguments.\r\n* BYE Logging out.\r\nb OK Logout completed.\r\n");
 }

@@ -23,21 +23,14 @@ async fn users_and_domains_reach_their_backends() {
     );
     let proxy = TestProxy::start(&config_text(&pki, &rest)).await;
 
-    for (user, expected, other) in [
-        ("alice@example.org", &east, &west),
-        ("bob@example.com", &west, &east),
-        ("ceo@example.org", &west, &east),
-    ] {
+    for (user, expected, other) in
+        [("alice@example.org", &east, &west), ("bob@example.com", &west, &east), ("ceo@example.org", &west, &east)]
+    {
         let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
-        let reply = c
-            .command("r1", &format!("LOGIN {user} \"{}\"", password(user)))
-            .await
-            .unwrap();
+        let reply = c.command("r1", &format!("LOGIN {user} \"{}\"", password(user))).await.unwrap();
         assert!(reply.tagged.starts_with("r1 OK"), "{user}: {reply:?}");
         assert!(
-            expected
-                .wait_for_log_line(&[&format!("Login: user=<{user}>")])
-                .is_some(),
+            expected.wait_for_log_line(&[&format!("Login: user=<{user}>")]).is_some(),
             "{user} did not log in at {}:\n{}",
             expected.name,
             expected.log()

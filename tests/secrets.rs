@@ -29,11 +29,7 @@ impl Write for Capture {
 async fn passwords_never_reach_the_log() {
     let capture = Capture::default();
     let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("trace")
-        .with_writer(move || writer.clone())
-        .json()
-        .init();
+    tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).json().init();
     let dir = support::scratch_dir("imapgate-secrets-");
     let pki = support::pki::Pki::generate(&dir);
     let dovecot = Dovecot::start("secrets", &pki, &[]);
@@ -44,15 +40,8 @@ async fn passwords_never_reach_the_log() {
     let wrong = "Wr0ng-Passw0rd-xyz";
     let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
     c.command("a", &format!("LOGIN bob@example.com {wrong}")).await.unwrap();
-    c.command(
-        "b",
-        &format!("AUTHENTICATE PLAIN {}", b64(&format!("\0bob@example.com\0{wrong}"))),
-    )
-    .await
-    .unwrap();
-    c.send(format!("c LOGIN {{15}}\r\nbob@example.com {{{}+}}\r\n{wrong}\r\n", wrong.len()).as_bytes())
-        .await
-        .unwrap();
+    c.command("b", &format!("AUTHENTICATE PLAIN {}", b64(&format!("\0bob@example.com\0{wrong}")))).await.unwrap();
+    c.send(format!("c LOGIN {{15}}\r\nbob@example.com {{{}+}}\r\n{wrong}\r\n", wrong.len()).as_bytes()).await.unwrap();
     c.until_tagged("c").await.unwrap();
     let ok = c.command("d", "LOGIN bob@example.com bob-pw").await.unwrap();
     assert!(ok.tagged.starts_with("d OK"), "{ok:?}");
@@ -60,27 +49,16 @@ async fn passwords_never_reach_the_log() {
     let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
     c.send(b"f AUTHENTICATE LOGIN\r\n").await.unwrap();
     c.line().await.unwrap();
-    c.send(format!("{}\r\n", b64("carol@example.org")).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("{}\r\n", b64("carol@example.org")).as_bytes()).await.unwrap();
     c.line().await.unwrap();
-    c.send(format!("{}\r\n", b64("sp ace\"quo\\te{5}")).as_bytes())
-        .await
-        .unwrap();
+    c.send(format!("{}\r\n", b64("sp ace\"quo\\te{5}")).as_bytes()).await.unwrap();
     assert!(c.until_tagged("f").await.unwrap().tagged.starts_with("f OK"));
     proxy.stop().await;
 
     let log = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
     assert!(log.contains("bob@example.com"), "the log should name the user");
     assert!(log.contains("login failed") && log.contains("\"login\""), "{log}");
-    for secret in [
-        wrong,
-        "bob-pw",
-        "sp ace",
-        "quo\\\\te",
-        &b64(wrong),
-        &b64(&format!("\0bob@example.com\0{wrong}")),
-    ] {
+    for secret in [wrong, "bob-pw", "sp ace", "quo\\\\te", &b64(wrong), &b64(&format!("\0bob@example.com\0{wrong}"))] {
         assert!(!log.contains(secret), "secret {secret:?} found in the log:\n{log}");
     }
 }

@@ -261,20 +261,10 @@ impl<'a> Cursor<'a> {
 
 /// Parses one pre-authentication command.
 pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
-    let mut cur = Cursor {
-        fragments: &frame.fragments,
-        index: 0,
-        pos: 0,
-    };
+    let mut cur = Cursor { fragments: &frame.fragments, index: 0, pos: 0 };
     let raw_tag = cur.take_while(|b| b != b' ');
-    let tag = Tag::parse(raw_tag).ok_or(ParseError {
-        tag: None,
-        kind: ParseErrorKind::InvalidTag,
-    })?;
-    let fail = |kind| ParseError {
-        tag: Some(tag.clone()),
-        kind,
-    };
+    let tag = Tag::parse(raw_tag).ok_or(ParseError { tag: None, kind: ParseErrorKind::InvalidTag })?;
+    let fail = |kind| ParseError { tag: Some(tag.clone()), kind };
     cur.sp().ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
     let name = cur.atom().ok_or_else(|| fail(ParseErrorKind::InvalidCommand))?;
     let name = String::from_utf8_lossy(name).to_ascii_uppercase();
@@ -304,24 +294,17 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
             cur.sp().ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
             let mechanism = cur.atom().ok_or_else(|| fail(ParseErrorKind::InvalidArguments))?;
             let mechanism = String::from_utf8_lossy(mechanism).to_ascii_uppercase();
-            let initial_response = cur.sp().map(|()| {
-                cur.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-                    .to_vec()
-            });
+            let initial_response = cur
+                .sp()
+                .map(|()| cur.take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')).to_vec());
             if initial_response.as_ref().is_some_and(Vec::is_empty) {
                 return Err(fail(ParseErrorKind::InvalidArguments));
             }
-            CommandBody::Authenticate {
-                mechanism,
-                initial_response,
-            }
+            CommandBody::Authenticate { mechanism, initial_response }
         }
         // Arguments of commands refused anyway are not looked at.
         other if AUTHENTICATED_COMMANDS.contains(&other) => {
-            return Ok(Command {
-                tag,
-                body: CommandBody::NotAllowed(name),
-            });
+            return Ok(Command { tag, body: CommandBody::NotAllowed(name) });
         }
         _ => return Err(fail(ParseErrorKind::UnknownCommand)),
     };
@@ -350,10 +333,7 @@ fn id_params(cur: &mut Cursor<'_>) -> Option<IdParams> {
             None => None,
         };
         let too_long = key.len() > ID_MAX_KEY || value.as_ref().is_some_and(|v| v.len() > ID_MAX_VALUE);
-        let control = key
-            .chars()
-            .chain(value.iter().flat_map(|v| v.chars()))
-            .any(char::is_control);
+        let control = key.chars().chain(value.iter().flat_map(|v| v.chars())).any(char::is_control);
         if too_long || control || params.len() == ID_MAX_PAIRS {
             return None;
         }
@@ -399,18 +379,9 @@ mod tests {
 
     #[test]
     fn login_atoms_quoted_and_literals() {
-        assert_eq!(
-            login(b"a LOGIN alice secret\r\n").unwrap(),
-            ("alice".into(), b"secret".to_vec())
-        );
-        assert_eq!(
-            login(b"a LOGIN \"al ice\" \"p\\\"w\\\\d\"\r\n").unwrap(),
-            ("al ice".into(), b"p\"w\\d".to_vec())
-        );
-        assert_eq!(
-            login(b"a LOGIN {5}\r\nalice {6+}\r\n(){}%*\r\n").unwrap(),
-            ("alice".into(), b"(){}%*".to_vec())
-        );
+        assert_eq!(login(b"a LOGIN alice secret\r\n").unwrap(), ("alice".into(), b"secret".to_vec()));
+        assert_eq!(login(b"a LOGIN \"al ice\" \"p\\\"w\\\\d\"\r\n").unwrap(), ("al ice".into(), b"p\"w\\d".to_vec()));
+        assert_eq!(login(b"a LOGIN {5}\r\nalice {6+}\r\n(){}%*\r\n").unwrap(), ("alice".into(), b"(){}%*".to_vec()));
         assert_eq!(login("a login \"jürgen\" x\r\n".as_bytes()).unwrap().0, "jürgen");
     }
 
@@ -432,20 +403,8 @@ mod tests {
     #[test]
     fn tags() {
         assert_eq!(parse(&frame(b"A]1 NOOP\r\n")).unwrap().tag.as_str(), "A]1");
-        for bad in [
-            &b"a+ NOOP\r\n"[..],
-            b"* NOOP\r\n",
-            b"a% NOOP\r\n",
-            b"a\0 NOOP\r\n",
-            b" NOOP\r\n",
-        ] {
-            assert_eq!(
-                parse(&frame(bad)).unwrap_err(),
-                ParseError {
-                    tag: None,
-                    kind: ParseErrorKind::InvalidTag
-                }
-            );
+        for bad in [&b"a+ NOOP\r\n"[..], b"* NOOP\r\n", b"a% NOOP\r\n", b"a\0 NOOP\r\n", b" NOOP\r\n"] {
+            assert_eq!(parse(&frame(bad)).unwrap_err(), ParseError { tag: None, kind: ParseErrorKind::InvalidTag });
         }
         let long = [b"x".repeat(65), b" NOOP\r\n".to_vec()].concat();
         assert_eq!(kind(&long), ParseErrorKind::InvalidTag);
@@ -453,21 +412,12 @@ mod tests {
 
     #[test]
     fn simple_commands_and_refusals() {
-        assert!(matches!(
-            parse(&frame(b"a capability\r\n")).unwrap().body,
-            CommandBody::Capability
-        ));
-        assert!(matches!(
-            parse(&frame(b"a STARTTLS\r\n")).unwrap().body,
-            CommandBody::StartTls
-        ));
+        assert!(matches!(parse(&frame(b"a capability\r\n")).unwrap().body, CommandBody::Capability));
+        assert!(matches!(parse(&frame(b"a STARTTLS\r\n")).unwrap().body, CommandBody::StartTls));
         assert!(
             matches!(parse(&frame(b"a SELECT INBOX\r\n")).unwrap().body, CommandBody::NotAllowed(n) if n == "SELECT")
         );
-        assert!(matches!(
-            parse(&frame(b"a COMPRESS DEFLATE\r\n")).unwrap().body,
-            CommandBody::NotAllowed(_)
-        ));
+        assert!(matches!(parse(&frame(b"a COMPRESS DEFLATE\r\n")).unwrap().body, CommandBody::NotAllowed(_)));
         assert_eq!(kind(b"a FOO\r\n"), ParseErrorKind::UnknownCommand);
         assert_eq!(kind(b"a NOOP x\r\n"), ParseErrorKind::InvalidArguments);
         assert_eq!(kind(b"a\r\n"), ParseErrorKind::InvalidCommand);
@@ -475,14 +425,8 @@ mod tests {
 
     #[test]
     fn authenticate() {
-        match parse(&frame(b"a AUTHENTICATE plain AGFsaWNlAHNlY3JldA==\r\n"))
-            .unwrap()
-            .body
-        {
-            CommandBody::Authenticate {
-                mechanism,
-                initial_response,
-            } => {
+        match parse(&frame(b"a AUTHENTICATE plain AGFsaWNlAHNlY3JldA==\r\n")).unwrap().body {
+            CommandBody::Authenticate { mechanism, initial_response } => {
                 assert_eq!(mechanism, "PLAIN");
                 assert_eq!(initial_response.as_deref(), Some(&b"AGFsaWNlAHNlY3JldA=="[..]));
             }
@@ -490,10 +434,7 @@ mod tests {
         }
         assert!(matches!(
             parse(&frame(b"a AUTHENTICATE LOGIN\r\n")).unwrap().body,
-            CommandBody::Authenticate {
-                initial_response: None,
-                ..
-            }
+            CommandBody::Authenticate { initial_response: None, .. }
         ));
         assert_eq!(kind(b"a AUTHENTICATE PLAIN a b\r\n"), ParseErrorKind::InvalidArguments);
         assert_eq!(kind(b"a AUTHENTICATE\r\n"), ParseErrorKind::InvalidArguments);
@@ -501,11 +442,9 @@ mod tests {
 
     #[test]
     fn id_params() {
-        match parse(&frame(
-            b"a ID (\"name\" \"Thunderbird\" \"version\" NIL \"x-originating-ip\" \"1.2.3.4\")\r\n",
-        ))
-        .unwrap()
-        .body
+        match parse(&frame(b"a ID (\"name\" \"Thunderbird\" \"version\" NIL \"x-originating-ip\" \"1.2.3.4\")\r\n"))
+            .unwrap()
+            .body
         {
             CommandBody::Id(p) => assert_eq!(
                 p,
@@ -520,19 +459,10 @@ mod tests {
         assert!(matches!(parse(&frame(b"a ID NIL\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty()));
         assert!(matches!(parse(&frame(b"a ID ()\r\n")).unwrap().body, CommandBody::Id(p) if p.is_empty()));
         assert_eq!(kind(b"a ID ((\"a\" \"b\"))\r\n"), ParseErrorKind::InvalidArguments);
-        let deep = [
-            b"a ID ".to_vec(),
-            b"(".repeat(4000),
-            b")".repeat(4000),
-            b"\r\n".to_vec(),
-        ]
-        .concat();
+        let deep = [b"a ID ".to_vec(), b"(".repeat(4000), b")".repeat(4000), b"\r\n".to_vec()].concat();
         assert_eq!(kind(&deep), ParseErrorKind::InvalidArguments);
         assert_eq!(kind(b"a ID (\"odd\")\r\n"), ParseErrorKind::InvalidArguments);
         let many: String = (0..31).map(|i| format!("\"k{i}\" \"v\" ")).collect();
-        assert_eq!(
-            kind(format!("a ID ({})\r\n", many.trim_end()).as_bytes()),
-            ParseErrorKind::InvalidArguments
-        );
+        assert_eq!(kind(format!("a ID ({})\r\n", many.trim_end()).as_bytes()), ParseErrorKind::InvalidArguments);
     }
 }

@@ -90,10 +90,7 @@ impl Username {
 
     /// The domain part after the last `@`, if any, lower-cased.
     pub fn domain(&self) -> Option<String> {
-        self.0
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
-            .filter(|d| !d.is_empty())
+        self.0.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).filter(|d| !d.is_empty())
     }
 }
 
@@ -155,10 +152,7 @@ mod tests {
         assert_eq!(Username::parse(b"a\r\nb"), Err(CredentialsError::UsernameControl));
         assert_eq!(Username::parse(b"a\0b"), Err(CredentialsError::UsernameControl));
         assert_eq!(Username::parse(b"a\xffb"), Err(CredentialsError::UsernameNotUtf8));
-        assert_eq!(
-            Username::parse("a\u{85}b".as_bytes()),
-            Err(CredentialsError::UsernameControl)
-        );
+        assert_eq!(Username::parse("a\u{85}b".as_bytes()), Err(CredentialsError::UsernameControl));
         assert_eq!(Username::parse(&[b'a'; 257]), Err(CredentialsError::UsernameTooLong));
         let user = Username::parse("jürgen@Example.ORG".as_bytes()).unwrap();
         assert_eq!(user.domain().as_deref(), Some("example.org"));
@@ -168,14 +162,8 @@ mod tests {
     #[test]
     fn passwords_are_validated() {
         assert_eq!(password(vec![]).unwrap_err(), CredentialsError::EmptyPassword);
-        assert_eq!(
-            password(b"a\nb".to_vec()).unwrap_err(),
-            CredentialsError::PasswordControl
-        );
-        assert_eq!(
-            password(vec![b'x'; 1025]).unwrap_err(),
-            CredentialsError::PasswordTooLong
-        );
+        assert_eq!(password(b"a\nb".to_vec()).unwrap_err(), CredentialsError::PasswordControl);
+        assert_eq!(password(vec![b'x'; 1025]).unwrap_err(), CredentialsError::PasswordTooLong);
         assert!(password("pä ss\"\\{}".as_bytes().to_vec()).is_ok());
     }
 }

@@ -221,9 +221,7 @@ impl Framer {
                     let scan = self.input.len().min(self.limits.max_line + 2);
                     let Some(lf) = self.input.range(..scan).position(|&b| b == b'\n') else {
                         if self.input.len() > self.limits.max_line + 1 {
-                            return Some(Err(self.fail(FramingError::LineTooLong {
-                                max: self.limits.max_line,
-                            })));
+                            return Some(Err(self.fail(FramingError::LineTooLong { max: self.limits.max_line })));
                         }
                         return None;
                     };
@@ -233,15 +231,11 @@ impl Framer {
                         line.pop();
                     }
                     if line.len() > self.limits.max_line {
-                        return Some(Err(self.fail(FramingError::LineTooLong {
-                            max: self.limits.max_line,
-                        })));
+                        return Some(Err(self.fail(FramingError::LineTooLong { max: self.limits.max_line })));
                     }
                     self.current_size += line.len();
                     if self.current_size > self.limits.max_message {
-                        return Some(Err(self.fail(FramingError::MessageTooLong {
-                            max: self.limits.max_message,
-                        })));
+                        return Some(Err(self.fail(FramingError::MessageTooLong { max: self.limits.max_message })));
                     }
                     if std::mem::take(&mut self.raw_line_next) {
                         self.current.push(Fragment::Line(line));
@@ -258,11 +252,8 @@ impl Framer {
                             return Some(Err(self.too_big(line, true)));
                         }
                         Announcement::Literal { length, nonsync } => {
-                            let max = if nonsync {
-                                self.limits.max_nonsync_literal
-                            } else {
-                                self.limits.max_sync_literal
-                            };
+                            let max =
+                                if nonsync { self.limits.max_nonsync_literal } else { self.limits.max_sync_literal };
                             let fits_message =
                                 (self.current_size as u64).saturating_add(length) <= self.limits.max_message as u64;
                             if length > max || !fits_message {
@@ -270,17 +261,15 @@ impl Framer {
                             }
                             self.literals += 1;
                             if self.literals > self.limits.max_literals {
-                                return Some(Err(self.fail(FramingError::TooManyLiterals {
-                                    max: self.limits.max_literals,
-                                })));
+                                return Some(Err(
+                                    self.fail(FramingError::TooManyLiterals { max: self.limits.max_literals })
+                                ));
                             }
                             // Bounded by the checks above.
                             let length_usize = length as usize;
                             self.current.push(Fragment::Line(line));
-                            self.state = State::Literal {
-                                remaining: length_usize,
-                                data: Vec::with_capacity(length_usize),
-                            };
+                            self.state =
+                                State::Literal { remaining: length_usize, data: Vec::with_capacity(length_usize) };
                             if !nonsync {
                                 return Some(Ok(Event::LiteralAccepted { length }));
                             }
@@ -294,9 +283,7 @@ impl Framer {
     fn finish(&mut self) -> Frame {
         self.current_size = 0;
         self.literals = 0;
-        Frame {
-            fragments: std::mem::take(&mut self.current),
-        }
+        Frame { fragments: std::mem::take(&mut self.current) }
     }
 
     fn fail(&mut self, error: FramingError) -> FramingError {
@@ -337,16 +324,11 @@ mod tests {
 
     #[test]
     fn splits_lines_and_literals() {
-        let out = frames(
-            Limits::CLIENT_PREAUTH,
-            b"a NOOP\r\nb LOGIN {5}\r\nalice {3+}\r\npwd\r\n",
-        );
+        let out = frames(Limits::CLIENT_PREAUTH, b"a NOOP\r\nb LOGIN {5}\r\nalice {3+}\r\npwd\r\n");
         assert_eq!(
             out,
             vec![
-                Ok(Event::Frame(Frame {
-                    fragments: vec![line("a NOOP")]
-                })),
+                Ok(Event::Frame(Frame { fragments: vec![line("a NOOP")] })),
                 Ok(Event::LiteralAccepted { length: 5 }),
                 Ok(Event::Frame(Frame {
                     fragments: vec![
@@ -368,11 +350,7 @@ mod tests {
         assert_eq!(
             out,
             vec![Ok(Event::Frame(Frame {
-                fragments: vec![
-                    line("a LOGIN {12+}"),
-                    Fragment::Literal(b"x\r\nb LOGOUT ".to_vec()),
-                    line("y"),
-                ]
+                fragments: vec![line("a LOGIN {12+}"), Fragment::Literal(b"x\r\nb LOGOUT ".to_vec()), line("y"),]
             }))]
         );
     }
@@ -405,18 +383,10 @@ mod tests {
         let out = frames(Limits::CLIENT_PREAUTH, b"a LOGIN {99999}\r\nb NOOP\r\n");
         assert_eq!(
             out[0],
-            Err(FramingError::LiteralTooBig {
-                first_line: b"a LOGIN {99999}".to_vec(),
-                nonsync: false
-            })
+            Err(FramingError::LiteralTooBig { first_line: b"a LOGIN {99999}".to_vec(), nonsync: false })
         );
         assert!(!out[0].as_ref().unwrap_err().is_fatal());
-        assert_eq!(
-            out[1],
-            Ok(Event::Frame(Frame {
-                fragments: vec![line("b NOOP")]
-            }))
-        );
+        assert_eq!(out[1], Ok(Event::Frame(Frame { fragments: vec![line("b NOOP")] })));
     }
 
     #[test]
@@ -436,17 +406,10 @@ mod tests {
 
     #[test]
     fn malformed_sync_lengths_are_left_to_the_parser() {
-        for input in [
-            &b"a LOGIN {-1}\r\n"[..],
-            b"a LOGIN {18446744073709551616}\r\n",
-            b"a LOGIN {x}\r\n",
-        ] {
+        for input in [&b"a LOGIN {-1}\r\n"[..], b"a LOGIN {18446744073709551616}\r\n", b"a LOGIN {x}\r\n"] {
             let out = frames(Limits::CLIENT_PREAUTH, input);
             assert!(
-                matches!(
-                    &out[..],
-                    [Ok(Event::Frame(_))] | [Err(FramingError::LiteralTooBig { nonsync: false, .. })]
-                ),
+                matches!(&out[..], [Ok(Event::Frame(_))] | [Err(FramingError::LiteralTooBig { nonsync: false, .. })]),
                 "{input:?}: {out:?}"
             );
         }
@@ -471,12 +434,7 @@ mod tests {
         let mut framer = Framer::new(Limits::CLIENT_PREAUTH);
         framer.expect_raw_line();
         framer.push(b"abc{5}\r\n");
-        assert_eq!(
-            framer.next_event(),
-            Some(Ok(Event::Frame(Frame {
-                fragments: vec![line("abc{5}")]
-            })))
-        );
+        assert_eq!(framer.next_event(), Some(Ok(Event::Frame(Frame { fragments: vec![line("abc{5}")] }))));
     }
 
     #[test]

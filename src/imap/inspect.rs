@@ -1,139 +1,441 @@
-//! Post-login inspection of the client's command stream, without buffering and without changing its
-//! length: it finds where each command starts (following literals so that message data is never taken for
-//! a command) and neutralises the two commands the proxy must not pass on after login:
+//! Post-login inspection, beside the relay and without buffering: the relay copies bytes unchanged (but
+//! for the two names below), and this observer reads both directions to learn each command's name, tag,
+//! tagged status and latency, following literals (`{n}`, `{n+}`, `~{n}`) so that message data is never
+//! taken for a command or a response (a body holding `\r\na1 OK\r\n` is data).
 //!
-//! - `STARTTLS`: the client's TLS ends at the proxy; it is never forwarded (the backend sees an unknown
-//!   command and answers `BAD`, in order, with the client's tag).
+//! It also neutralises two commands the proxy must not pass on after login, altering the name in place as
+//! its last byte goes by, so that it works however the stream is split:
+//! - `STARTTLS`: the client's TLS ends at the proxy (the backend answers `BAD`, in order, with the tag);
 //! - `COMPRESS`: not advertised by the proxy; compressed streams would hide commands from it.
 //!
-//! The name is altered in place as its last byte goes by (`STARTTLS` becomes `STARTTL_`), so it works
-//! however the stream is split into reads. Sans-IO: bytes in, bytes (altered in place) out.
+//! Memory is bounded: tags and names are truncated, at most [`MAX_IN_FLIGHT`] commands are tracked; beyond
+//! that, or on anything it cannot follow, the observer stops observing (the relay goes on) and says so.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Command names neutralised after login, upper-case, all 8 bytes long.
 const BLOCKED: [&[u8; 8]; 2] = [b"STARTTLS", b"COMPRESS"];
+/// Commands tracked at once; more means the observer gives up on the session.
+pub const MAX_IN_FLIGHT: usize = 128;
+const MAX_TAG: usize = 64;
+const MAX_NAME: usize = 24;
 
+/// Labels for metrics: a fixed list, so label cardinality stays bounded whatever clients send.
+const COMMANDS: &[&str] = &[
+    "APPEND",
+    "AUTHENTICATE",
+    "CAPABILITY",
+    "CHECK",
+    "CLOSE",
+    "COMPRESS",
+    "COPY",
+    "CREATE",
+    "DELETE",
+    "DELETEACL",
+    "ENABLE",
+    "ESEARCH",
+    "EXAMINE",
+    "EXPUNGE",
+    "FETCH",
+    "GETACL",
+    "GETMETADATA",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "ID",
+    "IDLE",
+    "LIST",
+    "LISTRIGHTS",
+    "LOGIN",
+    "LOGOUT",
+    "LSUB",
+    "MOVE",
+    "MYRIGHTS",
+    "NAMESPACE",
+    "NOOP",
+    "NOTIFY",
+    "RENAME",
+    "REPLACE",
+    "SEARCH",
+    "SELECT",
+    "SETACL",
+    "SETMETADATA",
+    "SETQUOTA",
+    "SORT",
+    "STARTTLS",
+    "STATUS",
+    "STORE",
+    "SUBSCRIBE",
+    "THREAD",
+    "UNAUTHENTICATE",
+    "UNSELECT",
+    "UNSUBSCRIBE",
+    "XLIST",
+];
+const UID_COMMANDS: &[&str] = &[
+    "UID COPY",
+    "UID EXPUNGE",
+    "UID FETCH",
+    "UID MOVE",
+    "UID REPLACE",
+    "UID SEARCH",
+    "UID SORT",
+    "UID STORE",
+    "UID THREAD",
+];
+
+/// The label for a command name (and the UID subcommand), `other` for anything unknown.
+pub fn command_label(name: &[u8], sub: &[u8]) -> &'static str {
+    let upper = |b: &[u8]| String::from_utf8_lossy(b).to_ascii_uppercase();
+    let name = upper(name);
+    if name == "UID" {
+        let full = format!("UID {}", upper(sub));
+        return UID_COMMANDS.iter().find(|c| **c == full).copied().unwrap_or("other");
+    }
+    COMMANDS.iter().find(|c| **c == name).copied().unwrap_or("other")
+}
+
+/// How a command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// At the start of a command line.
-    LineStart,
-    /// In the tag.
-    Tag,
-    /// In the command name; `len` bytes so far, `candidates` bit i set while it still matches BLOCKED[i].
-    Name { len: usize, candidates: u8 },
-    /// In the arguments; tracks a trailing `{n}` / `{n+}` / `~{n}` announcement.
-    Args { literal: Literal },
-    /// Inside literal data.
-    Data { remaining: u64 },
+pub enum Status {
+    Ok,
+    No,
+    Bad,
+    /// The session ended before the tagged response.
+    None,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::No => "NO",
+            Status::Bad => "BAD",
+            Status::None => "none",
+        }
+    }
+}
+
+/// A finished command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completed {
+    pub command: &'static str,
+    pub status: Status,
+    pub elapsed: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Literal {
     None,
-    /// After `{`, with the digits so far.
     Open(u64),
-    /// After `+` inside the braces.
     Plus(u64),
-    /// After `}`: a literal of this length follows if the line ends here.
-    Closed(u64),
+    Closed { length: u64, sync: bool },
 }
 
-/// Tracks the client's command stream after login.
-#[derive(Debug, Clone)]
-pub struct CommandGuard {
-    state: State,
+impl Literal {
+    /// Follows `{digits[+]}` at the end of a line; anything else resets.
+    fn step(self, b: u8) -> Literal {
+        match (b, self) {
+            (b'{', _) => Literal::Open(0),
+            (d @ b'0'..=b'9', Literal::Open(n)) => {
+                Literal::Open(n.saturating_mul(10).saturating_add(u64::from(d - b'0')))
+            }
+            (b'+', Literal::Open(n)) => Literal::Plus(n),
+            (b'}', Literal::Open(n)) => Literal::Closed { length: n, sync: true },
+            (b'}', Literal::Plus(n)) => Literal::Closed { length: n, sync: false },
+            (b'\r', closed @ Literal::Closed { .. }) => closed,
+            _ => Literal::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    LineStart,
+    Tag,
+    /// In the command name; `candidates` bit k set while it still matches BLOCKED[k].
+    Name {
+        candidates: u8,
+    },
+    /// After `UID `, in the subcommand.
+    Sub,
+    Args,
+    Data {
+        remaining: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    LineStart,
+    Tag,
+    Status,
+    Rest,
+    Data { remaining: u64 },
+}
+
+/// The observer for one relayed session.
+#[derive(Debug)]
+pub struct Observer {
+    client: ClientState,
+    client_literal: Literal,
+    /// The first line of the command being read: tag, name and UID subcommand (truncated).
+    tag: Vec<u8>,
+    name: Vec<u8>,
+    sub: Vec<u8>,
+    /// The current command was counted (at the end of its first line).
+    registered: bool,
+    /// A synchronising literal was announced and the client waits for `+` (or a tagged refusal).
+    awaiting_continuation: Option<Vec<u8>>,
+    server: ServerState,
+    server_literal: Literal,
+    server_tag: Vec<u8>,
+    server_status: Vec<u8>,
+    in_flight: VecDeque<(Vec<u8>, &'static str, Instant)>,
+    completed: Vec<Completed>,
     neutralised: u64,
+    commands: u64,
+    desynced: bool,
 }
 
-impl Default for CommandGuard {
+impl Default for Observer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl CommandGuard {
+impl Observer {
     pub fn new() -> Self {
         Self {
-            state: State::LineStart,
+            client: ClientState::LineStart,
+            client_literal: Literal::None,
+            tag: Vec::new(),
+            name: Vec::new(),
+            sub: Vec::new(),
+            registered: false,
+            awaiting_continuation: None,
+            server: ServerState::LineStart,
+            server_literal: Literal::None,
+            server_tag: Vec::new(),
+            server_status: Vec::new(),
+            in_flight: VecDeque::new(),
+            completed: Vec::new(),
             neutralised: 0,
+            commands: 0,
+            desynced: false,
         }
     }
 
-    /// How many commands were neutralised so far.
+    /// Commands neutralised (STARTTLS, COMPRESS).
     pub fn neutralised(&self) -> u64 {
         self.neutralised
     }
 
-    /// Scans bytes on their way to the backend, altering blocked command names in place.
-    pub fn scan(&mut self, bytes: &mut [u8]) {
+    /// Commands seen from the client.
+    pub fn commands(&self) -> u64 {
+        self.commands
+    }
+
+    /// Whether the observer gave up on this session.
+    pub fn desynced(&self) -> bool {
+        self.desynced
+    }
+
+    /// Commands finished since the last call.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Completed> {
+        self.completed.drain(..)
+    }
+
+    /// At session end: commands without a tagged response get status `none`.
+    pub fn finish(&mut self, now: Instant) -> Vec<Completed> {
+        let mut out: Vec<Completed> = self.completed.drain(..).collect();
+        out.extend(self.in_flight.drain(..).map(|(_, command, at)| Completed {
+            command,
+            status: Status::None,
+            elapsed: now.duration_since(at),
+        }));
+        out
+    }
+
+    fn desync(&mut self) {
+        self.desynced = true;
+        self.in_flight.clear();
+    }
+
+    /// Bytes from the client on their way to the backend; blocked command names are altered in place.
+    /// The neutralising goes on even after the observer lost sync for metrics.
+    pub fn client(&mut self, bytes: &mut [u8], now: Instant) {
         let mut i = 0;
         while i < bytes.len() {
-            if let State::Data { remaining } = self.state {
+            if let ClientState::Data { remaining } = self.client {
                 let take = remaining.min((bytes.len() - i) as u64);
                 i += take as usize;
                 let left = remaining - take;
-                self.state = if left == 0 {
-                    State::Args { literal: Literal::None }
-                } else {
-                    State::Data { remaining: left }
-                };
+                self.client = if left == 0 { ClientState::Args } else { ClientState::Data { remaining: left } };
                 continue;
             }
             let b = bytes[i];
-            self.state = match self.state {
-                State::LineStart | State::Tag if b == b'\n' => State::LineStart,
-                State::LineStart => State::Tag,
-                State::Tag if b == b' ' => State::Name {
-                    len: 0,
-                    candidates: (1 << BLOCKED.len()) - 1,
-                },
-                State::Tag => State::Tag,
-                State::Name { len, candidates } => match b {
-                    b'\n' => State::LineStart,
-                    b' ' | b'\r' => State::Args { literal: Literal::None },
-                    _ => {
-                        let upper = b.to_ascii_uppercase();
-                        let mut still = 0u8;
-                        for (k, name) in BLOCKED.iter().enumerate() {
-                            if candidates & (1 << k) != 0 && name.get(len) == Some(&upper) {
-                                still |= 1 << k;
-                            }
-                        }
-                        if still != 0 && len + 1 == 8 {
-                            bytes[i] = b'_';
-                            self.neutralised += 1;
-                            still = 0;
-                        }
-                        State::Name {
-                            len: len + 1,
-                            candidates: still,
+            if b == b'\n' {
+                self.client_line_end(now);
+                i += 1;
+                continue;
+            }
+            self.client_literal = self.client_literal.step(b);
+            self.client = match self.client {
+                ClientState::LineStart => {
+                    self.tag.clear();
+                    self.name.clear();
+                    self.sub.clear();
+                    self.registered = false;
+                    push_bounded(&mut self.tag, b, MAX_TAG);
+                    ClientState::Tag
+                }
+                ClientState::Tag if b == b' ' => ClientState::Name { candidates: (1 << BLOCKED.len()) - 1 },
+                ClientState::Tag => {
+                    push_bounded(&mut self.tag, b, MAX_TAG);
+                    ClientState::Tag
+                }
+                ClientState::Name { .. } if b == b' ' && self.name.eq_ignore_ascii_case(b"UID") => ClientState::Sub,
+                ClientState::Name { .. } if b == b' ' || b == b'\r' => ClientState::Args,
+                ClientState::Name { candidates } => {
+                    let len = self.name.len();
+                    push_bounded(&mut self.name, b, MAX_NAME);
+                    let upper = b.to_ascii_uppercase();
+                    let mut still = 0u8;
+                    for (k, name) in BLOCKED.iter().enumerate() {
+                        if candidates & (1 << k) != 0 && name.get(len) == Some(&upper) {
+                            still |= 1 << k;
                         }
                     }
-                },
-                State::Args { literal } => match (b, literal) {
-                    (b'\n', Literal::Closed(n)) if n > 0 => State::Data { remaining: n },
-                    (b'\n', _) => State::LineStart,
-                    (b'\r', Literal::Closed(n)) => State::Args {
-                        literal: Literal::Closed(n),
-                    },
-                    (b'{', _) => State::Args {
-                        literal: Literal::Open(0),
-                    },
-                    (d @ b'0'..=b'9', Literal::Open(n)) => State::Args {
-                        literal: Literal::Open(n.saturating_mul(10).saturating_add(u64::from(d - b'0'))),
-                    },
-                    (b'+', Literal::Open(n)) => State::Args {
-                        literal: Literal::Plus(n),
-                    },
-                    (b'}', Literal::Open(n) | Literal::Plus(n)) => State::Args {
-                        literal: Literal::Closed(n),
-                    },
-                    _ => State::Args { literal: Literal::None },
-                },
-                // Consumed in bulk above.
-                data @ State::Data { .. } => data,
+                    if still != 0 && len + 1 == 8 {
+                        bytes[i] = b'_';
+                        self.neutralised += 1;
+                        still = 0;
+                    }
+                    ClientState::Name { candidates: still }
+                }
+                ClientState::Sub if b == b' ' || b == b'\r' => ClientState::Args,
+                ClientState::Sub => {
+                    push_bounded(&mut self.sub, b, MAX_NAME);
+                    ClientState::Sub
+                }
+                ClientState::Args => ClientState::Args,
+                data @ ClientState::Data { .. } => data,
             };
             i += 1;
         }
+    }
+
+    fn client_line_end(&mut self, now: Instant) {
+        // A command is counted when its first line ends (lines like IDLE's DONE or SASL answers have no
+        // name and are not commands); its latency runs from there to the tagged response.
+        if !self.registered && !self.name.is_empty() && !matches!(self.client, ClientState::LineStart) {
+            self.registered = true;
+            self.commands += 1;
+            if !self.desynced {
+                if self.in_flight.len() >= MAX_IN_FLIGHT {
+                    self.desync();
+                } else {
+                    let label = command_label(&self.name, &self.sub);
+                    self.in_flight.push_back((self.tag.clone(), label, now));
+                }
+            }
+        }
+        if let Literal::Closed { length, sync } = self.client_literal {
+            self.client_literal = Literal::None;
+            if sync {
+                self.awaiting_continuation = Some(self.tag.clone());
+            }
+            self.client = if length > 0 { ClientState::Data { remaining: length } } else { ClientState::Args };
+            return;
+        }
+        self.client_literal = Literal::None;
+        self.client = ClientState::LineStart;
+    }
+
+    /// Bytes from the backend on their way to the client.
+    pub fn server(&mut self, bytes: &[u8], now: Instant) {
+        let mut i = 0;
+        while i < bytes.len() {
+            if let ServerState::Data { remaining } = self.server {
+                let take = remaining.min((bytes.len() - i) as u64);
+                i += take as usize;
+                let left = remaining - take;
+                self.server = if left == 0 { ServerState::Rest } else { ServerState::Data { remaining: left } };
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            if b == b'\n' {
+                self.server_line_end(now);
+                continue;
+            }
+            self.server_literal = self.server_literal.step(b);
+            self.server = match self.server {
+                ServerState::LineStart => {
+                    self.server_tag.clear();
+                    self.server_status.clear();
+                    push_bounded(&mut self.server_tag, b, MAX_TAG);
+                    ServerState::Tag
+                }
+                ServerState::Tag if b == b' ' => ServerState::Status,
+                ServerState::Tag => {
+                    push_bounded(&mut self.server_tag, b, MAX_TAG);
+                    ServerState::Tag
+                }
+                ServerState::Status if b == b' ' || b == b'\r' => ServerState::Rest,
+                ServerState::Status => {
+                    push_bounded(&mut self.server_status, b, 8);
+                    ServerState::Status
+                }
+                ServerState::Rest => ServerState::Rest,
+                data @ ServerState::Data { .. } => data,
+            };
+        }
+    }
+
+    fn server_line_end(&mut self, now: Instant) {
+        if let Literal::Closed { length, .. } = self.server_literal {
+            self.server_literal = Literal::None;
+            self.server = if length > 0 { ServerState::Data { remaining: length } } else { ServerState::Rest };
+            return;
+        }
+        self.server_literal = Literal::None;
+        self.server = ServerState::LineStart;
+        if self.server_tag == b"+" {
+            // The continuation the client waited for: its literal follows.
+            self.awaiting_continuation = None;
+            return;
+        }
+        if self.server_tag == b"*" || self.server_tag.is_empty() {
+            return;
+        }
+        let status = if self.server_status.eq_ignore_ascii_case(b"OK") {
+            Status::Ok
+        } else if self.server_status.eq_ignore_ascii_case(b"NO") {
+            Status::No
+        } else if self.server_status.eq_ignore_ascii_case(b"BAD") {
+            Status::Bad
+        } else {
+            return;
+        };
+        if self.awaiting_continuation.as_deref() == Some(self.server_tag.as_slice()) {
+            // A synchronising literal was refused: the client will not send it.
+            self.awaiting_continuation = None;
+            self.client = ClientState::LineStart;
+            self.client_literal = Literal::None;
+        }
+        if let Some(pos) = self.in_flight.iter().position(|(tag, _, _)| *tag == self.server_tag) {
+            if let Some((_, command, at)) = self.in_flight.remove(pos) {
+                self.completed.push(Completed { command, status, elapsed: now.duration_since(at) });
+            }
+        }
+    }
+}
+
+fn push_bounded(buf: &mut Vec<u8>, b: u8, max: usize) {
+    if buf.len() < max {
+        buf.push(b);
     }
 }
 
@@ -142,10 +444,10 @@ mod tests {
     use super::*;
 
     fn guard(input: &[u8]) -> (String, u64) {
-        let mut g = CommandGuard::new();
+        let mut o = Observer::new();
         let mut bytes = input.to_vec();
-        g.scan(&mut bytes);
-        (String::from_utf8_lossy(&bytes).into_owned(), g.neutralised())
+        o.client(&mut bytes, Instant::now());
+        (String::from_utf8_lossy(&bytes).into_owned(), o.neutralised())
     }
 
     #[test]
@@ -155,10 +457,7 @@ mod tests {
             guard(b"a1 starttls\r\nb COMPRESS DEFLATE\r\n"),
             ("a1 starttl_\r\nb COMPRES_ DEFLATE\r\n".into(), 2)
         );
-        assert_eq!(
-            guard(b"a NOOP\r\nb SELECT STARTTLS\r\n"),
-            ("a NOOP\r\nb SELECT STARTTLS\r\n".into(), 0)
-        );
+        assert_eq!(guard(b"a NOOP\r\nb SELECT STARTTLS\r\n"), ("a NOOP\r\nb SELECT STARTTLS\r\n".into(), 0));
         assert_eq!(guard(b"a UID FETCH 1 (BODY[])\r\n").1, 0);
     }
 
@@ -167,10 +466,7 @@ mod tests {
         let input = b"a APPEND INBOX {21}\r\nx\r\nb STARTTLS\r\nyyyy\r\nc NOOP\r\n";
         assert_eq!(guard(input), (String::from_utf8_lossy(input).into_owned(), 0));
         let input = b"a APPEND INBOX {5+}\r\nhello {3}\r\nabc\r\nd STARTTLS\r\n";
-        assert_eq!(
-            guard(input).0,
-            "a APPEND INBOX {5+}\r\nhello {3}\r\nabc\r\nd STARTTL_\r\n"
-        );
+        assert_eq!(guard(input).0, "a APPEND INBOX {5+}\r\nhello {3}\r\nabc\r\nd STARTTL_\r\n");
         assert_eq!(guard(b"a APPEND INBOX ~{4}\r\n\0\0\0\0\r\nb COMPRESS\r\n").1, 1);
     }
 
@@ -180,13 +476,97 @@ mod tests {
         let (whole, count) = guard(input);
         assert_eq!(count, 2);
         for split in 1..input.len() {
-            let mut g = CommandGuard::new();
+            let mut o = Observer::new();
             let mut bytes = input.to_vec();
             let (a, b) = bytes.split_at_mut(split);
-            g.scan(a);
-            g.scan(b);
+            o.client(a, Instant::now());
+            o.client(b, Instant::now());
             assert_eq!(String::from_utf8_lossy(&bytes), whole, "split at {split}");
-            assert_eq!(g.neutralised(), 2);
+            assert_eq!(o.neutralised(), 2);
         }
+    }
+
+    fn run(client: &[u8], server: &[u8]) -> Vec<(&'static str, Status)> {
+        let mut o = Observer::new();
+        let t = Instant::now();
+        o.client(&mut client.to_vec(), t);
+        o.server(server, t);
+        o.finish(t).into_iter().map(|c| (c.command, c.status)).collect()
+    }
+
+    #[test]
+    fn commands_and_statuses() {
+        let got = run(
+            b"a1 SELECT INBOX\r\na2 UID FETCH 1:* (FLAGS)\r\na3 uid store 1 +FLAGS (\\Seen)\r\na4 XYZZY\r\na5 NOOP\r\n",
+            b"* 3 EXISTS\r\na1 OK [READ-WRITE] done\r\n* 1 FETCH (FLAGS ())\r\na2 OK done\r\na3 NO nope\r\na4 BAD what\r\n",
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("SELECT", Status::Ok),
+                ("UID FETCH", Status::Ok),
+                ("UID STORE", Status::No),
+                ("other", Status::Bad),
+                ("NOOP", Status::None)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_literal_holding_a_tagged_response_is_data() {
+        let body = b"Subject: x\r\n\r\na1 OK faked\r\n";
+        let mut server = format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len()).into_bytes();
+        server.extend_from_slice(body);
+        server.extend_from_slice(b")\r\na1 OK real\r\n");
+        let mut o = Observer::new();
+        let t0 = Instant::now();
+        o.client(&mut b"a1 FETCH 1 BODY[]\r\n".to_vec(), t0);
+        // Feed the response one byte at a time: the literal must be skipped across reads.
+        for b in &server[..server.len() - 12] {
+            o.server(std::slice::from_ref(b), t0);
+        }
+        assert_eq!(o.drain().count(), 0, "the faked OK inside the literal completed the command");
+        o.server(&server[server.len() - 12..], t0 + Duration::from_millis(5));
+        let done: Vec<_> = o.drain().collect();
+        assert_eq!(done, vec![Completed { command: "FETCH", status: Status::Ok, elapsed: Duration::from_millis(5) }]);
+    }
+
+    #[test]
+    fn idle_is_one_command_and_done_is_not_a_command() {
+        let got =
+            run(b"i1 IDLE\r\nDONE\r\ni2 NOOP\r\n", b"+ idling\r\n* 4 EXISTS\r\ni1 OK Idle completed\r\ni2 OK\r\n");
+        assert_eq!(got, vec![("IDLE", Status::Ok), ("NOOP", Status::Ok)]);
+    }
+
+    #[test]
+    fn refused_synchronising_literal_does_not_desync() {
+        let mut o = Observer::new();
+        let t = Instant::now();
+        o.client(&mut b"a1 APPEND INBOX {99999999}\r\n".to_vec(), t);
+        o.server(b"a1 NO [TOOBIG] too big\r\n", t);
+        // The client never sends the literal and goes on with its next command.
+        o.client(&mut b"a2 STARTTLS\r\na3 NOOP\r\n".to_vec(), t);
+        o.server(b"a2 BAD unknown\r\na3 OK\r\n", t);
+        let got: Vec<_> = o.finish(t).into_iter().map(|c| (c.command, c.status)).collect();
+        assert_eq!(got, vec![("APPEND", Status::No), ("STARTTLS", Status::Bad), ("NOOP", Status::Ok)]);
+        assert_eq!(o.neutralised(), 1);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut o = Observer::new();
+        let mut flood = Vec::new();
+        for i in 0..(MAX_IN_FLIGHT + 10) {
+            flood.extend_from_slice(format!("t{i} NOOP\r\n").as_bytes());
+        }
+        o.client(&mut flood, Instant::now());
+        assert!(o.desynced());
+        assert_eq!(o.finish(Instant::now()).len(), 0);
+        // A huge tag is truncated, not stored.
+        let mut o = Observer::new();
+        let mut long = vec![b'x'; 100_000];
+        long.extend_from_slice(b" NOOP\r\n");
+        o.client(&mut long, Instant::now());
+        assert!(o.in_flight[0].0.len() <= MAX_TAG);
     }
 }

@@ -72,14 +72,10 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub const AUTHENTICATION_FAILED: Rejection = Rejection {
-        code: "AUTHENTICATIONFAILED",
-        text: "Authentication failed.",
-    };
-    pub const UNAVAILABLE: Rejection = Rejection {
-        code: "UNAVAILABLE",
-        text: "Service temporarily unavailable, try again later.",
-    };
+    pub const AUTHENTICATION_FAILED: Rejection =
+        Rejection { code: "AUTHENTICATIONFAILED", text: "Authentication failed." };
+    pub const UNAVAILABLE: Rejection =
+        Rejection { code: "UNAVAILABLE", text: "Service temporarily unavailable, try again later." };
 }
 
 #[derive(Debug)]
@@ -171,20 +167,12 @@ impl PreAuth {
     /// The backend refused the login: tell the client and wait for the next command.
     pub fn login_failed(&mut self, tag: &Tag, rejection: Rejection) {
         self.state = State::Command;
-        self.send(format!(
-            "{} NO [{}] {}\r\n",
-            tag.as_str(),
-            rejection.code,
-            rejection.text
-        ));
+        self.send(format!("{} NO [{}] {}\r\n", tag.as_str(), rejection.code, rejection.text));
     }
 
     /// The session timed out waiting for the client.
     pub fn idle_timeout(&mut self) {
-        self.close_with(
-            "* BYE Disconnected for inactivity.\r\n".into(),
-            CloseReason::IdleTimeout,
-        );
+        self.close_with("* BYE Disconnected for inactivity.\r\n".into(), CloseReason::IdleTimeout);
     }
 
     /// After a successful login: the bytes the client sent behind it, to forward to the backend.
@@ -207,20 +195,13 @@ impl PreAuth {
         self.send(format!("{tag} BAD {text}\r\n"));
         self.bad_commands += 1;
         if self.bad_commands >= MAX_BAD_COMMANDS {
-            self.close_with(
-                "* BYE Too many invalid commands.\r\n".into(),
-                CloseReason::TooManyBadCommands,
-            );
+            self.close_with("* BYE Too many invalid commands.\r\n".into(), CloseReason::TooManyBadCommands);
         }
     }
 
     fn login(&mut self, tag: Tag, credentials: Credentials, mechanism: Mechanism) {
         self.state = State::AwaitingLogin;
-        self.actions.push_back(Action::Login(LoginRequest {
-            tag,
-            credentials,
-            mechanism,
-        }));
+        self.actions.push_back(Action::Login(LoginRequest { tag, credentials, mechanism }));
     }
 
     fn command(&mut self, frame: &super::framing::Frame) {
@@ -236,10 +217,9 @@ impl PreAuth {
         };
         let tag = command.tag;
         match command.body {
-            CommandBody::Capability => self.send(format!(
-                "* CAPABILITY {CAPABILITIES}\r\n{} OK Capability completed.\r\n",
-                tag.as_str()
-            )),
+            CommandBody::Capability => {
+                self.send(format!("* CAPABILITY {CAPABILITIES}\r\n{} OK Capability completed.\r\n", tag.as_str()))
+            }
             CommandBody::Noop => self.send(format!("{} OK NOOP completed.\r\n", tag.as_str())),
             CommandBody::Logout => self.close_with(
                 format!("* BYE Logging out.\r\n{} OK Logout completed.\r\n", tag.as_str()),
@@ -252,10 +232,9 @@ impl PreAuth {
             CommandBody::StartTls => self.bad(Some(&tag), "TLS is already active."),
             CommandBody::NotAllowed(_) => self.bad(Some(&tag), "Command not permitted before authentication."),
             CommandBody::Login(credentials) => self.login(tag, credentials, Mechanism::Login),
-            CommandBody::Authenticate {
-                mechanism,
-                initial_response,
-            } => self.authenticate(tag, &mechanism, initial_response),
+            CommandBody::Authenticate { mechanism, initial_response } => {
+                self.authenticate(tag, &mechanism, initial_response)
+            }
         }
     }
 
@@ -330,10 +309,7 @@ impl PreAuth {
         }
         let text = match (&error, tag) {
             (FramingError::LiteralTooBig { .. }, Some(tag)) => {
-                format!(
-                    "{} BAD [TOOBIG] Literal too big.\r\n* BYE Literal too big.\r\n",
-                    tag.as_str()
-                )
+                format!("{} BAD [TOOBIG] Literal too big.\r\n* BYE Literal too big.\r\n", tag.as_str())
             }
             (FramingError::LiteralTooBig { .. }, None) => "* BYE [TOOBIG] Literal too big.\r\n".into(),
             (FramingError::LineTooLong { .. }, _) => "* BYE [TOOBIG] Line too long.\r\n".into(),
@@ -384,10 +360,7 @@ mod tests {
             run(&mut m, b"a CAPABILITY\r\nb NOOP\r\n"),
             format!("* CAPABILITY {CAPABILITIES}\r\na OK Capability completed.\r\nb OK NOOP completed.\r\n")
         );
-        assert_eq!(
-            run(&mut m, b"c ID (\"name\" \"mutt\")\r\n"),
-            "* ID NIL\r\nc OK ID completed.\r\n"
-        );
+        assert_eq!(run(&mut m, b"c ID (\"name\" \"mutt\")\r\n"), "* ID NIL\r\nc OK ID completed.\r\n");
         assert_eq!(m.client_id(), &vec![("name".to_owned(), Some("mutt".to_owned()))]);
         assert_eq!(
             run(&mut m, b"d LOGOUT\r\ne NOOP\r\n"),
@@ -398,51 +371,30 @@ mod tests {
     #[test]
     fn login_then_failure_then_success_with_pipelining() {
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a LOGIN alice wrong\r\nb NOOP\r\n"),
-            "[login a LOGIN-command alice:wrong]"
-        );
+        assert_eq!(run(&mut m, b"a LOGIN alice wrong\r\nb NOOP\r\n"), "[login a LOGIN-command alice:wrong]");
         assert!(!m.wants_input());
         m.login_failed(&Tag::parse(b"a").unwrap(), Rejection::AUTHENTICATION_FAILED);
-        assert_eq!(
-            run(&mut m, b""),
-            "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed.\r\n"
-        );
+        assert_eq!(run(&mut m, b""), "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed.\r\n");
         assert_eq!(run(&mut m, b"c LOGIN {5}\r\n"), "+ Ready for literal data.\r\n");
-        assert_eq!(
-            run(&mut m, b"alice right\r\nd SELECT INBOX\r\ne NO"),
-            "[login c LOGIN-command alice:right]"
-        );
+        assert_eq!(run(&mut m, b"alice right\r\nd SELECT INBOX\r\ne NO"), "[login c LOGIN-command alice:right]");
         assert_eq!(m.into_pipelined(), b"d SELECT INBOX\r\ne NO");
     }
 
     #[test]
     fn authenticate_plain_with_and_without_initial_response() {
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
-            "[login a PLAIN alice:secret]"
-        );
+        assert_eq!(run(&mut m, b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"), "[login a PLAIN alice:secret]");
         let mut m = PreAuth::new();
         assert_eq!(run(&mut m, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
         assert_eq!(run(&mut m, b"AGFsaWNlAHNlY3JldA==\r\n"), "[login a PLAIN alice:secret]");
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a AUTHENTICATE PLAIN\r\n*\r\n"),
-            "+ \r\na BAD Authentication cancelled.\r\n"
-        );
+        assert_eq!(run(&mut m, b"a AUTHENTICATE PLAIN\r\n*\r\n"), "+ \r\na BAD Authentication cancelled.\r\n");
         assert_eq!(
             run(&mut m, b"b AUTHENTICATE PLAIN dXNlcgBhbGljZQBwdw==\r\n"),
             "b NO [AUTHORIZATIONFAILED] Authorization identity must match the user.\r\n"
         );
-        assert_eq!(
-            run(&mut m, b"c AUTHENTICATE PLAIN AHU=\r\n"),
-            "c BAD Malformed SASL response.\r\n"
-        );
-        assert_eq!(
-            run(&mut m, b"d AUTHENTICATE CRAM-MD5\r\n"),
-            "d NO Unsupported authentication mechanism.\r\n"
-        );
+        assert_eq!(run(&mut m, b"c AUTHENTICATE PLAIN AHU=\r\n"), "c BAD Malformed SASL response.\r\n");
+        assert_eq!(run(&mut m, b"d AUTHENTICATE CRAM-MD5\r\n"), "d NO Unsupported authentication mechanism.\r\n");
     }
 
     #[test]
@@ -476,10 +428,7 @@ mod tests {
     #[test]
     fn oversized_literals() {
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, b"a LOGIN {100000}\r\n"),
-            "a BAD [TOOBIG] Literal too big.\r\n"
-        );
+        assert_eq!(run(&mut m, b"a LOGIN {100000}\r\n"), "a BAD [TOOBIG] Literal too big.\r\n");
         assert_eq!(run(&mut m, b"b NOOP\r\n"), "b OK NOOP completed.\r\n");
         let mut m = PreAuth::new();
         assert_eq!(
@@ -487,19 +436,13 @@ mod tests {
             "a BAD [TOOBIG] Literal too big.\r\n* BYE Literal too big.\r\n[close Framing]"
         );
         let mut m = PreAuth::new();
-        assert_eq!(
-            run(&mut m, &[b'x'; 9000]),
-            "* BYE [TOOBIG] Line too long.\r\n[close Framing]"
-        );
+        assert_eq!(run(&mut m, &[b'x'; 9000]), "* BYE [TOOBIG] Line too long.\r\n[close Framing]");
     }
 
     #[test]
     fn idle_timeout_says_bye() {
         let mut m = PreAuth::new();
         m.idle_timeout();
-        assert_eq!(
-            run(&mut m, b"a NOOP\r\n"),
-            "* BYE Disconnected for inactivity.\r\n[close IdleTimeout]"
-        );
+        assert_eq!(run(&mut m, b"a NOOP\r\n"), "* BYE Disconnected for inactivity.\r\n[close IdleTimeout]");
     }
 }

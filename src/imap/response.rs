@@ -20,12 +20,7 @@ pub enum Status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// `* OK/NO/BAD/PREAUTH/BYE [code] text` or `tag OK/NO/BAD [code] text`.
-    Status {
-        tag: Option<String>,
-        status: Status,
-        code: Option<String>,
-        text: String,
-    },
+    Status { tag: Option<String>, status: Status, code: Option<String>, text: String },
     /// `* CAPABILITY ...`
     Capability(Vec<String>),
     /// `+ ...`
@@ -42,11 +37,7 @@ impl Response {
         let text = String::from_utf8_lossy(line);
         let mut words = text.splitn(3, ' ');
         let (Some(tag), Some(second)) = (words.next(), words.next()) else {
-            return if text == "+" {
-                Response::Continuation
-            } else {
-                Response::Malformed
-            };
+            return if text == "+" { Response::Continuation } else { Response::Malformed };
         };
         let rest = words.next().unwrap_or("");
         if tag == "+" {
@@ -67,12 +58,7 @@ impl Response {
             None => (None, rest.to_owned()),
         };
         let tag = (tag != "*").then(|| tag.to_owned());
-        Response::Status {
-            tag,
-            status,
-            code,
-            text,
-        }
+        Response::Status { tag, status, code, text }
     }
 }
 
@@ -100,12 +86,7 @@ pub fn has_capability(capabilities: &[String], name: &str) -> bool {
 /// Text safe to show in a log line: control characters and non-ASCII escaped, bounded length.
 pub fn loggable(bytes: &[u8]) -> String {
     const MAX: usize = 200;
-    let mut out: String = bytes
-        .iter()
-        .take(MAX)
-        .flat_map(|&b| std::ascii::escape_default(b))
-        .map(char::from)
-        .collect();
+    let mut out: String = bytes.iter().take(MAX).flat_map(|&b| std::ascii::escape_default(b)).map(char::from).collect();
     if bytes.len() > MAX {
         out.push_str("...");
     }
@@ -136,10 +117,7 @@ pub fn encode_string(value: &[u8], non_sync: bool) -> Encoded {
         Encoded::Quoted(out)
     } else {
         let plus = if non_sync { "+" } else { "" };
-        Encoded::Literal {
-            header: format!("{{{}{plus}}}", value.len()).into_bytes(),
-            data: value.to_vec(),
-        }
+        Encoded::Literal { header: format!("{{{}{plus}}}", value.len()).into_bytes(), data: value.to_vec() }
     }
 }
 
@@ -192,9 +170,7 @@ mod tests {
     use crate::imap::framing::Fragment;
 
     fn parse(line: &str) -> Response {
-        Response::parse(&Frame {
-            fragments: vec![Fragment::Line(line.as_bytes().to_vec())],
-        })
+        Response::parse(&Frame { fragments: vec![Fragment::Line(line.as_bytes().to_vec())] })
     }
 
     #[test]
@@ -208,13 +184,7 @@ mod tests {
                 text: "Dovecot ready.".into()
             }
         );
-        assert!(matches!(
-            parse("* PREAUTH hi"),
-            Response::Status {
-                status: Status::PreAuth,
-                ..
-            }
-        ));
+        assert!(matches!(parse("* PREAUTH hi"), Response::Status { status: Status::PreAuth, .. }));
         assert!(matches!(parse("S BAD nope"), Response::Status { tag: Some(t), status: Status::Bad, .. } if t == "S"));
         assert!(
             matches!(parse("L no [REFERRAL imap://x/] go"), Response::Status { status: Status::No, code: Some(c), .. } if c.starts_with("REFERRAL"))
@@ -232,19 +202,11 @@ mod tests {
 
     #[test]
     fn capability_codes() {
-        assert_eq!(
-            code_capabilities(Some("CAPABILITY A B")),
-            Some(vec!["A".into(), "B".into()])
-        );
+        assert_eq!(code_capabilities(Some("CAPABILITY A B")), Some(vec!["A".into(), "B".into()]));
         assert_eq!(code_capabilities(Some("ALERT")), None);
         assert_eq!(code_name(Some("referral imap://x")).as_deref(), Some("REFERRAL"));
         assert_eq!(
-            client_capabilities(&[
-                "IMAP4rev1".into(),
-                "COMPRESS=DEFLATE".into(),
-                "IDLE".into(),
-                "STARTTLS".into()
-            ]),
+            client_capabilities(&["IMAP4rev1".into(), "COMPRESS=DEFLATE".into(), "IDLE".into(), "STARTTLS".into()]),
             "IMAP4rev1 IDLE"
         );
     }

@@ -57,10 +57,7 @@ pub fn parse_plain(message: &[u8]) -> Result<Credentials, SaslError> {
     if !authzid.is_empty() && authzid != authcid {
         return Err(SaslError::AuthzidMismatch);
     }
-    Ok(Credentials {
-        username: Username::parse(authcid)?,
-        password: credentials::password(passwd.to_vec())?,
-    })
+    Ok(Credentials { username: Username::parse(authcid)?, password: credentials::password(passwd.to_vec())? })
 }
 
 /// The PLAIN initial response for a backend login, base64. The password passes through one `Secret`.
@@ -96,30 +93,17 @@ mod tests {
         assert_eq!(parse_plain(b"\0\0pw").unwrap_err(), SaslError::MalformedPlain);
         assert_eq!(parse_plain(b"\0a\0p\0w").unwrap_err(), SaslError::MalformedPlain);
         assert_eq!(parse_plain(b"alice pw").unwrap_err(), SaslError::MalformedPlain);
-        assert_eq!(
-            parse_plain(b"\0alice\0").unwrap_err(),
-            SaslError::Credentials(CredentialsError::EmptyPassword)
-        );
+        assert_eq!(parse_plain(b"\0alice\0").unwrap_err(), SaslError::Credentials(CredentialsError::EmptyPassword));
     }
 
     #[test]
     fn strict_base64() {
         assert_eq!(decode_response(b"=").unwrap(), b"");
         assert_eq!(decode_response(b"*").unwrap_err(), SaslError::Cancelled);
-        for bad in [
-            &b"AHRpbQ"[..],
-            b"AHRp bQ==",
-            b"AHRpbQ=",
-            b"AHRpbR==",
-            b"!!!!",
-            b"AHRpbQ==\r",
-        ] {
+        for bad in [&b"AHRpbQ"[..], b"AHRp bQ==", b"AHRpbQ=", b"AHRpbR==", b"!!!!", b"AHRpbQ==\r"] {
             assert_eq!(decode_response(bad).unwrap_err(), SaslError::InvalidBase64, "{bad:?}");
         }
-        assert_eq!(
-            decode_response(&vec![b'A'; MAX_RESPONSE + 4]).unwrap_err(),
-            SaslError::InvalidBase64
-        );
+        assert_eq!(decode_response(&vec![b'A'; MAX_RESPONSE + 4]).unwrap_err(), SaslError::InvalidBase64);
     }
 
     #[test]

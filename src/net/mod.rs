@@ -18,6 +18,7 @@ pub struct Shared {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<crate::security::Defence>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// The proxy's life cycle as sessions see it.

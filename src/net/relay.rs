@@ -3,8 +3,9 @@
 //! Each direction reads into a small inline buffer while idle or interactive, and into a 16 KiB heap buffer
 //! once a read fills the small one (a bulk transfer); the heap buffer is freed as soon as the peer goes
 //! quiet, so an idle session costs little memory and a NOOP costs no allocation.
-//! A direction that reaches end-of-stream shuts down the other side's write half (half-close), and the
-//! relay ends when both directions have, on an I/O error, or when nothing moved for the idle timeout.
+//! A direction that reaches end-of-stream shuts down the other side's write half (half-close). The relay
+//! ends when the backend has closed and its last bytes reached the client, on an I/O error, or when
+//! nothing moved for the idle timeout.
 
 use std::future::poll_fn;
 use std::io;
@@ -16,7 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::imap::inspect::CommandGuard;
+use crate::imap::inspect::{Completed, Observer};
+use crate::telemetry::metrics::Metrics;
 
 const IDLE_BUFFER: usize = 512;
 const BURST_BUFFER: usize = 16 * 1024;
@@ -39,6 +41,8 @@ pub enum RelayEnd {
 pub struct RelayOutcome {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// Commands the client sent after login (as far as the observer could tell).
+    pub commands: u64,
     pub end: RelayEnd,
 }
 
@@ -53,14 +57,11 @@ struct Direction {
     need_flush: bool,
     finished: bool,
     bytes: u64,
-    /// Client-to-backend only: neutralises STARTTLS and COMPRESS in the command stream.
-    guard: Option<CommandGuard>,
 }
 
 impl Direction {
-    fn new(guard: Option<CommandGuard>) -> Self {
+    fn new() -> Self {
         Self {
-            guard,
             idle: [0; IDLE_BUFFER],
             burst: None,
             in_burst: false,
@@ -81,7 +82,14 @@ impl Direction {
     }
 
     /// Copies until the reader is exhausted (then shuts the writer down) or would block.
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W, moved: &mut bool) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        moved: &mut bool,
+        inspect: &mut dyn FnMut(&mut [u8]),
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -124,9 +132,7 @@ impl Direction {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    if let Some(guard) = self.guard.as_mut() {
-                        guard.scan(read_buf.filled_mut());
-                    }
+                    inspect(read_buf.filled_mut());
                     let n = read_buf.filled().len();
                     if n == 0 {
                         self.read_done = true;
@@ -147,32 +153,46 @@ impl Direction {
 }
 
 /// Relays between `client` and `backend` until both close, an error, the idle timeout, or `stop` resolves.
+/// The observer sees both directions (and neutralises STARTTLS/COMPRESS); finished commands, bytes and
+/// the observer's health go to `metrics` as they happen.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
     idle_timeout: Duration,
-    guard: CommandGuard,
+    mut observer: Observer,
+    metrics: &Metrics,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction::new(Some(guard));
-    let mut down = Direction::new(None);
+    let mut up = Direction::new();
+    let mut down = Direction::new();
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved; shared with the copy closure.
     let last_activity = AtomicU64::new(0);
+    let up_bytes = metrics.bytes.with_label_values(&["client_to_backend"]);
+    let down_bytes = metrics.bytes.with_label_values(&["backend_to_client"]);
     let mut copy = poll_fn(|cx| {
         let mut moved = false;
-        let up_state = up.poll_copy(cx, client, backend, &mut moved);
-        let down_state = down.poll_copy(cx, backend, client, &mut moved);
+        let now = std::time::Instant::now();
+        let (up_before, down_before) = (up.bytes, down.bytes);
+        let up_state = up.poll_copy(cx, client, backend, &mut moved, &mut |b| observer.client(b, now));
+        let down_state = down.poll_copy(cx, backend, client, &mut moved, &mut |b| observer.server(b, now));
         if moved {
             last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            up_bytes.inc_by(up.bytes - up_before);
+            down_bytes.inc_by(down.bytes - down_before);
+            for completed in observer.drain() {
+                record(metrics, completed);
+            }
         }
         match (up_state, down_state) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            // Once the backend has closed (and what it sent has reached the client), the session is
+            // over: nothing the client still sends would be answered.
+            (_, Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
         }
     });
@@ -194,10 +214,22 @@ where
         }
     };
     drop(copy);
-    RelayOutcome {
-        client_to_backend: up.bytes,
-        backend_to_client: down.bytes,
-        end,
+    for completed in observer.finish(std::time::Instant::now()) {
+        record(metrics, completed);
+    }
+    if observer.desynced() {
+        metrics.observer_desync.inc();
+    }
+    RelayOutcome { client_to_backend: up.bytes, backend_to_client: down.bytes, commands: observer.commands(), end }
+}
+
+fn record(metrics: &Metrics, completed: Completed) {
+    metrics.commands.with_label_values(&[completed.command, completed.status.as_str()]).inc();
+    let seconds = completed.elapsed.as_secs_f64();
+    if completed.command == "IDLE" {
+        metrics.idle_seconds.observe(seconds);
+    } else {
+        metrics.command_seconds.with_label_values(&[completed.command]).observe(seconds);
     }
 }
 
@@ -215,7 +247,8 @@ mod tests {
                 &mut client_near,
                 &mut backend_near,
                 Duration::from_secs(5),
-                CommandGuard::new(),
+                Observer::new(),
+                &Metrics::new(&[]),
                 std::future::pending(),
             )
             .await
@@ -249,7 +282,8 @@ mod tests {
             &mut client_near,
             &mut backend_near,
             Duration::from_secs(1860),
-            CommandGuard::new(),
+            Observer::new(),
+            &Metrics::new(&[]),
             std::future::pending(),
         )
         .await;

@@ -15,7 +15,7 @@ use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
 use crate::imap::command::Tag;
-use crate::imap::inspect::CommandGuard;
+use crate::imap::inspect::Observer;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
 use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
@@ -54,7 +54,7 @@ enum End {
     ClientError(std::io::Error),
     PreAuthClosed(CloseReason),
     Shutdown,
-    Relayed { up: u64, down: u64, end: RelayEnd },
+    Relayed { up: u64, down: u64, commands: u64, end: RelayEnd },
 }
 
 impl std::fmt::Display for End {
@@ -65,10 +65,10 @@ impl std::fmt::Display for End {
             End::ClientError(e) => write!(f, "client I/O error before login: {e}"),
             End::PreAuthClosed(reason) => write!(f, "closed before login: {reason:?}"),
             End::Shutdown => f.write_str("proxy shutting down"),
-            End::Relayed { up, down, end } => {
+            End::Relayed { up, down, commands, end } => {
                 write!(
                     f,
-                    "relay ended ({end:?}); client->backend {up} bytes, backend->client {down} bytes"
+                    "relay ended ({end:?}); {commands} commands, client->backend {up} bytes, backend->client {down} bytes"
                 )
             }
         }
@@ -86,18 +86,30 @@ async fn serve(
     let _ = tcp.set_nodelay(true);
     // Futures and streams that are large are boxed: a task's allocation is the size of its largest state,
     // and what only the handshake or the login needs should not stay in every relayed session.
-    let handshake = Box::pin(timeout(
-        shared.config.server.handshake_timeout,
-        shared.acceptor.accept(tcp),
-    ))
-    .await;
+    let metrics = &shared.metrics;
+    let started = Instant::now();
+    let handshake = Box::pin(timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp))).await;
     let mut client = match handshake {
-        Err(_) => return End::HandshakeFailed("timed out".into()),
-        Ok(Err(e)) => return End::HandshakeFailed(e.to_string()),
+        Err(_) => {
+            metrics.tls_failures.with_label_values(&["timeout"]).inc();
+            return End::HandshakeFailed("timed out".into());
+        }
+        Ok(Err(e)) => {
+            metrics.tls_failures.with_label_values(&[tls_failure_reason(&e)]).inc();
+            return End::HandshakeFailed(e.to_string());
+        }
         Ok(Ok(stream)) => Box::new(stream),
     };
+    metrics.tls_handshake_seconds.observe(started.elapsed().as_secs_f64());
     {
         let (_, conn) = client.get_ref();
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "other",
+        };
+        let sni = if conn.server_name().is_some() { "yes" } else { "no" };
+        metrics.tls_sessions.with_label_values(&[version, sni]).inc();
         tracing::debug!(
             version = ?conn.protocol_version(),
             cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
@@ -119,6 +131,8 @@ struct LoggedIn {
     upstream: Upstream,
     /// Bytes the client sent behind its login command.
     pipelined: Vec<u8>,
+    /// The backend's name, for metrics.
+    backend: String,
 }
 
 /// The pre-auth conversation until a login succeeds or the connection ends. Its buffers live on the heap
@@ -145,17 +159,14 @@ async fn pre_auth(
                 Action::Login(request) => {
                     let user = &request.credentials.username;
                     let attempt = tracing::info_span!("login", user = %user, mechanism = request.mechanism.as_str());
-                    let permit = match shared
-                        .defence
-                        .begin_login(peer.ip(), user)
-                        .instrument(attempt.clone())
-                        .await
-                    {
+                    let permit = match shared.defence.begin_login(peer.ip(), user).instrument(attempt.clone()).await {
                         Ok(permit) => permit,
                         Err(refusal) => {
                             // Logged by the defence; no backend is contacted. The answer waits as long as
                             // the longest tarpit step, so a refused attacker cannot spin.
                             let delay = shared.defence.refusal_delay(refusal);
+                            auth_result(shared, &request, refusal.reason());
+                            shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
                             tokio::select! {
                                 () = tokio::time::sleep(delay) => {}
                                 () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
@@ -164,20 +175,14 @@ async fn pre_auth(
                             continue;
                         }
                     };
-                    match login(shared, &request, &machine, peer, local, id)
-                        .instrument(attempt.clone())
-                        .await
-                    {
-                        Ok(upstream) => {
+                    match login(shared, &request, &machine, peer, local, id).instrument(attempt.clone()).await {
+                        Ok((upstream, backend)) => {
                             // The session's user, recorded once: only a successful login names it.
                             tracing::Span::current().record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
+                            auth_result(shared, &request, "success");
                             let pipelined = machine.into_pipelined();
-                            return Ok(LoggedIn {
-                                tag: request.tag,
-                                upstream,
-                                pipelined,
-                            });
+                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend });
                         }
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
@@ -187,7 +192,13 @@ async fn pre_auth(
                                     .is_auth_failure()
                                     .then(|| shared.defence.login_failed(permit, user, &request.credentials.password))
                             });
+                            let result = match failure.kind {
+                                Kind::AuthFailed | Kind::NoRoute => "bad_credentials",
+                                _ => "backend_error",
+                            };
+                            auth_result(shared, &request, result);
                             if let Some(delay) = tarpit {
+                                shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
                                 tokio::select! {
                                     () = tokio::time::sleep(delay) => {}
                                     () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
@@ -227,7 +238,7 @@ async fn login(
     peer: SocketAddr,
     local: SocketAddr,
     id: &str,
-) -> Result<Upstream, Failure> {
+) -> Result<(Upstream, String), Failure> {
     let user = &request.credentials.username;
     let backend = shared.router.route(user).ok_or_else(|| Failure {
         side: Side::Proxy,
@@ -235,7 +246,8 @@ async fn login(
         detail: "no route and no default backend".into(),
     })?;
     let config = &shared.config;
-    upstream::login(LoginContext {
+    let started = Instant::now();
+    let result = upstream::login(LoginContext {
         backend,
         mode: config.backend_tls.mode,
         tls: &shared.backend_tls,
@@ -252,14 +264,49 @@ async fn login(
         ],
         client_id: machine.client_id(),
     })
-    .await
-    .inspect(|_| {
-        tracing::info!(user = %user, backend = %backend.name, mechanism = request.mechanism.as_str(), "login");
-    })
-    .map_err(|f| Failure {
-        detail: format!("{} (backend {})", f.detail, backend.name),
-        ..f
-    })
+    .await;
+    let metrics = &shared.metrics;
+    let name = backend.name.as_str();
+    metrics.backend_connect_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(upstream) => {
+            metrics.backend_up.with_label_values(&[name]).set(1);
+            tracing::info!(user = %user, backend = name, mechanism = request.mechanism.as_str(), "login");
+            Ok((upstream, backend.name.clone()))
+        }
+        Err(failure) => {
+            if failure.side == Side::Backend {
+                metrics.backend_errors.with_label_values(&[name, failure.kind.as_str()]).inc();
+                if matches!(failure.kind, Kind::Connect | Kind::Timeout | Kind::Tls) {
+                    metrics.backend_up.with_label_values(&[name]).set(0);
+                }
+            } else {
+                metrics.backend_up.with_label_values(&[name]).set(1);
+            }
+            Err(Failure { detail: format!("{} (backend {name})", failure.detail), ..failure })
+        }
+    }
+}
+
+/// Counts a login attempt by mechanism and result.
+fn auth_result(shared: &Shared, request: &LoginRequest, result: &str) {
+    shared.metrics.auth_attempts.with_label_values(&[request.mechanism.as_str(), result]).inc();
+}
+
+/// A bounded label for a failed client handshake.
+fn tls_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::Error as Tls;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Tls>()) {
+        Some(Tls::NoApplicationProtocol) => "alpn",
+        Some(Tls::PeerIncompatible(_)) => "incompatible",
+        Some(Tls::AlertReceived(_)) => "alert_received",
+        Some(Tls::InvalidMessage(_) | Tls::InappropriateMessage { .. } | Tls::InappropriateHandshakeMessage { .. }) => {
+            "protocol"
+        }
+        Some(_) => "tls_error",
+        None if matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset) => "closed",
+        None => "io",
+    }
 }
 
 fn log_failure(request: &LoginRequest, failure: &Failure) {
@@ -281,25 +328,17 @@ async fn relay_session(
     logged_in: LoggedIn,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
-    let LoggedIn {
-        tag,
-        upstream,
-        mut pipelined,
-    } = logged_in;
-    // Commands pipelined behind the login are the first the guard sees.
-    let mut guard = CommandGuard::new();
-    guard.scan(&mut pipelined);
-    let Upstream {
-        stream: mut backend,
-        pending,
-        capabilities,
-    } = upstream;
-    let mut opening = format!(
-        "{} OK [CAPABILITY {}] Logged in\r\n",
-        tag.as_str(),
-        response::client_capabilities(&capabilities)
-    )
-    .into_bytes();
+    let LoggedIn { tag, upstream, mut pipelined, backend: backend_name } = logged_in;
+    let Upstream { stream: mut backend, pending, capabilities } = upstream;
+    // Commands pipelined behind the login, and what the backend sent behind its reply, are the first the
+    // observer sees.
+    let mut observer = Observer::new();
+    let now = std::time::Instant::now();
+    observer.client(&mut pipelined, now);
+    observer.server(&pending, now);
+    let mut opening =
+        format!("{} OK [CAPABILITY {}] Logged in\r\n", tag.as_str(), response::client_capabilities(&capabilities))
+            .into_bytes();
     drop(capabilities);
     opening.extend_from_slice(&pending);
     let (early_up, early_down) = (pipelined.len() as u64, pending.len() as u64);
@@ -310,31 +349,30 @@ async fn relay_session(
     drop(opening);
     if !pipelined.is_empty() {
         if let Err(e) = write(&mut backend, &pipelined).await {
-            return End::Relayed {
-                up: 0,
-                down: early_down,
-                end: RelayEnd::Error(e),
-            };
+            return End::Relayed { up: 0, down: early_down, commands: 0, end: RelayEnd::Error(e) };
         }
     }
     drop(pipelined);
     let stop = async move {
         crate::net::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
     };
-    let outcome = relay::relay(
-        &mut client,
-        &mut backend,
-        shared.config.server.relay_idle_timeout,
-        guard,
-        stop,
-    )
-    .await;
+    let metrics = &shared.metrics;
+    let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);
+    sessions.inc();
+    let started = Instant::now();
+    let idle = shared.config.server.relay_idle_timeout;
+    let outcome = relay::relay(&mut client, &mut backend, idle, observer, metrics, stop).await;
+    sessions.dec();
+    metrics.session_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.bytes.with_label_values(&["client_to_backend"]).inc_by(early_up);
+    metrics.bytes.with_label_values(&["backend_to_client"]).inc_by(early_down);
     if matches!(outcome.end, RelayEnd::Shutdown | RelayEnd::IdleTimeout) {
         let _ = write(&mut client, b"* BYE Connection closed by proxy.\r\n").await;
     }
     End::Relayed {
         up: outcome.client_to_backend + early_up,
         down: outcome.backend_to_client + early_down,
+        commands: outcome.commands,
         end: outcome.end,
     }
 }

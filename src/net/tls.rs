@@ -14,11 +14,7 @@ pub const ALPN_IMAP: &[u8] = b"imap";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
     #[error("{key}: cannot read {path}: {source}")]
-    Pem {
-        key: &'static str,
-        path: PathBuf,
-        source: rustls::pki_types::pem::Error,
-    },
+    Pem { key: &'static str, path: PathBuf, source: rustls::pki_types::pem::Error },
     #[error("{key}: {path} holds no certificate")]
     NoCertificate { key: &'static str, path: PathBuf },
     #[error("{key}: {source}")]
@@ -40,20 +36,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let pem = |source| TlsConfigError::Pem {
-        key,
-        path: path.to_owned(),
-        source,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(pem)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(pem)?;
+    let pem = |source| TlsConfigError::Pem { key, path: path.to_owned(), source };
+    let certs = CertificateDer::pem_file_iter(path).map_err(pem)?.collect::<Result<Vec<_>, _>>().map_err(pem)?;
     if certs.is_empty() {
-        return Err(TlsConfigError::NoCertificate {
-            key,
-            path: path.to_owned(),
-        });
+        return Err(TlsConfigError::NoCertificate { key, path: path.to_owned() });
     }
     Ok(certs)
 }
@@ -83,10 +69,7 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigEr
     match ca {
         Some(path) => {
             for cert in certificates("backend_tls.ca", path)? {
-                roots.add(cert).map_err(|source| TlsConfigError::Rustls {
-                    key: "backend_tls.ca",
-                    source,
-                })?;
+                roots.add(cert).map_err(|source| TlsConfigError::Rustls { key: "backend_tls.ca", source })?;
             }
         }
         None => {
@@ -99,10 +82,7 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigEr
     }
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
-        .map_err(|source| TlsConfigError::Rustls {
-            key: "backend_tls",
-            source,
-        })?
+        .map_err(|source| TlsConfigError::Rustls { key: "backend_tls", source })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

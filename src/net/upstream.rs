@@ -92,17 +92,9 @@ pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
     let tcp = timeout(ctx.connect_timeout, TcpStream::connect(target))
         .await
         .map_err(|_| {
-            Failure::backend(
-                Kind::Timeout,
-                format!("connect to {}:{} timed out", backend.host, backend.port),
-            )
+            Failure::backend(Kind::Timeout, format!("connect to {}:{} timed out", backend.host, backend.port))
         })?
-        .map_err(|e| {
-            Failure::backend(
-                Kind::Connect,
-                format!("connect to {}:{}: {e}", backend.host, backend.port),
-            )
-        })?;
+        .map_err(|e| Failure::backend(Kind::Connect, format!("connect to {}:{}: {e}", backend.host, backend.port)))?;
     // Latency matters more than packet count for an interactive protocol.
     let _ = tcp.set_nodelay(true);
     timeout(ctx.login_timeout, sequence(tcp, &ctx))
@@ -128,22 +120,13 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
             if capabilities.is_none() {
                 capabilities = Some(plain.capability().await?);
             }
-            if !capabilities
-                .as_deref()
-                .is_some_and(|c| response::has_capability(c, "STARTTLS"))
-            {
+            if !capabilities.as_deref().is_some_and(|c| response::has_capability(c, "STARTTLS")) {
                 return Err(Failure::backend(Kind::Starttls, "backend does not advertise STARTTLS"));
             }
             plain.send(b"S STARTTLS\r\n").await?;
-            let reply = plain.tagged("S", &mut None).await.map_err(|f| Failure {
-                kind: Kind::Starttls,
-                ..f
-            })?;
+            let reply = plain.tagged("S", &mut None).await.map_err(|f| Failure { kind: Kind::Starttls, ..f })?;
             if reply.status != Status::Ok {
-                return Err(Failure::backend(
-                    Kind::Starttls,
-                    format!("STARTTLS refused: {}", reply.describe()),
-                ));
+                return Err(Failure::backend(Kind::Starttls, format!("STARTTLS refused: {}", reply.describe())));
             }
             if plain.framer.buffered() > 0 {
                 return Err(Failure::backend(
@@ -169,32 +152,21 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
     }
 
     let mut collected = None;
-    let reply = conn
-        .authenticate(&capabilities, ctx.credentials, &mut collected)
-        .await?;
+    let reply = conn.authenticate(&capabilities, ctx.credentials, &mut collected).await?;
     match reply.status {
         Status::Ok => {}
         Status::No => {
             let code = response::code_name(reply.code.as_deref());
-            let temporary = matches!(
-                code.as_deref(),
-                Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" | "CONTACTADMIN")
-            );
+            let temporary =
+                matches!(code.as_deref(), Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" | "CONTACTADMIN"));
             return Err(if temporary {
                 Failure::backend(Kind::TempFail, format!("login refused: {}", reply.describe()))
             } else {
-                Failure {
-                    side: Side::Client,
-                    kind: Kind::AuthFailed,
-                    detail: reply.describe(),
-                }
+                Failure { side: Side::Client, kind: Kind::AuthFailed, detail: reply.describe() }
             });
         }
         _ => {
-            return Err(Failure::backend(
-                Kind::Protocol,
-                format!("login answered {}", reply.describe()),
-            ));
+            return Err(Failure::backend(Kind::Protocol, format!("login answered {}", reply.describe())));
         }
     }
     let capabilities = match response::code_capabilities(reply.code.as_deref()).or(collected) {
@@ -202,11 +174,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
         None => conn.capability().await?,
     };
     let pending = conn.framer.take_unprocessed();
-    Ok(Upstream {
-        stream: conn.stream,
-        pending,
-        capabilities,
-    })
+    Ok(Upstream { stream: conn.stream, pending, capabilities })
 }
 
 async fn handshake(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<TlsStream<TcpStream>, Failure> {
@@ -255,10 +223,7 @@ struct Conn {
 
 impl Conn {
     fn new(stream: BackendStream) -> Self {
-        Self {
-            stream,
-            framer: Framer::new(Limits::BACKEND_LOGIN),
-        }
+        Self { stream, framer: Framer::new(Limits::BACKEND_LOGIN) }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), Failure> {
@@ -298,26 +263,14 @@ impl Conn {
     /// Reads the greeting; returns the capabilities it carried.
     async fn greeting(&mut self) -> Result<Option<Vec<String>>, Failure> {
         match self.response().await? {
-            Response::Status {
-                tag: None,
-                status: Status::Ok,
-                code,
-                ..
-            } => Ok(response::code_capabilities(code.as_deref())),
-            Response::Status {
-                tag: None,
-                status: Status::PreAuth,
-                text,
-                ..
-            } => Err(Failure::backend(
+            Response::Status { tag: None, status: Status::Ok, code, .. } => {
+                Ok(response::code_capabilities(code.as_deref()))
+            }
+            Response::Status { tag: None, status: Status::PreAuth, text, .. } => Err(Failure::backend(
                 Kind::Protocol,
                 format!("backend greeted with PREAUTH: {}", response::loggable(text.as_bytes())),
             )),
-            Response::Status {
-                status: Status::Bye,
-                text,
-                ..
-            } => Err(Failure::backend(
+            Response::Status { status: Status::Bye, text, .. } => Err(Failure::backend(
                 Kind::Protocol,
                 format!("backend greeted with BYE: {}", response::loggable(text.as_bytes())),
             )),
@@ -334,15 +287,9 @@ impl Conn {
     async fn capability_reply(&mut self) -> Result<Vec<String>, Failure> {
         let mut caps = None;
         let reply = self.tagged("C", &mut caps).await?;
-        match (
-            reply.status,
-            caps.or_else(|| response::code_capabilities(reply.code.as_deref())),
-        ) {
+        match (reply.status, caps.or_else(|| response::code_capabilities(reply.code.as_deref()))) {
             (Status::Ok, Some(caps)) => Ok(caps),
-            _ => Err(Failure::backend(
-                Kind::Protocol,
-                format!("CAPABILITY answered {}", reply.describe()),
-            )),
+            _ => Err(Failure::backend(Kind::Protocol, format!("CAPABILITY answered {}", reply.describe()))),
         }
     }
 
@@ -350,20 +297,10 @@ impl Conn {
     async fn tagged(&mut self, tag: &str, capabilities: &mut Option<Vec<String>>) -> Result<Reply, Failure> {
         loop {
             match self.response().await? {
-                Response::Status {
-                    tag: Some(t),
-                    status,
-                    code,
-                    text,
-                } if t == tag => {
+                Response::Status { tag: Some(t), status, code, text } if t == tag => {
                     return Ok(Reply { status, code, text });
                 }
-                Response::Status {
-                    tag: None,
-                    status: Status::Bye,
-                    text,
-                    ..
-                } => {
+                Response::Status { tag: None, status: Status::Bye, text, .. } => {
                     return Err(Failure::backend(
                         Kind::Protocol,
                         format!("backend said BYE: {}", response::loggable(text.as_bytes())),
@@ -376,10 +313,7 @@ impl Conn {
                     ));
                 }
                 Response::Continuation => {
-                    return Err(Failure::backend(
-                        Kind::Protocol,
-                        format!("unexpected continuation for {tag}"),
-                    ));
+                    return Err(Failure::backend(Kind::Protocol, format!("unexpected continuation for {tag}")));
                 }
                 Response::Capability(c) => *capabilities = Some(c),
                 Response::Status { tag: None, .. } | Response::Data | Response::Malformed => {}
@@ -392,24 +326,11 @@ impl Conn {
         loop {
             match self.response().await? {
                 Response::Continuation => return Ok(None),
-                Response::Status {
-                    tag: Some(t),
-                    status,
-                    code,
-                    text,
-                } if t == tag => {
+                Response::Status { tag: Some(t), status, code, text } if t == tag => {
                     return Ok(Some(Reply { status, code, text }));
                 }
-                Response::Status {
-                    tag: None,
-                    status: Status::Bye,
-                    ..
-                }
-                | Response::Status { tag: Some(_), .. } => {
-                    return Err(Failure::backend(
-                        Kind::Protocol,
-                        "unexpected reply while waiting for continuation",
-                    ));
+                Response::Status { tag: None, status: Status::Bye, .. } | Response::Status { tag: Some(_), .. } => {
+                    return Err(Failure::backend(Kind::Protocol, "unexpected reply while waiting for continuation"));
                 }
                 _ => {}
             }
@@ -440,18 +361,12 @@ impl Conn {
             return self.tagged("L", collected).await;
         }
         if response::has_capability(capabilities, "LOGINDISABLED") {
-            return Err(Failure::backend(
-                Kind::Protocol,
-                "backend offers neither AUTH=PLAIN nor LOGIN",
-            ));
+            return Err(Failure::backend(Kind::Protocol, "backend offers neither AUTH=PLAIN nor LOGIN"));
         }
         let non_sync = response::has_capability(capabilities, "LITERAL+");
         // Each piece is sent as it becomes allowed: a synchronising literal waits for its continuation.
         let mut pending = Secret::new(b"L LOGIN ".to_vec());
-        let values = [
-            credentials.username.as_str().as_bytes(),
-            credentials.password.expose().as_slice(),
-        ];
+        let values = [credentials.username.as_str().as_bytes(), credentials.password.expose().as_slice()];
         for (i, value) in values.into_iter().enumerate() {
             if i == 1 {
                 pending = Secret::new([pending.expose().as_slice(), b" "].concat());

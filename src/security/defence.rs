@@ -182,9 +182,7 @@ impl Drop for LoginPermit {
 fn quota(count: u32, per: Duration) -> Quota {
     let burst = NonZeroU32::new(count.max(1)).unwrap_or(NonZeroU32::MIN);
     let period = (per / burst.get()).max(Duration::from_nanos(1));
-    Quota::with_period(period)
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(burst)
+    Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
 }
 
 /// Case-folded, NFC form of a username, for per-account counting.
@@ -194,11 +192,8 @@ pub fn canonical_account(user: &Username) -> String {
 
 impl Defence {
     pub fn new(config: DefenceConfig) -> Arc<Defence> {
-        let policy = PrefixPolicy {
-            ipv4: config.ipv4_prefix,
-            ipv6: config.ipv6_prefix,
-            ipv6_wide: config.ipv6_wide_prefix,
-        };
+        let policy =
+            PrefixPolicy { ipv4: config.ipv4_prefix, ipv6: config.ipv6_prefix, ipv6_wide: config.ipv6_wide_prefix };
         let tables = Mutex::new(Self::fresh_tables(&config));
         let key_bytes: [u8; 32] = rand::random();
         Arc::new(Defence {
@@ -230,11 +225,7 @@ impl Defence {
     fn rate_limiter(per_minute: u32, burst: u32) -> Limiter {
         let per = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-        RateLimiter::new(
-            Quota::per_minute(per).allow_burst(burst),
-            DefaultKeyedStateStore::default(),
-            TokioClock,
-        )
+        RateLimiter::new(Quota::per_minute(per).allow_burst(burst), DefaultKeyedStateStore::default(), TokioClock)
     }
 
     fn lock(&self) -> MutexGuard<'_, Tables> {
@@ -256,10 +247,7 @@ impl Defence {
             return Err(self.refused(ip, Refusal::Denied, None));
         }
         if self.is_trusted(ip) {
-            return Ok(ConnectionGuard {
-                defence: Arc::clone(self),
-                key: None,
-            });
+            return Ok(ConnectionGuard { defence: Arc::clone(self), key: None });
         }
         let key = self.policy.key(ip);
         let now = Instant::now();
@@ -286,10 +274,7 @@ impl Defence {
             drop(tables);
             return Err(self.refused(ip, Refusal::ConnectionRate, None));
         }
-        Ok(ConnectionGuard {
-            defence: Arc::clone(self),
-            key: Some(key),
-        })
+        Ok(ConnectionGuard { defence: Arc::clone(self), key: Some(key) })
     }
 
     /// Before a login goes to a backend: refuses banned prefixes and blocked accounts, waits for one of the
@@ -321,14 +306,8 @@ impl Defence {
             state.pending += 1;
             state.last_seen = Some(now);
             // From here on, dropping the permit undoes `pending`.
-            let permit = LoginPermit {
-                defence: Arc::clone(self),
-                key,
-                wide,
-                trusted,
-                account: account.clone(),
-                _slot: None,
-            };
+            let permit =
+                LoginPermit { defence: Arc::clone(self), key, wide, trusted, account: account.clone(), _slot: None };
             let delay = match load.checked_sub(self.config.account_delay_after) {
                 Some(over) => self.tarpit(over + 1),
                 None => Duration::ZERO,
@@ -398,9 +377,7 @@ impl Defence {
         let mut duplicate = false;
         if let Some(state) = tables.account(&permit.account, max_tracked) {
             state.expire(now, self.config.account_reset);
-            state
-                .recent
-                .retain(|(_, at)| now.duration_since(*at) < self.config.window);
+            state.recent.retain(|(_, at)| now.duration_since(*at) < self.config.window);
             duplicate = state.recent.iter().any(|(fp, _)| *fp == fingerprint);
             if !duplicate {
                 state.consecutive += 1;
@@ -481,12 +458,8 @@ impl Defence {
                 tracing::info!(event = "unbanned", prefix = %key, "ban lifted");
             }
         }
-        tables
-            .bans
-            .retain(|_, ban| ban.active || now.duration_since(ban.last) < config.ban_max);
-        tables
-            .prefixes
-            .retain(|_, state| !state.idle(now, config.window, config.auth_in_flight));
+        tables.bans.retain(|_, ban| ban.active || now.duration_since(ban.last) < config.ban_max);
+        tables.prefixes.retain(|_, state| !state.idle(now, config.window, config.auth_in_flight));
         tables.accounts.retain(|_, state| {
             state.expire(now, config.account_reset);
             state.consecutive > 0 || state.pending > 0 || !state.known.is_empty()
@@ -499,11 +472,7 @@ impl Defence {
         let keys: usize = limiters.iter().map(|l| l.len()).sum();
         if keys > 2 * config.max_tracked {
             // A flood of distinct prefixes outgrew the limiters: start them afresh. Bans stay.
-            tracing::warn!(
-                event = "limiters_reset",
-                keys,
-                "rate limiter tables reset after a flood"
-            );
+            tracing::warn!(event = "limiters_reset", keys, "rate limiter tables reset after a flood");
             let fresh = Self::fresh_tables(config);
             tables.failure_budget = fresh.failure_budget;
             tables.wide_budget = fresh.wide_budget;
@@ -527,9 +496,7 @@ impl Defence {
     /// Whether the address's prefix is banned right now.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let mut tables = self.lock();
-        tables
-            .banned(self.policy.key(ip), self.policy.wide_key(ip), Instant::now())
-            .is_some()
+        tables.banned(self.policy.key(ip), self.policy.wide_key(ip), Instant::now()).is_some()
     }
 
     /// How long a refused login waits for its answer: the longest tarpit step, except when the wait for a
@@ -616,12 +583,7 @@ impl Tables {
     }
 
     fn ban(&mut self, key: IpNet, now: Instant, config: &DefenceConfig) -> Duration {
-        let ban = self.bans.entry(key).or_insert(Ban {
-            until: now,
-            count: 0,
-            last: now,
-            active: false,
-        });
+        let ban = self.bans.entry(key).or_insert(Ban { until: now, count: 0, last: now, active: false });
         if ban.count > 0 && now.duration_since(ban.last) >= config.ban_max {
             ban.count = 0;
         }
@@ -725,14 +687,8 @@ mod tests {
             "tarpit grows, the 6th failure spends the budget"
         );
         assert!(d.is_banned("192.0.2.1".parse().unwrap()));
-        assert!(matches!(
-            fail(&d, "192.0.2.1", "a", "x").await,
-            Err(Refusal::Banned { .. })
-        ));
-        assert!(matches!(
-            d.admit("192.0.2.1".parse().unwrap()),
-            Err(Refusal::Banned { .. })
-        ));
+        assert!(matches!(fail(&d, "192.0.2.1", "a", "x").await, Err(Refusal::Banned { .. })));
+        assert!(matches!(d.admit("192.0.2.1".parse().unwrap()), Err(Refusal::Banned { .. })));
         // Another address is not affected.
         assert!(fail(&d, "192.0.2.2", "a", "y").await.is_ok());
         // The ban lifts after 10 minutes; the next ban lasts twice as long.
@@ -761,95 +717,53 @@ mod tests {
     async fn identical_wrong_pair_counts_once() {
         let d = Defence::new(config());
         for _ in 0..20 {
-            assert_eq!(
-                fail(&d, "192.0.2.9", "phone@example.org", "old-password").await,
-                Ok(Duration::from_secs(2))
-            );
+            assert_eq!(fail(&d, "192.0.2.9", "phone@example.org", "old-password").await, Ok(Duration::from_secs(2)));
         }
         assert!(!d.is_banned("192.0.2.9".parse().unwrap()));
         // A different wrong password does count.
-        assert_eq!(
-            fail(&d, "192.0.2.9", "phone@example.org", "other").await,
-            Ok(Duration::from_secs(4))
-        );
+        assert_eq!(fail(&d, "192.0.2.9", "phone@example.org", "other").await, Ok(Duration::from_secs(4)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn trusted_networks_are_never_banned_but_accounts_count() {
-        let d = Defence::new(DefenceConfig {
-            trusted: vec!["10.0.0.0/8".parse().unwrap()],
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { trusted: vec!["10.0.0.0/8".parse().unwrap()], ..config() });
         for i in 0..50 {
-            assert_eq!(
-                fail(&d, "10.1.1.1", "victim@example.org", &format!("guess{i}"))
-                    .await
-                    .map(|_| ()),
-                Ok(())
-            );
+            assert_eq!(fail(&d, "10.1.1.1", "victim@example.org", &format!("guess{i}")).await.map(|_| ()), Ok(()));
         }
         assert!(!d.is_banned("10.1.1.1".parse().unwrap()));
         // The account is now blocked for prefixes that never logged into it, even the trusted one.
-        assert_eq!(
-            fail(&d, "10.1.1.1", "victim@example.org", "again").await,
-            Err(Refusal::AccountBlocked)
-        );
+        assert_eq!(fail(&d, "10.1.1.1", "victim@example.org", "again").await, Err(Refusal::AccountBlocked));
     }
 
     #[tokio::test(start_paused = true)]
     async fn account_block_spares_known_prefixes_and_resets_on_success() {
-        let d = Defence::new(DefenceConfig {
-            failures: 1000,
-            wide_failures: 1000,
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { failures: 1000, wide_failures: 1000, ..config() });
         let home = "198.51.100.7";
-        let permit = d
-            .begin_login(home.parse().unwrap(), &user("Ana@Example.org"))
-            .await
-            .unwrap();
+        let permit = d.begin_login(home.parse().unwrap(), &user("Ana@Example.org")).await.unwrap();
         d.login_succeeded(permit);
         // 50 failures from 50 addresses.
         for i in 0..50 {
-            fail(&d, &format!("203.0.113.{i}"), "ana@example.org", &format!("guess{i}"))
-                .await
-                .unwrap();
+            fail(&d, &format!("203.0.113.{i}"), "ana@example.org", &format!("guess{i}")).await.unwrap();
         }
-        assert_eq!(
-            fail(&d, "203.0.113.200", "ana@example.org", "more").await,
-            Err(Refusal::AccountBlocked)
-        );
+        assert_eq!(fail(&d, "203.0.113.200", "ana@example.org", "more").await, Err(Refusal::AccountBlocked));
         // Case and normalisation do not escape: "ANA@EXAMPLE.ORG" is the same account.
-        assert_eq!(
-            fail(&d, "203.0.113.201", "ANA@EXAMPLE.ORG", "more").await,
-            Err(Refusal::AccountBlocked)
-        );
+        assert_eq!(fail(&d, "203.0.113.201", "ANA@EXAMPLE.ORG", "more").await, Err(Refusal::AccountBlocked));
         // The real user, from a prefix that logged in before, still gets through (after the account delay).
         let started = Instant::now();
-        let permit = d
-            .begin_login(home.parse().unwrap(), &user("ana@example.org"))
-            .await
-            .unwrap();
+        let permit = d.begin_login(home.parse().unwrap(), &user("ana@example.org")).await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(15), "account delay applies");
         d.login_succeeded(permit);
-        assert!(
-            fail(&d, "203.0.113.202", "ana@example.org", "x").await.is_ok(),
-            "a success resets the count"
-        );
+        assert!(fail(&d, "203.0.113.202", "ana@example.org", "x").await.is_ok(), "a success resets the count");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_parallel_burst_cannot_slip_past_the_account_block() {
-        let d = Defence::new(DefenceConfig {
-            failures: 1000,
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { failures: 1000, ..config() });
         let mut tasks = Vec::new();
         for i in 0..60 {
             let d = Arc::clone(&d);
             tasks.push(tokio::spawn(async move {
-                d.begin_login(format!("203.0.113.{i}").parse().unwrap(), &user("target"))
-                    .await
+                d.begin_login(format!("203.0.113.{i}").parse().unwrap(), &user("target")).await
             }));
         }
         // Permits are held (the logins are "at the backend") until every attempt has its answer.
@@ -869,35 +783,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn account_delay_grows_after_threshold() {
-        let d = Defence::new(DefenceConfig {
-            failures: 1000,
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { failures: 1000, ..config() });
         for i in 0..5 {
-            fail(&d, &format!("203.0.113.{i}"), "bob", &format!("g{i}"))
-                .await
-                .unwrap();
+            fail(&d, &format!("203.0.113.{i}"), "bob", &format!("g{i}")).await.unwrap();
         }
         let started = Instant::now();
-        let permit = d
-            .begin_login("203.0.113.99".parse().unwrap(), &user("bob"))
-            .await
-            .unwrap();
+        let permit = d.begin_login("203.0.113.99".parse().unwrap(), &user("bob")).await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(2));
         drop(permit);
     }
 
     #[tokio::test(start_paused = true)]
     async fn ipv6_rotation_within_a_48_is_caught() {
-        let d = Defence::new(DefenceConfig {
-            wide_failures: 10,
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { wide_failures: 10, ..config() });
         for i in 0..11 {
             // A new /64 every time, all inside 2001:db8:7::/48.
-            fail(&d, &format!("2001:db8:7:{i:x}::1"), &format!("u{i}"), "pw")
-                .await
-                .unwrap();
+            fail(&d, &format!("2001:db8:7:{i:x}::1"), &format!("u{i}"), "pw").await.unwrap();
         }
         assert!(d.is_banned("2001:db8:7:ffff::1".parse().unwrap()), "the /48 is banned");
         assert!(!d.is_banned("2001:db8:8::1".parse().unwrap()));
@@ -916,10 +817,7 @@ mod tests {
         assert_eq!(d.stats().max_in_flight, 2);
         // Waiting longer than the queue timeout is refused.
         let _c = d.begin_login("192.0.2.50".parse().unwrap(), &user("d")).await.unwrap();
-        assert_eq!(
-            d.begin_login("192.0.2.50".parse().unwrap(), &user("e")).await.err(),
-            Some(Refusal::Busy)
-        );
+        assert_eq!(d.begin_login("192.0.2.50".parse().unwrap(), &user("e")).await.err(), Some(Refusal::Busy));
     }
 
     #[tokio::test(start_paused = true)]
@@ -946,22 +844,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn memory_is_bounded_under_a_flood_of_prefixes() {
-        let d = Defence::new(DefenceConfig {
-            max_tracked: 1000,
-            ..config()
-        });
+        let d = Defence::new(DefenceConfig { max_tracked: 1000, ..config() });
         for i in 0..20_000u32 {
             // A distinct /64 in a distinct /48 each time.
-            let ip = IpAddr::V6(std::net::Ipv6Addr::new(
-                0x2001,
-                (i >> 16) as u16,
-                i as u16,
-                0,
-                0,
-                0,
-                0,
-                1,
-            ));
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, (i >> 16) as u16, i as u16, 0, 0, 0, 0, 1));
             let permit = d.begin_login(ip, &user(&format!("u{i}"))).await.unwrap();
             d.login_failed(permit, &user(&format!("u{i}")), &pw("x"));
             if i % 1000 == 0 {

@@ -40,30 +40,14 @@ pub fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
-    const POLICY: PrefixPolicy = PrefixPolicy {
-        ipv4: 32,
-        ipv6: 64,
-        ipv6_wide: 48,
-    };
+    const POLICY: PrefixPolicy = PrefixPolicy { ipv4: 32, ipv6: 64, ipv6_wide: 48 };
 
     #[test]
     fn keys() {
         assert_eq!(POLICY.key("192.0.2.7".parse().unwrap()).to_string(), "192.0.2.7/32");
-        assert_eq!(
-            POLICY.key("::ffff:192.0.2.7".parse().unwrap()).to_string(),
-            "192.0.2.7/32"
-        );
-        assert_eq!(
-            POLICY.key("2001:db8:1:2:3:4:5:6".parse().unwrap()).to_string(),
-            "2001:db8:1:2::/64"
-        );
-        assert_eq!(
-            POLICY
-                .wide_key("2001:db8:1:2:3:4:5:6".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "2001:db8:1::/48"
-        );
+        assert_eq!(POLICY.key("::ffff:192.0.2.7".parse().unwrap()).to_string(), "192.0.2.7/32");
+        assert_eq!(POLICY.key("2001:db8:1:2:3:4:5:6".parse().unwrap()).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(POLICY.wide_key("2001:db8:1:2:3:4:5:6".parse().unwrap()).unwrap().to_string(), "2001:db8:1::/48");
         assert_eq!(POLICY.wide_key("192.0.2.7".parse().unwrap()), None);
         let v4_24 = PrefixPolicy { ipv4: 24, ..POLICY };
         assert_eq!(v4_24.key("192.0.2.7".parse().unwrap()).to_string(), "192.0.2.0/24");

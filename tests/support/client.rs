@@ -20,9 +20,7 @@ pub fn tls_config(ca: &Path, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     for cert in CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -71,9 +69,7 @@ impl TlsClient {
             }
         };
         tcp.set_nodelay(true)?;
-        let stream = TlsConnector::from(config)
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await?;
+        let stream = TlsConnector::from(config).connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
         Ok(ImapClient::new(stream))
     }
 
@@ -87,11 +83,7 @@ impl TlsClient {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> ImapClient<S> {
     pub fn new(stream: S) -> Self {
-        Self {
-            stream,
-            buf: Vec::with_capacity(64 * 1024),
-            start: 0,
-        }
+        Self { stream, buf: Vec::with_capacity(64 * 1024), start: 0 }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {

@@ -26,11 +26,7 @@ pub const USERS: &[(&str, &str)] = &[
 ];
 
 pub fn password(user: &str) -> &'static str {
-    USERS
-        .iter()
-        .find(|(u, _)| *u == user)
-        .map(|(_, p)| *p)
-        .expect("known user")
+    USERS.iter().find(|(u, _)| *u == user).map(|(_, p)| *p).expect("known user")
 }
 
 pub struct Dovecot {
@@ -69,11 +65,7 @@ impl Dovecot {
     /// Starts an instance named `name` (its greeting says so) with the certificate from `pki` and `extra`
     /// accounts on top of [`USERS`].
     pub fn start(name: &str, pki: &Pki, extra_users: &[(String, String)]) -> Dovecot {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("imapgate-dovecot-{name}-"))
-            .tempdir()
-            .unwrap()
-            .keep();
+        let dir = tempfile::Builder::new().prefix(&format!("imapgate-dovecot-{name}-")).tempdir().unwrap().keep();
         for sub in ["run", "home", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
@@ -88,10 +80,7 @@ impl Dovecot {
             (uid, gid, user.clone(), user, None)
         };
         let mut users = String::new();
-        for (user, pass) in USERS
-            .iter()
-            .map(|(u, p)| (u.to_string(), p.to_string()))
-            .chain(extra_users.iter().cloned())
+        for (user, pass) in USERS.iter().map(|(u, p)| (u.to_string(), p.to_string())).chain(extra_users.iter().cloned())
         {
             users.push_str(&format!("{user}:{{PLAIN}}{pass}::::::\n"));
         }
@@ -179,16 +168,8 @@ service anvil {{
             .spawn()
             .expect("spawn dovecot");
         let keeper_stdin = keeper.stdin.take();
-        let dovecot = Dovecot {
-            name: name.into(),
-            dir,
-            imap_port,
-            imaps_port,
-            log_path,
-            mail_owner,
-            keeper,
-            keeper_stdin,
-        };
+        let dovecot =
+            Dovecot { name: name.into(), dir, imap_port, imaps_port, log_path, mail_owner, keeper, keeper_stdin };
         let ready = wait_until(Duration::from_secs(15), || {
             let mut stream = std::net::TcpStream::connect(("127.0.0.1", imap_port)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -215,14 +196,9 @@ service anvil {{
         let mut file = std::fs::File::create(&path).unwrap();
         file.write_all(message).unwrap();
         if let Some((uid, gid)) = self.mail_owner {
-            for p in [
-                home.clone(),
-                maildir.clone(),
-                maildir.join("new"),
-                maildir.join("cur"),
-                maildir.join("tmp"),
-                path,
-            ] {
+            for p in
+                [home.clone(), maildir.clone(), maildir.join("new"), maildir.join("cur"), maildir.join("tmp"), path]
+            {
                 std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
             }
         }
@@ -235,10 +211,7 @@ service anvil {{
     /// Waits up to 5 s for a log line containing every one of `needles`; returns it.
     pub fn wait_for_log_line(&self, needles: &[&str]) -> Option<String> {
         wait_until(Duration::from_secs(5), || {
-            self.log()
-                .lines()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .map(str::to_owned)
+            self.log().lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_owned)
         })
     }
 

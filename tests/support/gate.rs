@@ -11,13 +11,7 @@ use super::pki::Pki;
 
 /// The imapgate binary next to this example's directory (target/release/imapgate).
 pub fn imapgate_binary() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("imapgate")
+    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("imapgate")
 }
 
 pub struct Gate {
@@ -35,7 +29,7 @@ impl Gate {
             &config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
-                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
                  [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
                  [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info\"\n{extra}",
                 pki.cert.display(),
@@ -64,11 +58,7 @@ impl Gate {
             let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
             panic!("imapgate did not start:\n{log}");
         }
-        Gate {
-            child,
-            addr,
-            log: log_path,
-        }
+        Gate { child, addr, log: log_path }
     }
 
     /// Resident memory, from /proc.
@@ -85,10 +75,7 @@ impl Gate {
 impl Gate {
     /// SIGTERM (graceful drain), then waits up to 30 s; returns the log.
     pub fn terminate(mut self) -> String {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let _ = super::wait_until(Duration::from_secs(30), || self.child.try_wait().ok().flatten());
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -28,6 +28,9 @@ handshake_timeout_secs = 5
 preauth_idle_timeout_secs = 30
 shutdown_grace_secs = 1
 
+[admin]
+listen = "127.0.0.1:0"
+
 [tls]
 cert = "{cert}"
 key = "{key}"
@@ -40,11 +43,7 @@ login_timeout_secs = 10
 {rest}
 {defence}
 "#,
-        defence = if rest.contains("[defence]") {
-            ""
-        } else {
-            DEFAULT_TEST_DEFENCE
-        },
+        defence = if rest.contains("[defence]") { "" } else { DEFAULT_TEST_DEFENCE },
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display()
@@ -53,6 +52,7 @@ login_timeout_secs = 10
 
 pub struct TestProxy {
     pub addr: SocketAddr,
+    pub admin: SocketAddr,
     pub defence: std::sync::Arc<imapgate::security::Defence>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -66,16 +66,12 @@ impl TestProxy {
         let proxy = Prepared::new(config).expect("prepare").bind().await.expect("bind");
         let addr = proxy.local_addrs()[0];
         let defence = proxy.defence();
+        let admin = proxy.admin_addr().expect("admin address");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(proxy.serve(async {
             let _ = stopped.await;
         }));
-        TestProxy {
-            addr,
-            defence,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestProxy { addr, admin, defence, stop: Some(stop), task: Some(task) }
     }
 
     /// Shuts down gracefully and waits for the drain.

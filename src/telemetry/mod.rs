@@ -12,12 +12,13 @@ pub fn init(log: &LogConfig) -> Result<(), String> {
         _ => EnvFilter::try_new(&log.level),
     }
     .map_err(|e| format!("log.level: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     }
     .map_err(|e| e.to_string())
 }
+
+pub mod admin;
+pub mod metrics;

@@ -1,0 +1,231 @@
+//! Prometheus metrics: typed handles on a registry that is created once and passed down (no globals).
+//! Every label has a bounded set of values: command names come from a fixed list, reasons and kinds from
+//! enums, backends from the configuration.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// All of imapgate's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_accepted: IntCounter,
+    pub connections_active: IntGauge,
+    pub connections_refused: IntCounterVec,
+    pub tls_handshake_seconds: Histogram,
+    pub tls_failures: IntCounterVec,
+    pub tls_sessions: IntCounterVec,
+    pub auth_attempts: IntCounterVec,
+    pub bans_active: IntGauge,
+    pub tarpit_seconds: Histogram,
+    pub backend_connect_seconds: HistogramVec,
+    pub backend_errors: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_sessions: IntGaugeVec,
+    pub commands: IntCounterVec,
+    pub command_seconds: HistogramVec,
+    pub idle_seconds: Histogram,
+    pub bytes: IntCounterVec,
+    pub session_seconds: Histogram,
+    pub observer_desync: IntCounter,
+    pub config_reloads: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+/// Latency buckets from 1 ms to 60 s.
+const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Long durations: IDLE and whole sessions, 1 s to 1 day.
+const LONG: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0];
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(c.clone()));
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(c.clone()));
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(g.clone()));
+    g
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(g.clone()));
+    g
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(h.clone()));
+    h
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .unwrap_or_else(|e| unreachable_metric(name, e));
+    register(registry, Box::new(h.clone()));
+    h
+}
+
+fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>) {
+    // Names are fixed and distinct; a failure here is a programming error caught by the unit test below.
+    if let Err(e) = registry.register(collector) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+}
+
+/// Metric definitions are constants; they are validated by the unit test, so this cannot happen at run time.
+fn unreachable_metric<T>(name: &str, e: prometheus::Error) -> T {
+    panic!("invalid metric definition {name}: {e}")
+}
+
+impl Metrics {
+    pub fn new(backends: &[String]) -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            connections_accepted: counter(&r, "imapgate_connections_accepted_total", "Client connections accepted."),
+            connections_active: gauge(&r, "imapgate_connections_active", "Client connections open now."),
+            connections_refused: counter_vec(
+                &r,
+                "imapgate_connections_refused_total",
+                "Client connections refused before TLS, by reason.",
+                &["reason"],
+            ),
+            tls_handshake_seconds: histogram(
+                &r,
+                "imapgate_tls_handshake_duration_seconds",
+                "Client TLS handshake duration.",
+                LATENCY,
+            ),
+            tls_failures: counter_vec(
+                &r,
+                "imapgate_tls_handshake_failures_total",
+                "Client TLS handshakes that failed, by reason.",
+                &["reason"],
+            ),
+            tls_sessions: counter_vec(
+                &r,
+                "imapgate_tls_sessions_total",
+                "Client TLS sessions established, by protocol version and SNI presence.",
+                &["version", "sni"],
+            ),
+            auth_attempts: counter_vec(
+                &r,
+                "imapgate_auth_attempts_total",
+                "Login attempts by mechanism and result.",
+                &["mechanism", "result"],
+            ),
+            bans_active: gauge(&r, "imapgate_bans_active", "Prefixes banned now."),
+            tarpit_seconds: histogram(
+                &r,
+                "imapgate_tarpit_delay_seconds",
+                "Delays imposed on failed or refused logins.",
+                LATENCY,
+            ),
+            backend_connect_seconds: histogram_vec(
+                &r,
+                "imapgate_backend_login_duration_seconds",
+                "Backend connect, TLS and login duration.",
+                &["backend"],
+                LATENCY,
+            ),
+            backend_errors: counter_vec(
+                &r,
+                "imapgate_backend_errors_total",
+                "Backend failures by backend and kind.",
+                &["backend", "kind"],
+            ),
+            backend_up: gauge_vec(
+                &r,
+                "imapgate_backend_up",
+                "1 if the last contact with the backend worked, 0 if it failed.",
+                &["backend"],
+            ),
+            backend_sessions: gauge_vec(
+                &r,
+                "imapgate_backend_sessions_active",
+                "Relayed sessions per backend.",
+                &["backend"],
+            ),
+            commands: counter_vec(
+                &r,
+                "imapgate_commands_total",
+                "Commands after login by name and tagged status (none: the session ended first).",
+                &["command", "status"],
+            ),
+            command_seconds: histogram_vec(
+                &r,
+                "imapgate_command_duration_seconds",
+                "Time from a client's command to the backend's tagged response, by command (IDLE excluded).",
+                &["command"],
+                LATENCY,
+            ),
+            idle_seconds: histogram(&r, "imapgate_idle_duration_seconds", "Duration of IDLE commands.", LONG),
+            bytes: counter_vec(
+                &r,
+                "imapgate_relayed_bytes_total",
+                "Bytes relayed after login, by direction.",
+                &["direction"],
+            ),
+            session_seconds: histogram(&r, "imapgate_session_duration_seconds", "Duration of relayed sessions.", LONG),
+            observer_desync: counter(
+                &r,
+                "imapgate_observer_desync_total",
+                "Sessions whose command observer lost track of the stream (the relay went on).",
+            ),
+            config_reloads: counter(&r, "imapgate_config_reloads_total", "Configuration reloads."),
+            build_info: gauge_vec(&r, "imapgate_build_info", "Build information.", &["version"]),
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for backend in backends {
+            m.backend_sessions.with_label_values(&[backend]).set(0);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_metrics_register_and_render() {
+        let m = Metrics::new(&["mbox1".into()]);
+        m.commands.with_label_values(&["UID FETCH", "OK"]).inc();
+        m.connections_refused.with_label_values(&["banned"]).inc();
+        m.tls_failures.with_label_values(&["alpn"]).inc();
+        m.tls_sessions.with_label_values(&["TLSv1.3", "yes"]).inc();
+        m.auth_attempts.with_label_values(&["PLAIN", "success"]).inc();
+        m.backend_connect_seconds.with_label_values(&["mbox1"]).observe(0.01);
+        m.backend_errors.with_label_values(&["mbox1", "tls"]).inc();
+        m.backend_up.with_label_values(&["mbox1"]).set(1);
+        m.command_seconds.with_label_values(&["UID FETCH"]).observe(0.01);
+        m.bytes.with_label_values(&["client_to_backend"]).inc();
+        let text = m.render();
+        assert!(text.contains("imapgate_build_info{version="), "{text}");
+        assert!(text.contains("imapgate_commands_total{command=\"UID FETCH\",status=\"OK\"} 1"), "{text}");
+        assert!(text.contains("imapgate_backend_sessions_active{backend=\"mbox1\"} 0"), "{text}");
+        // Every metric registered once: each family appears exactly once with its HELP line.
+        let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
+        assert_eq!(families, 21, "{text}");
+    }
+}
