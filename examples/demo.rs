@@ -47,6 +47,8 @@ tls_name = "localhost"
 default = "dovecot-demo"
 [admin]
 listen = "127.0.0.1:{admin}"
+[audit]
+path = "audit.log"
 [log]
 format = "text"
 level = "info"

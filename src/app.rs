@@ -13,10 +13,36 @@ use crate::config::{BackendMode, Config};
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Phase, Shared, session};
 use crate::route::Router;
-use crate::security::Defence;
+use crate::security::{Defence, DefenceEvent};
 use crate::telemetry::admin::{self, AdminState};
+use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What can stop the proxy from starting: configuration that looked valid but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
+    match event {
+        DefenceEvent::Banned { prefix, reason, user, duration } => AuditEvent {
+            event: "banned",
+            prefix: Some(prefix.to_string()),
+            reason: Some((*reason).to_owned()),
+            user: Some(user.clone()),
+            ban_secs: Some(duration.as_secs()),
+            ..AuditEvent::default()
+        },
+        DefenceEvent::Unbanned { prefix } => {
+            AuditEvent { event: "unbanned", prefix: Some(prefix.to_string()), ..AuditEvent::default() }
+        }
+    }
+}
 
 /// Everything validated and loaded, nothing bound yet.
 pub struct Prepared {
@@ -25,7 +51,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
-    pub fn new(config: Config) -> Result<Self, TlsConfigError> {
+    pub fn new(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
         let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
         let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
@@ -37,7 +63,15 @@ impl Prepared {
         let defence = Defence::new(config.defence.clone());
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
-        Ok(Self { shared: Arc::new(Shared { config, router, acceptor, backend_tls, defence, metrics }) })
+        let audit = match &config.audit {
+            Some(target) => Some(Arc::new(AuditLog::open(target.clone())?)),
+            None => None,
+        };
+        if let Some(audit) = &audit {
+            let audit = Arc::clone(audit);
+            defence.set_event_sink(move |event| audit.record(&defence_audit_event(event)));
+        }
+        Ok(Self { shared: Arc::new(Shared { config, router, acceptor, backend_tls, defence, metrics, audit }) })
     }
 
     /// Binds every configured listener and the admin server.
@@ -91,6 +125,9 @@ impl Proxy {
             backends: self.shared.config.backends.iter().map(|b| b.name.clone()).collect(),
         });
         tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
+        if let Some(audit) = &self.shared.audit {
+            tokio::spawn(reopen_on_signal(Arc::clone(audit), phase_rx.clone()));
+        }
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
@@ -151,6 +188,15 @@ async fn accept_loop(
             Ok(admitted) => admitted,
             Err(refusal) => {
                 shared.metrics.connections_refused.with_label_values(&[refusal.reason()]).inc();
+                shared.audit(&AuditEvent {
+                    event: "rate_limited",
+                    client_ip: Some(peer.ip().to_string()),
+                    client_port: Some(peer.port()),
+                    listener: local.map(|l| l.to_string()),
+                    result: Some("refused_before_tls"),
+                    reason: Some(refusal.reason().to_owned()),
+                    ..AuditEvent::default()
+                });
                 continue;
             }
         };
@@ -222,6 +268,22 @@ async fn probe_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
                 tracing::warn!(backend = %backend.name, "backend unreachable");
             }
             gauge.set(i64::from(up));
+        }
+    }
+}
+
+/// Reopens the audit log on SIGHUP or SIGUSR1 (logrotate).
+async fn reopen_on_signal(audit: Arc<AuditLog>, mut phase: watch::Receiver<Phase>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut hup), Ok(mut usr1)) = (signal(SignalKind::hangup()), signal(SignalKind::user_defined1())) else {
+        tracing::warn!("cannot install SIGHUP/SIGUSR1 handlers; the audit log will not be reopened");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => audit.reopen(),
+            _ = usr1.recv() => audit.reopen(),
+            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         }
     }
 }

@@ -44,6 +44,27 @@ struct RawConfig {
     defence: RawDefence,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default = "RawAudit::default_path")]
+    path: String,
+}
+
+impl RawAudit {
+    fn default_path() -> String {
+        "stdout".into()
+    }
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self { path: Self::default_path() }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +395,8 @@ pub struct Config {
     pub log: LogConfig,
     pub defence: DefenceConfig,
     pub admin: AdminConfig,
+    /// Where the audit log goes: `None` when switched off (`path = "off"`).
+    pub audit: Option<crate::telemetry::audit::AuditTarget>,
 }
 
 impl Config {
@@ -543,7 +566,13 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    let audit = match raw.audit.path.as_str() {
+        "off" => None,
+        "stdout" | "-" => Some(crate::telemetry::audit::AuditTarget::Stdout),
+        path => Some(crate::telemetry::audit::AuditTarget::File(resolve(base, PathBuf::from(path)))),
+    };
     Ok(Config {
+        audit,
         defence,
         admin: AdminConfig { listen: admin_listen },
         server,

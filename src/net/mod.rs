@@ -19,6 +19,17 @@ pub struct Shared {
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<crate::security::Defence>,
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
+    /// The audit log, unless switched off.
+    pub audit: Option<Arc<crate::telemetry::audit::AuditLog>>,
+}
+
+impl Shared {
+    /// Records an audit event when the audit log is on.
+    pub fn audit(&self, event: &crate::telemetry::audit::AuditEvent) {
+        if let Some(audit) = &self.audit {
+            audit.record(event);
+        }
+    }
 }
 
 /// The proxy's life cycle as sessions see it.

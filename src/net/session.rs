@@ -21,6 +21,7 @@ use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::upstream::{self, LoginContext, Upstream};
 use crate::net::{Phase, Shared};
+use crate::telemetry::audit::{AuditEvent, SessionFacts};
 
 /// A fresh random session id (16 URL-safe characters), sent to the backend as `x-session-id`.
 pub fn new_session_id() -> String {
@@ -101,7 +102,7 @@ async fn serve(
         Ok(Ok(stream)) => Box::new(stream),
     };
     metrics.tls_handshake_seconds.observe(started.elapsed().as_secs_f64());
-    {
+    let facts = {
         let (_, conn) = client.get_ref();
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
@@ -110,18 +111,46 @@ async fn serve(
         };
         let sni = if conn.server_name().is_some() { "yes" } else { "no" };
         metrics.tls_sessions.with_label_values(&[version, sni]).inc();
+        let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite()));
         tracing::debug!(
-            version = ?conn.protocol_version(),
-            cipher = ?conn.negotiated_cipher_suite().map(|c| c.suite()),
+            version,
+            cipher = cipher.as_deref().unwrap_or("-"),
             sni = conn.server_name().unwrap_or("-"),
             "tls established"
         );
-    }
-
-    match Box::pin(pre_auth(shared, &mut client, peer, local, id, &mut phase)).await {
-        Ok(logged_in) => relay_session(shared, client, logged_in, phase).await,
-        Err(end) => end,
-    }
+        SessionFacts {
+            session: id.to_owned(),
+            client: Some(peer),
+            listener: Some(local),
+            sni: conn.server_name().map(str::to_owned),
+            tls_version: Some(version.to_owned()),
+            tls_cipher: cipher,
+        }
+    };
+    shared.audit(&facts.event("session_start"));
+    let started = Instant::now();
+    let (end, user, backend) = match Box::pin(pre_auth(shared, &mut client, &facts, &mut phase)).await {
+        Ok(logged_in) => {
+            let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
+            (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
+        }
+        Err(end) => (end, None, None),
+    };
+    let (bytes_from_client, bytes_to_client, commands) = match &end {
+        End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
+        _ => (None, None, None),
+    };
+    shared.audit(&AuditEvent {
+        user,
+        backend,
+        reason: Some(end.to_string()),
+        duration_ms: Some(started.elapsed().as_millis() as u64),
+        bytes_from_client,
+        bytes_to_client,
+        commands,
+        ..facts.event("session_end")
+    });
+    end
 }
 
 /// A successful login: what the relay starts from.
@@ -131,8 +160,10 @@ struct LoggedIn {
     upstream: Upstream,
     /// Bytes the client sent behind its login command.
     pipelined: Vec<u8>,
-    /// The backend's name, for metrics.
+    /// The backend's name, for metrics and the audit log.
     backend: String,
+    /// The user, for the audit log.
+    user: String,
 }
 
 /// The pre-auth conversation until a login succeeds or the connection ends. Its buffers live on the heap
@@ -140,11 +171,13 @@ struct LoggedIn {
 async fn pre_auth(
     shared: &Shared,
     client: &mut TlsStream<TcpStream>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    id: &str,
+    facts: &SessionFacts,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<LoggedIn, End> {
+    let (peer, local, id) = match (facts.client, facts.listener) {
+        (Some(peer), Some(local)) => (peer, local, facts.session.as_str()),
+        _ => return Err(End::ClientClosed),
+    };
     let mut machine = PreAuth::new();
     write(client, &machine.greeting()).await.map_err(End::ClientError)?;
     let mut buf = vec![0u8; 4096];
@@ -166,6 +199,13 @@ async fn pre_auth(
                             // the longest tarpit step, so a refused attacker cannot spin.
                             let delay = shared.defence.refusal_delay(refusal);
                             auth_result(shared, &request, refusal.reason());
+                            shared.audit(&AuditEvent {
+                                user: Some(user.to_string()),
+                                mechanism: Some(request.mechanism.as_str()),
+                                result: Some("refused"),
+                                reason: Some(refusal.reason().to_owned()),
+                                ..facts.event("rate_limited")
+                            });
                             shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
                             tokio::select! {
                                 () = tokio::time::sleep(delay) => {}
@@ -181,8 +221,16 @@ async fn pre_auth(
                             tracing::Span::current().record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
                             auth_result(shared, &request, "success");
+                            shared.audit(&AuditEvent {
+                                user: Some(user.to_string()),
+                                mechanism: Some(request.mechanism.as_str()),
+                                backend: Some(backend.clone()),
+                                result: Some("success"),
+                                ..facts.event("auth_success")
+                            });
                             let pipelined = machine.into_pipelined();
-                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend });
+                            let user = user.to_string();
+                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user });
                         }
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
@@ -197,6 +245,14 @@ async fn pre_auth(
                                 _ => "backend_error",
                             };
                             auth_result(shared, &request, result);
+                            let event = if failure.side == Side::Backend { "backend_error" } else { "auth_failure" };
+                            shared.audit(&AuditEvent {
+                                user: Some(user.to_string()),
+                                mechanism: Some(request.mechanism.as_str()),
+                                result: Some(result),
+                                reason: Some(format!("{}/{}", failure.side.as_str(), failure.kind.as_str())),
+                                ..facts.event(event)
+                            });
                             if let Some(delay) = tarpit {
                                 shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
                                 tokio::select! {
@@ -328,7 +384,7 @@ async fn relay_session(
     logged_in: LoggedIn,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
-    let LoggedIn { tag, upstream, mut pipelined, backend: backend_name } = logged_in;
+    let LoggedIn { tag, upstream, mut pipelined, backend: backend_name, .. } = logged_in;
     let Upstream { stream: mut backend, pending, capabilities } = upstream;
     // Commands pipelined behind the login, and what the backend sent behind its reply, are the first the
     // observer sees.

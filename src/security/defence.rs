@@ -134,8 +134,18 @@ struct Tables {
     connection_rate: Limiter,
 }
 
+/// Bans and unbans, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DefenceEvent {
+    Banned { prefix: IpNet, reason: &'static str, user: String, duration: Duration },
+    Unbanned { prefix: IpNet },
+}
+
+type EventSink = Box<dyn Fn(&DefenceEvent) + Send + Sync>;
+
 /// The defence, shared by all sessions.
 pub struct Defence {
+    events: std::sync::OnceLock<EventSink>,
     config: DefenceConfig,
     policy: PrefixPolicy,
     tables: Mutex<Tables>,
@@ -197,6 +207,7 @@ impl Defence {
         let tables = Mutex::new(Self::fresh_tables(&config));
         let key_bytes: [u8; 32] = rand::random();
         Arc::new(Defence {
+            events: std::sync::OnceLock::new(),
             hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
             policy,
             tables,
@@ -231,6 +242,17 @@ impl Defence {
     fn lock(&self) -> MutexGuard<'_, Tables> {
         // A panic while holding the lock cannot leave the tables inconsistent beyond a counter; go on.
         self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Where bans and unbans are reported besides the diagnostic log (set once, at start-up).
+    pub fn set_event_sink(&self, sink: impl Fn(&DefenceEvent) + Send + Sync + 'static) {
+        let _ = self.events.set(Box::new(sink));
+    }
+
+    fn emit(&self, event: DefenceEvent) {
+        if let Some(sink) = self.events.get() {
+            sink(&event);
+        }
     }
 
     pub fn config(&self) -> &DefenceConfig {
@@ -423,6 +445,7 @@ impl Defence {
                 }
             }
         }
+        let mut events = Vec::new();
         for (key, reason) in banned {
             let duration = tables.ban(key, now, &self.config);
             tracing::warn!(
@@ -433,6 +456,7 @@ impl Defence {
                 duration_secs = duration.as_secs(),
                 "prefix banned"
             );
+            events.push(DefenceEvent::Banned { prefix: key, reason, user: user.to_string(), duration });
         }
         let delay = self.tarpit(level);
         tracing::info!(
@@ -444,6 +468,10 @@ impl Defence {
             delay_ms = delay.as_millis() as u64,
             "failed login tarpitted"
         );
+        drop(tables);
+        for event in events {
+            self.emit(event);
+        }
         delay
     }
 
@@ -452,10 +480,12 @@ impl Defence {
         let now = Instant::now();
         let config = &self.config;
         let mut tables = self.lock();
+        let mut lifted = Vec::new();
         for (key, ban) in tables.bans.iter_mut() {
             if ban.active && ban.until <= now {
                 ban.active = false;
                 tracing::info!(event = "unbanned", prefix = %key, "ban lifted");
+                lifted.push(*key);
             }
         }
         tables.bans.retain(|_, ban| ban.active || now.duration_since(ban.last) < config.ban_max);
@@ -477,6 +507,10 @@ impl Defence {
             tables.failure_budget = fresh.failure_budget;
             tables.wide_budget = fresh.wide_budget;
             tables.connection_rate = fresh.connection_rate;
+        }
+        drop(tables);
+        for prefix in lifted {
+            self.emit(DefenceEvent::Unbanned { prefix });
         }
     }
 

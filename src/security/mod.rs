@@ -5,4 +5,4 @@
 pub mod defence;
 pub mod prefix;
 
-pub use defence::{ConnectionGuard, Defence, LoginPermit, Refusal};
+pub use defence::{ConnectionGuard, Defence, DefenceEvent, LoginPermit, Refusal};

@@ -21,4 +21,5 @@ pub fn init(log: &LogConfig) -> Result<(), String> {
 }
 
 pub mod admin;
+pub mod audit;
 pub mod metrics;

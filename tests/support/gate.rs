@@ -29,7 +29,7 @@ impl Gate {
             &config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"off\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
                  [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
                  [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info\"\n{extra}",
                 pki.cert.display(),

@@ -42,8 +42,10 @@ login_timeout_secs = 10
 
 {rest}
 {defence}
+{audit}
 "#,
         defence = if rest.contains("[defence]") { "" } else { DEFAULT_TEST_DEFENCE },
+        audit = if rest.contains("[audit]") { "" } else { "[audit]\npath = \"off\"\n" },
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display()
