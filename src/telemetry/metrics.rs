@@ -33,6 +33,15 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
+/// Label values known in advance (see `Refusal::reason`, `Kind::as_str` and the session's TLS reasons).
+const REFUSALS: &[&str] =
+    &["max_connections", "deny_list", "banned", "prefix_connections", "connection_rate", "account_blocked", "busy"];
+const TLS_FAILURES: &[&str] =
+    &["timeout", "alpn", "incompatible", "alert_received", "protocol", "tls_error", "closed", "io"];
+const MECHANISMS: &[&str] = &["LOGIN-command", "PLAIN", "LOGIN"];
+const AUTH_RESULTS: &[&str] = &["success", "bad_credentials", "backend_error", "banned", "account_blocked", "busy"];
+const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail"];
+
 /// Latency buckets from 1 ms to 60 s.
 const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Long durations: IDLE and whole sessions, 1 s to 1 day.
@@ -187,8 +196,27 @@ impl Metrics {
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Known label values start at zero, so that rates and alerts work from the first scrape.
+        for reason in REFUSALS {
+            m.connections_refused.with_label_values(&[reason]).inc_by(0);
+        }
+        for reason in TLS_FAILURES {
+            m.tls_failures.with_label_values(&[reason]).inc_by(0);
+        }
+        for mechanism in MECHANISMS {
+            for result in AUTH_RESULTS {
+                m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
+            }
+        }
+        for direction in ["client_to_backend", "backend_to_client"] {
+            m.bytes.with_label_values(&[direction]).inc_by(0);
+        }
         for backend in backends {
             m.backend_sessions.with_label_values(&[backend]).set(0);
+            m.backend_up.with_label_values(&[backend]).set(0);
+            for kind in BACKEND_ERRORS {
+                m.backend_errors.with_label_values(&[backend.as_str(), kind]).inc_by(0);
+            }
         }
         m
     }
