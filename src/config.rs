@@ -46,6 +46,23 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     audit: RawAudit,
+    otel: Option<OtelConfig>,
+}
+
+/// OpenTelemetry trace export.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtelConfig {
+    /// OTLP/gRPC endpoint of a collector, e.g. `http://otel-collector:4317`.
+    pub endpoint: String,
+    #[serde(default = "OtelConfig::default_service_name")]
+    pub service_name: String,
+}
+
+impl OtelConfig {
+    fn default_service_name() -> String {
+        "imapgate".into()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,6 +412,8 @@ pub struct Config {
     pub log: LogConfig,
     pub defence: DefenceConfig,
     pub admin: AdminConfig,
+    /// Trace export, when `[otel]` is present.
+    pub otel: Option<OtelConfig>,
     /// Where the audit log goes: `None` when switched off (`path = "off"`).
     pub audit: Option<crate::telemetry::audit::AuditTarget>,
 }
@@ -571,7 +590,16 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         "stdout" | "-" => Some(crate::telemetry::audit::AuditTarget::Stdout),
         path => Some(crate::telemetry::audit::AuditTarget::File(resolve(base, PathBuf::from(path)))),
     };
+    if let Some(otel) = &raw.otel {
+        if !(otel.endpoint.starts_with("http://") || otel.endpoint.starts_with("https://")) {
+            errors.push(err("otel.endpoint", format!("{:?} is not an http:// or https:// URL", otel.endpoint)));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
     Ok(Config {
+        otel: raw.otel,
         audit,
         defence,
         admin: AdminConfig { listen: admin_listen },

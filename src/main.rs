@@ -38,6 +38,7 @@ fn main() -> ExitCode {
     };
     let router = Router::new(&config);
     let log = config.log.clone();
+    let otel = config.otel.clone();
     let prepared = match Prepared::new(config) {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -52,11 +53,17 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = imapgate::telemetry::init(&log) {
-        eprintln!("imapgate: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    match run(prepared) {
+    let telemetry = match imapgate::telemetry::init(&log, otel.as_ref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("imapgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = run(prepared);
+    // Flushes the last spans before exit.
+    drop(telemetry);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("imapgate: {e:#}");

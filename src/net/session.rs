@@ -38,7 +38,7 @@ pub async fn run(
     phase: watch::Receiver<Phase>,
 ) {
     let id = new_session_id();
-    let span = tracing::info_span!("session", id = %id, peer = %peer, user = field::Empty);
+    let span = tracing::info_span!("session", session_id = %id, peer = %peer, user = field::Empty);
     async move {
         let started = Instant::now();
         let end = serve(&shared, tcp, peer, local, &id, phase).await;
@@ -89,7 +89,9 @@ async fn serve(
     // and what only the handshake or the login needs should not stay in every relayed session.
     let metrics = &shared.metrics;
     let started = Instant::now();
-    let handshake = Box::pin(timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp))).await;
+    let handshake = Box::pin(timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp)))
+        .instrument(tracing::info_span!("tls_handshake"))
+        .await;
     let mut client = match handshake {
         Err(_) => {
             metrics.tls_failures.with_label_values(&["timeout"]).inc();
@@ -129,13 +131,17 @@ async fn serve(
     };
     shared.audit(&facts.event("session_start"));
     let started = Instant::now();
-    let (end, user, backend) = match Box::pin(pre_auth(shared, &mut client, &facts, &mut phase)).await {
-        Ok(logged_in) => {
-            let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
-            (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
-        }
-        Err(end) => (end, None, None),
-    };
+    let (end, user, backend) =
+        match Box::pin(pre_auth(shared, &mut client, &facts, &tracing::Span::current(), &mut phase))
+            .instrument(tracing::info_span!("pre_auth"))
+            .await
+        {
+            Ok(logged_in) => {
+                let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
+                (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
+            }
+            Err(end) => (end, None, None),
+        };
     let (bytes_from_client, bytes_to_client, commands) = match &end {
         End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
         _ => (None, None, None),
@@ -172,6 +178,7 @@ async fn pre_auth(
     shared: &Shared,
     client: &mut TlsStream<TcpStream>,
     facts: &SessionFacts,
+    session_span: &tracing::Span,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<LoggedIn, End> {
     let (peer, local, id) = match (facts.client, facts.listener) {
@@ -218,7 +225,7 @@ async fn pre_auth(
                     match login(shared, &request, &machine, peer, local, id).instrument(attempt.clone()).await {
                         Ok((upstream, backend)) => {
                             // The session's user, recorded once: only a successful login names it.
-                            tracing::Span::current().record("user", user.as_str());
+                            session_span.record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
                             auth_result(shared, &request, "success");
                             shared.audit(&AuditEvent {

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tracing::Instrument;
 
 use crate::config::{Backend, BackendMode};
 use crate::failure::{Failure, Kind, Side};
@@ -90,6 +91,7 @@ pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
     let backend = ctx.backend;
     let target = (backend.host.as_str(), backend.port);
     let tcp = timeout(ctx.connect_timeout, TcpStream::connect(target))
+        .instrument(tracing::info_span!("backend_connect", backend = %backend.name))
         .await
         .map_err(|_| {
             Failure::backend(Kind::Timeout, format!("connect to {}:{} timed out", backend.host, backend.port))
@@ -114,31 +116,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
             conn.greeting().await?;
             conn
         }
-        BackendMode::Starttls => {
-            let mut plain = Conn::new(BackendStream::Plain(tcp));
-            let mut capabilities = plain.greeting().await?;
-            if capabilities.is_none() {
-                capabilities = Some(plain.capability().await?);
-            }
-            if !capabilities.as_deref().is_some_and(|c| response::has_capability(c, "STARTTLS")) {
-                return Err(Failure::backend(Kind::Starttls, "backend does not advertise STARTTLS"));
-            }
-            plain.send(b"S STARTTLS\r\n").await?;
-            let reply = plain.tagged("S", &mut None).await.map_err(|f| Failure { kind: Kind::Starttls, ..f })?;
-            if reply.status != Status::Ok {
-                return Err(Failure::backend(Kind::Starttls, format!("STARTTLS refused: {}", reply.describe())));
-            }
-            if plain.framer.buffered() > 0 {
-                return Err(Failure::backend(
-                    Kind::Starttls,
-                    "backend sent data after its STARTTLS OK before the handshake (response injection)",
-                ));
-            }
-            let BackendStream::Plain(tcp) = plain.stream else {
-                return Err(Failure::backend(Kind::Protocol, "internal: STARTTLS on a TLS stream"));
-            };
-            Conn::new(BackendStream::Tls(Box::new(handshake(tcp, ctx).await?)))
-        }
+        BackendMode::Starttls => starttls(tcp, ctx).instrument(tracing::info_span!("starttls")).await?,
     };
 
     // Capabilities may change after TLS: ask again. ID goes in the same write (one round trip less); a
@@ -152,7 +130,10 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
     }
 
     let mut collected = None;
-    let reply = conn.authenticate(&capabilities, ctx.credentials, &mut collected).await?;
+    let reply = conn
+        .authenticate(&capabilities, ctx.credentials, &mut collected)
+        .instrument(tracing::info_span!("authenticate"))
+        .await?;
     match reply.status {
         Status::Ok => {}
         Status::No => {
@@ -175,6 +156,33 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
     };
     let pending = conn.framer.take_unprocessed();
     Ok(Upstream { stream: conn.stream, pending, capabilities })
+}
+
+/// Greeting, STARTTLS advertised, tagged OK with no byte behind it, then the verified TLS handshake.
+async fn starttls(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Conn, Failure> {
+    let mut plain = Conn::new(BackendStream::Plain(tcp));
+    let mut capabilities = plain.greeting().await?;
+    if capabilities.is_none() {
+        capabilities = Some(plain.capability().await?);
+    }
+    if !capabilities.as_deref().is_some_and(|c| response::has_capability(c, "STARTTLS")) {
+        return Err(Failure::backend(Kind::Starttls, "backend does not advertise STARTTLS"));
+    }
+    plain.send(b"S STARTTLS\r\n").await?;
+    let reply = plain.tagged("S", &mut None).await.map_err(|f| Failure { kind: Kind::Starttls, ..f })?;
+    if reply.status != Status::Ok {
+        return Err(Failure::backend(Kind::Starttls, format!("STARTTLS refused: {}", reply.describe())));
+    }
+    if plain.framer.buffered() > 0 {
+        return Err(Failure::backend(
+            Kind::Starttls,
+            "backend sent data after its STARTTLS OK before the handshake (response injection)",
+        ));
+    }
+    let BackendStream::Plain(tcp) = plain.stream else {
+        return Err(Failure::backend(Kind::Protocol, "internal: STARTTLS on a TLS stream"));
+    };
+    Ok(Conn::new(BackendStream::Tls(Box::new(handshake(tcp, ctx).await?))))
 }
 
 async fn handshake(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<TlsStream<TcpStream>, Failure> {
