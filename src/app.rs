@@ -17,6 +17,8 @@ use crate::security::{Defence, DefenceEvent};
 use crate::telemetry::admin::{self, AdminState};
 use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// What can stop the proxy from starting: configuration that looked valid but cannot be used.
@@ -44,22 +46,34 @@ fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
     }
 }
 
+/// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts
+/// (defence, metrics, audit log) that survive a reload.
+fn build_shared(
+    config: Config,
+    defence: Arc<Defence>,
+    metrics: Arc<Metrics>,
+    audit: Option<Arc<AuditLog>>,
+) -> Result<Shared, StartError> {
+    let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
+    if config.backend_tls.mode == BackendMode::Plain {
+        tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");
+    }
+    let router = Router::new(&config);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    Ok(Shared { config, router, acceptor, backend_tls, defence, metrics, audit })
+}
+
 /// Everything validated and loaded, nothing bound yet.
 pub struct Prepared {
     shared: Arc<Shared>,
+    config_path: Option<PathBuf>,
 }
 
 impl Prepared {
     /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
     pub fn new(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
-        let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
-        let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
-        if config.backend_tls.mode == BackendMode::Plain {
-            tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");
-        }
-        let router = Router::new(&config);
-        let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let defence = Defence::new(config.defence.clone());
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
@@ -71,7 +85,14 @@ impl Prepared {
             let audit = Arc::clone(audit);
             defence.set_event_sink(move |event| audit.record(&defence_audit_event(event)));
         }
-        Ok(Self { shared: Arc::new(Shared { config, router, acceptor, backend_tls, defence, metrics, audit }) })
+        let shared = build_shared(config, defence, metrics, audit)?;
+        Ok(Self { shared: Arc::new(shared), config_path: None })
+    }
+
+    /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).
+    pub fn with_config_path(mut self, path: PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     /// Binds every configured listener and the admin server.
@@ -87,7 +108,7 @@ impl Prepared {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
             listeners.push(listener);
         }
-        Ok(Proxy { shared: self.shared, listeners, admin })
+        Ok(Proxy { shared: self.shared, listeners, admin, config_path: self.config_path })
     }
 }
 
@@ -96,6 +117,14 @@ pub struct Proxy {
     shared: Arc<Shared>,
     listeners: Vec<TcpListener>,
     admin: TcpListener,
+    config_path: Option<PathBuf>,
+}
+
+/// The configuration new connections get; a reload swaps it, sessions keep the one they started with.
+type Current = Arc<RwLock<Arc<Shared>>>;
+
+fn current(shared: &Current) -> Arc<Shared> {
+    Arc::clone(&shared.read().unwrap_or_else(|p| p.into_inner()))
 }
 
 impl Proxy {
@@ -117,17 +146,19 @@ impl Proxy {
     /// Serves until `shutdown` resolves, then drains. Returns when every session has ended.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        let live: Current = Arc::new(RwLock::new(Arc::clone(&self.shared)));
         tokio::spawn(sweep_loop(Arc::clone(&self.shared), phase_rx.clone()));
-        tokio::spawn(probe_loop(Arc::clone(&self.shared), phase_rx.clone()));
+        tokio::spawn(probe_loop(Arc::clone(&live), phase_rx.clone()));
         let admin_state = Arc::new(AdminState {
             metrics: Arc::clone(&self.shared.metrics),
             listening: AtomicBool::new(false),
-            backends: self.shared.config.backends.iter().map(|b| b.name.clone()).collect(),
+            backends: {
+                let live = Arc::clone(&live);
+                Box::new(move || current(&live).config.backends.iter().map(|b| b.name.clone()).collect())
+            },
         });
         tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
-        if let Some(audit) = &self.shared.audit {
-            tokio::spawn(reopen_on_signal(Arc::clone(audit), phase_rx.clone()));
-        }
+        tokio::spawn(on_signals(Arc::clone(&live), self.config_path.clone(), phase_rx.clone()));
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
@@ -135,7 +166,7 @@ impl Proxy {
             tracing::info!(listen = %listener.local_addr().map_or(*addr, |a| a), "listening");
             tokio::spawn(accept_loop(
                 listener,
-                Arc::clone(&self.shared),
+                Arc::clone(&live),
                 Arc::clone(&slots),
                 phase_rx.clone(),
                 done_tx.clone(),
@@ -158,7 +189,7 @@ impl Proxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    live: Current,
     slots: Arc<Semaphore>,
     mut phase: watch::Receiver<Phase>,
     done: mpsc::Sender<()>,
@@ -178,6 +209,7 @@ async fn accept_loop(
                 continue;
             }
         };
+        let shared = current(&live);
         // Cheap refusals before any TLS work: global cap, deny list, bans, per-prefix caps and rates.
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(event = "refused", %peer, reason = "max_connections", "connection refused before TLS");
@@ -202,7 +234,7 @@ async fn accept_loop(
         };
         shared.metrics.connections_accepted.inc();
         let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
-        let (shared, phase, done) = (Arc::clone(&shared), phase.clone(), done.clone());
+        let (phase, done) = (phase.clone(), done.clone());
         tokio::spawn(async move {
             shared.metrics.connections_active.inc();
             let metrics = Arc::clone(&shared.metrics);
@@ -251,7 +283,7 @@ fn log_defence_stats(defence: &Defence) {
 
 /// Backend reachability for `imapgate_backend_up` and `/readyz`: a TCP connect to each backend every
 /// five seconds (logins update the gauge too).
-async fn probe_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+async fn probe_loop(live: Current, mut phase: watch::Receiver<Phase>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -259,6 +291,7 @@ async fn probe_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
             _ = tick.tick() => {}
             () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         }
+        let shared = current(&live);
         for backend in &shared.config.backends {
             let target = (backend.host.as_str(), backend.port);
             let timeout = shared.config.backend_tls.connect_timeout;
@@ -272,18 +305,67 @@ async fn probe_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     }
 }
 
-/// Reopens the audit log on SIGHUP or SIGUSR1 (logrotate).
-async fn reopen_on_signal(audit: Arc<AuditLog>, mut phase: watch::Receiver<Phase>) {
+/// SIGHUP reloads the configuration (when it came from a file) and reopens the audit log; SIGUSR1 only
+/// reopens the audit log (logrotate).
+async fn on_signals(live: Current, config_path: Option<PathBuf>, mut phase: watch::Receiver<Phase>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut hup), Ok(mut usr1)) = (signal(SignalKind::hangup()), signal(SignalKind::user_defined1())) else {
-        tracing::warn!("cannot install SIGHUP/SIGUSR1 handlers; the audit log will not be reopened");
+        tracing::warn!("cannot install SIGHUP/SIGUSR1 handlers: no reload, no audit log reopening");
         return;
     };
     loop {
-        tokio::select! {
-            _ = hup.recv() => audit.reopen(),
-            _ = usr1.recv() => audit.reopen(),
+        let reload = tokio::select! {
+            _ = hup.recv() => true,
+            _ = usr1.recv() => false,
             () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+        };
+        let shared = current(&live);
+        if let Some(audit) = &shared.audit {
+            audit.reopen();
+        }
+        if let (true, Some(path)) = (reload, config_path.as_deref()) {
+            reload_config(&live, path);
         }
     }
+}
+
+/// Loads and validates the file again and swaps it in for new connections. Listener and admin addresses,
+/// the defence's settings and the audit target need a restart; a change to them is reported and ignored.
+fn reload_config(live: &Current, path: &Path) {
+    let old = current(live);
+    let outcome = Config::load(path).map_err(|e| e.to_string()).and_then(|config| {
+        let mut notes = Vec::new();
+        if config.server.listen != old.config.server.listen || config.admin != old.config.admin {
+            notes.push("listen and admin addresses");
+        }
+        if config.defence != old.config.defence {
+            notes.push("[defence]");
+        }
+        if config.audit != old.config.audit {
+            notes.push("[audit]");
+        }
+        let defence = Arc::clone(&old.defence);
+        let fresh =
+            build_shared(config, defence, Arc::clone(&old.metrics), old.audit.clone()).map_err(|e| e.to_string())?;
+        *live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(notes)
+    });
+    let (result, reason) = match &outcome {
+        Ok(notes) if notes.is_empty() => ("success", String::new()),
+        Ok(notes) => ("success", format!("unchanged until restart: {}", notes.join(", "))),
+        Err(e) => ("failure", e.clone()),
+    };
+    match &outcome {
+        Ok(_) => tracing::info!(event = "config_reload", result, reason, "configuration reloaded"),
+        Err(e) => {
+            tracing::error!(event = "config_reload", result, error = %e, "configuration reload failed; keeping the old one")
+        }
+    }
+    old.metrics.config_reloads.with_label_values(&[result]).inc();
+    old.audit(&AuditEvent {
+        event: "config_reload",
+        result: Some(result),
+        reason: (!reason.is_empty()).then_some(reason),
+        ..AuditEvent::default()
+    });
 }

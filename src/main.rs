@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     let log = config.log.clone();
     let otel = config.otel.clone();
     let prepared = match Prepared::new(config) {
-        Ok(prepared) => prepared,
+        Ok(prepared) => prepared.with_config_path(cli.config.clone()),
         Err(e) => {
             eprintln!("imapgate: invalid configuration {}:\n{e}", cli.config.display());
             return ExitCode::from(EXIT_CONFIG);

@@ -22,13 +22,14 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
-    pub backends: Vec<String>,
+    /// The names of the backends configured now (a reload may change them).
+    pub backends: Box<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
 impl AdminState {
     fn ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
-            && self.backends.iter().any(|b| self.metrics.backend_up.with_label_values(&[b]).get() == 1)
+            && (self.backends)().iter().any(|b| self.metrics.backend_up.with_label_values(&[b]).get() == 1)
     }
 }
 

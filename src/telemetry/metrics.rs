@@ -29,7 +29,7 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub session_seconds: Histogram,
     pub observer_desync: IntCounter,
-    pub config_reloads: IntCounter,
+    pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -191,7 +191,12 @@ impl Metrics {
                 "imapgate_observer_desync_total",
                 "Sessions whose command observer lost track of the stream (the relay went on).",
             ),
-            config_reloads: counter(&r, "imapgate_config_reloads_total", "Configuration reloads."),
+            config_reloads: counter_vec(
+                &r,
+                "imapgate_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result.",
+                &["result"],
+            ),
             build_info: gauge_vec(&r, "imapgate_build_info", "Build information.", &["version"]),
             registry: r,
         };
@@ -207,6 +212,9 @@ impl Metrics {
             for result in AUTH_RESULTS {
                 m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
             }
+        }
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]).inc_by(0);
         }
         for direction in ["client_to_backend", "backend_to_client"] {
             m.bytes.with_label_values(&[direction]).inc_by(0);
