@@ -3,34 +3,17 @@
 
 mod support;
 
-use std::sync::OnceLock;
-
 use base64::Engine;
 use support::client::{self, TlsClient};
-use support::dovecot::{Dovecot, password};
-use support::pki::Pki;
+use support::dovecot::password;
 use support::proxy::{TestProxy, backend, config_text};
 
-struct Env {
-    pki: Pki,
-    dovecot: Dovecot,
-}
-
-/// One Dovecot for this test binary.
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let dir = support::scratch_dir("imapgate-core-");
-        let pki = Pki::generate(&dir);
-        let dovecot = Dovecot::start("core", &pki, &[]);
-        Env { pki, dovecot }
-    })
+fn env() -> &'static support::Env {
+    support::env("core", &[])
 }
 
 async fn proxy() -> TestProxy {
-    let env = env();
-    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
-    TestProxy::start(&config_text(&env.pki, &rest)).await
+    support::proxy::in_front_of(&env().pki, env().dovecot.imap_port, "").await
 }
 
 fn b64(s: &[u8]) -> String {

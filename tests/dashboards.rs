@@ -14,7 +14,6 @@ use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -70,11 +69,7 @@ fn exported(exposition: &str) -> BTreeSet<String> {
 }
 
 async fn scrape(proxy: &TestProxy) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+    support::admin_get(proxy.admin, "/metrics").await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

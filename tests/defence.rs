@@ -6,29 +6,18 @@
 mod support;
 
 use std::net::IpAddr;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use support::client::{self, TlsClient};
-use support::dovecot::Dovecot;
-use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
-
-struct Env {
-    pki: Pki,
-    dovecot: Dovecot,
-}
 
 const USERS: &[&str] = &["victim1@example.org", "victim2@example.org", "victim3@example.org", "victim4@example.org"];
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let pki = Pki::generate(&support::scratch_dir("imapgate-defence-"));
-        let extra: Vec<(String, String)> = USERS.iter().map(|u| (u.to_string(), "right-pw".to_string())).collect();
-        let dovecot = Dovecot::start("defence", &pki, &extra);
-        Env { pki, dovecot }
-    })
+fn env() -> &'static support::Env {
+    static USERS_WITH_PASSWORDS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    let extra =
+        USERS_WITH_PASSWORDS.get_or_init(|| USERS.iter().map(|u| (u.to_string(), "right-pw".to_string())).collect());
+    support::env("defence", extra)
 }
 
 async fn proxy(defence: &str) -> TestProxy {

@@ -4,26 +4,13 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use support::client::TlsClient;
-use support::dovecot::Dovecot;
-use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
 
-struct Env {
-    pki: Pki,
-    dovecot: Dovecot,
-}
-
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let pki = Pki::generate(&support::scratch_dir("imapgate-hostile-client-"));
-        let dovecot = Dovecot::start("hostile-client", &pki, &[]);
-        Env { pki, dovecot }
-    })
+fn env() -> &'static support::Env {
+    support::env("hostile-client", &[])
 }
 
 async fn proxy() -> TestProxy {

@@ -3,46 +3,20 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::sync::OnceLock;
+use support::admin_get as get;
+
 use std::time::Duration;
 
 use base64::Engine;
 use support::client::TlsClient;
-use support::dovecot::Dovecot;
-use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Env {
-    pki: Pki,
-    dovecot: Dovecot,
-}
-
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let pki = Pki::generate(&support::scratch_dir("imapgate-monitoring-"));
-        let dovecot = Dovecot::start("monitoring", &pki, &[]);
-        Env { pki, dovecot }
-    })
+fn env() -> &'static support::Env {
+    support::env("monitoring", &[])
 }
 
 async fn proxy() -> TestProxy {
-    let env = env();
-    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
-    TestProxy::start(&config_text(&env.pki, &rest)).await
-}
-
-/// A plain HTTP/1.1 GET against the admin server: (status, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut out)).await.unwrap().unwrap();
-    let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    support::proxy::in_front_of(&env().pki, env().dovecot.imap_port, "").await
 }
 
 /// The value of one sample line, e.g. `imapgate_commands_total{command="SELECT",status="OK"}`.

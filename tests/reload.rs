@@ -12,15 +12,6 @@ use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::pki::Pki;
 use support::proxy::{backend, config_text};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-async fn metrics(admin: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 fn sighup() {
     let pid = std::process::id().to_string();
@@ -65,7 +56,7 @@ async fn sighup_reloads_routes_and_keeps_the_old_config_when_the_new_one_is_bad(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut again, _) = TlsClient::greeted(addr, &pki.ca).await;
     assert!(again.command("d", "LOGIN bob@example.com bob-pw").await.unwrap().tagged.starts_with("d OK"));
-    let text = metrics(admin).await;
+    let text = support::admin_get(admin, "/metrics").await.1;
     assert!(text.contains("imapgate_config_reloads_total{result=\"success\"} 1"), "{text}");
     assert!(text.contains("imapgate_config_reloads_total{result=\"failure\"} 1"), "{text}");
     drop((c, fresh, again));

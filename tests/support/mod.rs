@@ -55,3 +55,32 @@ pub fn scratch_dir(prefix: &str) -> std::path::PathBuf {
     remove_on_exit(&dir);
     dir
 }
+
+/// A test binary's private PKI and Dovecot.
+pub struct Env {
+    pub pki: pki::Pki,
+    pub dovecot: dovecot::Dovecot,
+}
+
+/// One Dovecot per test binary (each binary compiles this module, so each gets its own), started on first
+/// use with `extra_users` on top of the demo accounts.
+pub fn env(name: &str, extra_users: &[(String, String)]) -> &'static Env {
+    static ENV: std::sync::OnceLock<Env> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let pki = pki::Pki::generate(&scratch_dir(&format!("imapgate-{name}-")));
+        let dovecot = dovecot::Dovecot::start(name, &pki, extra_users);
+        Env { pki, dovecot }
+    })
+}
+
+/// A plain HTTP/1.1 GET against the admin server: (status, body).
+pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_string(&mut out)).await.unwrap().unwrap();
+    let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

@@ -94,3 +94,9 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// A proxy in front of `port` as the default backend "mbox", with the test defaults.
+pub async fn in_front_of(pki: &Pki, port: u16, extra: &str) -> TestProxy {
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n{extra}", backend("mbox", port));
+    TestProxy::start(&config_text(pki, &rest)).await
+}
