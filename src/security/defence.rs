@@ -116,8 +116,9 @@ struct Ban {
 #[derive(Debug, Default)]
 struct AccountState {
     consecutive: u32,
-    /// Logins of this account under way: they count towards the delay and the block before their
-    /// outcome is known, so a burst of parallel guesses cannot slip past the threshold.
+    /// Logins of this account under way from prefixes that never logged into it: they count towards the
+    /// delay and the block before their outcome is known, so a burst of parallel guesses cannot slip past
+    /// the threshold. Logins from known prefixes (the user's own devices) are not counted.
     pending: u32,
     last_failure: Option<Instant>,
     recent: VecDeque<(Fingerprint, Instant)>,
@@ -177,12 +178,17 @@ pub struct LoginPermit {
     wide: Option<IpNet>,
     trusted: bool,
     account: String,
+    /// Whether this login is counted in the account's `pending`.
+    counted: bool,
     _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for LoginPermit {
     fn drop(&mut self) {
         let mut tables = self.defence.lock();
+        if !self.counted {
+            return;
+        }
         if let Some(state) = tables.accounts.get_mut(&self.account) {
             state.pending = state.pending.saturating_sub(1);
         }
@@ -320,16 +326,26 @@ impl Defence {
                 return Err(self.refused(ip, Refusal::Busy, Some(user)));
             };
             state.expire(now, self.config.account_reset);
-            let load = state.consecutive + state.pending;
-            if load >= self.config.account_block_after && !state.known.contains(&key) {
+            let known = state.known.contains(&key);
+            let load = state.consecutive + if known { 0 } else { state.pending };
+            if load >= self.config.account_block_after && !known {
                 drop(tables);
                 return Err(self.refused(ip, Refusal::AccountBlocked, Some(user)));
             }
-            state.pending += 1;
+            if !known {
+                state.pending += 1;
+            }
             state.last_seen = Some(now);
             // From here on, dropping the permit undoes `pending`.
-            let permit =
-                LoginPermit { defence: Arc::clone(self), key, wide, trusted, account: account.clone(), _slot: None };
+            let permit = LoginPermit {
+                defence: Arc::clone(self),
+                key,
+                wide,
+                trusted,
+                account: account.clone(),
+                counted: !known,
+                _slot: None,
+            };
             let delay = match load.checked_sub(self.config.account_delay_after) {
                 Some(over) => self.tarpit(over + 1),
                 None => Duration::ZERO,
@@ -813,6 +829,21 @@ mod tests {
         assert_eq!(held.len(), 50);
         // Pending logins count before their outcome: only 50 are let through at once.
         assert!(blocked >= 10, "{blocked} blocked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_logins_from_a_known_prefix_are_not_delayed() {
+        let d = Defence::new(DefenceConfig { auth_in_flight: 100, ..config() });
+        let home: IpAddr = "198.51.100.9".parse().unwrap();
+        let first = d.begin_login(home, &user("shared@example.org")).await.unwrap();
+        d.login_succeeded(first);
+        // Sixty devices of the same account log in at once from the known prefix: no delay, no block.
+        let started = Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..60 {
+            held.push(d.begin_login(home, &user("shared@example.org")).await.unwrap());
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
