@@ -203,6 +203,8 @@ mod tests {
         log.reopen();
         log.record(&facts.event("session_end"));
         let old = std::fs::read_to_string(dir.path().join("audit.log.1")).unwrap();
+        assert!(old.starts_with("{\"timestamp\":\""), "timestamp first, then the event: {old}");
+        assert!(old.contains("Z\",\"event\":\"auth_success\""), "{old}");
         let line: serde_json::Value = serde_json::from_str(old.trim()).unwrap();
         assert_eq!(line["event"], "auth_success");
         assert_eq!(line["client_ip"], "192.0.2.1");
