@@ -37,8 +37,19 @@ fn main() -> ExitCode {
         }
     };
     let router = Router::new(&config);
-    let log = config.log.clone();
-    let otel = config.otel.clone();
+    let checking = matches!(cli.command, Some(Command::Check));
+    // Logging first, so that start-up warnings (e.g. plaintext backends) are seen; `check` only prints.
+    let telemetry = if checking {
+        None
+    } else {
+        match imapgate::telemetry::init(&config.log, config.otel.as_ref()) {
+            Ok(guard) => Some(guard),
+            Err(e) => {
+                eprintln!("imapgate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    };
     let prepared = match Prepared::new(config) {
         Ok(prepared) => prepared.with_config_path(cli.config.clone()),
         Err(e) => {
@@ -46,20 +57,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::Check) = cli.command {
+    if checking {
         println!("configuration {} is valid", cli.config.display());
         for line in router.describe() {
             println!("  {line}");
         }
         return ExitCode::SUCCESS;
     }
-    let telemetry = match imapgate::telemetry::init(&log, otel.as_ref()) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("imapgate: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
     let result = run(prepared);
     // Flushes the last spans before exit.
     drop(telemetry);

@@ -56,3 +56,34 @@ fn bad_configuration_exits_64_and_names_the_key() {
         }
     }
 }
+
+#[test]
+fn plaintext_backends_are_warned_about_at_start_up() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let text = valid(&pki).replace("[backend_tls]\n", "[backend_tls]\nmode = \"plain\"\nallow_plaintext = true\n")
+        + "[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"off\"\n";
+    let config = write_config(dir.path(), &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let warned = rx.recv_timeout(std::time::Duration::from_secs(10));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = warned.expect("a warning line");
+    assert!(line.contains("unencrypted"), "{line}");
+}
