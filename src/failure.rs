@@ -88,6 +88,24 @@ impl Failure {
     pub fn is_auth_failure(&self) -> bool {
         self.kind == Kind::AuthFailed
     }
+
+    /// The `result` label of `imapgate_auth_attempts_total` and of the audit log.
+    pub fn result(&self) -> &'static str {
+        match self.kind {
+            Kind::AuthFailed | Kind::NoRoute => "bad_credentials",
+            _ => "backend_error",
+        }
+    }
+
+    /// The audit event: the backend's trouble or the client's failure.
+    pub fn audit_event(&self) -> &'static str {
+        if self.side == Side::Backend { "backend_error" } else { "auth_failure" }
+    }
+
+    /// `side/kind`, the audit log's reason.
+    pub fn reason(&self) -> String {
+        format!("{}/{}", self.side.as_str(), self.kind.as_str())
+    }
 }
 
 impl fmt::Display for Failure {
@@ -111,5 +129,14 @@ mod tests {
         let unrouted = Failure { side: Side::Proxy, kind: Kind::NoRoute, detail: String::new() };
         assert_eq!(unrouted.rejection(), Rejection::AUTHENTICATION_FAILED);
         assert_eq!(auth.to_string(), "client auth_failed: ");
+        assert_eq!(
+            (auth.result(), auth.audit_event(), auth.reason().as_str()),
+            ("bad_credentials", "auth_failure", "client/auth_failed")
+        );
+        let tls = Failure::backend(Kind::Tls, "x");
+        assert_eq!(
+            (tls.result(), tls.audit_event(), tls.reason().as_str()),
+            ("backend_error", "backend_error", "backend/tls")
+        );
     }
 }

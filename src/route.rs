@@ -38,10 +38,6 @@ impl Router {
         self.backends.get(index)
     }
 
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
-    }
-
     /// Human-readable effective routes, for `imapgate check`.
     pub fn describe(&self) -> Vec<String> {
         let name = |i: &usize| self.backends.get(*i).map_or("?", |b| b.name.as_str());

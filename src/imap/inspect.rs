@@ -268,9 +268,8 @@ impl Observer {
         let mut i = 0;
         while i < bytes.len() {
             if let ClientState::Data { remaining } = self.client {
-                let take = remaining.min((bytes.len() - i) as u64);
-                i += take as usize;
-                let left = remaining - take;
+                let (taken, left) = skip_literal(remaining, bytes.len() - i);
+                i += taken;
                 self.client = if left == 0 { ClientState::Args } else { ClientState::Data { remaining: left } };
                 continue;
             }
@@ -358,9 +357,8 @@ impl Observer {
         let mut i = 0;
         while i < bytes.len() {
             if let ServerState::Data { remaining } = self.server {
-                let take = remaining.min((bytes.len() - i) as u64);
-                i += take as usize;
-                let left = remaining - take;
+                let (taken, left) = skip_literal(remaining, bytes.len() - i);
+                i += taken;
                 self.server = if left == 0 { ServerState::Rest } else { ServerState::Data { remaining: left } };
                 continue;
             }
@@ -431,6 +429,13 @@ impl Observer {
             }
         }
     }
+}
+
+/// Literal data is passed over in bulk: of `available` bytes, how many belong to a literal with
+/// `remaining` bytes to go, and how many it still has after them.
+fn skip_literal(remaining: u64, available: usize) -> (usize, u64) {
+    let taken = remaining.min(available as u64);
+    (taken as usize, remaining - taken)
 }
 
 fn push_bounded(buf: &mut Vec<u8>, b: u8, max: usize) {

@@ -131,11 +131,6 @@ impl PreAuth {
         self.framer.push(bytes);
     }
 
-    /// Whether the machine can use more input (it reads nothing while a login is tried).
-    pub fn wants_input(&self) -> bool {
-        !matches!(self.state, State::AwaitingLogin | State::Closed) && self.actions.is_empty()
-    }
-
     /// The ID parameters the client sent, for the backend.
     pub fn client_id(&self) -> &IdParams {
         &self.client_id
@@ -372,9 +367,13 @@ mod tests {
     fn login_then_failure_then_success_with_pipelining() {
         let mut m = PreAuth::new();
         assert_eq!(run(&mut m, b"a LOGIN alice wrong\r\nb NOOP\r\n"), "[login a LOGIN-command alice:wrong]");
-        assert!(!m.wants_input());
+        // While the login is tried, further input is held, not acted on.
+        assert_eq!(run(&mut m, b"x NOOP\r\n"), "");
         m.login_failed(&Tag::parse(b"a").unwrap(), Rejection::AUTHENTICATION_FAILED);
-        assert_eq!(run(&mut m, b""), "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed.\r\n");
+        assert_eq!(
+            run(&mut m, b""),
+            "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\nb OK NOOP completed.\r\nx OK NOOP completed.\r\n"
+        );
         assert_eq!(run(&mut m, b"c LOGIN {5}\r\n"), "+ Ready for literal data.\r\n");
         assert_eq!(run(&mut m, b"alice right\r\nd SELECT INBOX\r\ne NO"), "[login c LOGIN-command alice:right]");
         assert_eq!(m.into_pipelined(), b"d SELECT INBOX\r\ne NO");

@@ -21,6 +21,7 @@ use crate::imap::response;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::upstream::{self, LoginContext, Upstream};
 use crate::net::{Phase, Shared};
+use crate::security::Refusal;
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
 
 /// A fresh random session id (16 URL-safe characters), sent to the backend as `x-session-id`.
@@ -204,20 +205,8 @@ async fn pre_auth(
                         Err(refusal) => {
                             // Logged by the defence; no backend is contacted. The answer waits as long as
                             // the longest tarpit step, so a refused attacker cannot spin.
-                            let delay = shared.defence.refusal_delay(refusal);
-                            auth_result(shared, &request, refusal.reason());
-                            shared.audit(&AuditEvent {
-                                user: Some(user.to_string()),
-                                mechanism: Some(request.mechanism.as_str()),
-                                result: Some("refused"),
-                                reason: Some(refusal.reason().to_owned()),
-                                ..facts.event("rate_limited")
-                            });
-                            shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
-                            tokio::select! {
-                                () = tokio::time::sleep(delay) => {}
-                                () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
-                            }
+                            record_attempt(shared, facts, &request, Attempt::Refused(refusal));
+                            wait_tarpit(shared, shared.defence.refusal_delay(refusal), phase).await;
                             machine.login_failed(&request.tag, Rejection::UNAVAILABLE);
                             continue;
                         }
@@ -227,14 +216,7 @@ async fn pre_auth(
                             // The session's user, recorded once: only a successful login names it.
                             session_span.record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
-                            auth_result(shared, &request, "success");
-                            shared.audit(&AuditEvent {
-                                user: Some(user.to_string()),
-                                mechanism: Some(request.mechanism.as_str()),
-                                backend: Some(backend.clone()),
-                                result: Some("success"),
-                                ..facts.event("auth_success")
-                            });
+                            record_attempt(shared, facts, &request, Attempt::Success(&backend));
                             let pipelined = machine.into_pipelined();
                             let user = user.to_string();
                             return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user });
@@ -247,25 +229,9 @@ async fn pre_auth(
                                     .is_auth_failure()
                                     .then(|| shared.defence.login_failed(permit, user, &request.credentials.password))
                             });
-                            let result = match failure.kind {
-                                Kind::AuthFailed | Kind::NoRoute => "bad_credentials",
-                                _ => "backend_error",
-                            };
-                            auth_result(shared, &request, result);
-                            let event = if failure.side == Side::Backend { "backend_error" } else { "auth_failure" };
-                            shared.audit(&AuditEvent {
-                                user: Some(user.to_string()),
-                                mechanism: Some(request.mechanism.as_str()),
-                                result: Some(result),
-                                reason: Some(format!("{}/{}", failure.side.as_str(), failure.kind.as_str())),
-                                ..facts.event(event)
-                            });
+                            record_attempt(shared, facts, &request, Attempt::Failed(&failure));
                             if let Some(delay) = tarpit {
-                                shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
-                                tokio::select! {
-                                    () = tokio::time::sleep(delay) => {}
-                                    () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
-                                }
+                                wait_tarpit(shared, delay, phase).await;
                             }
                             machine.login_failed(&request.tag, failure.rejection());
                         }
@@ -351,9 +317,46 @@ async fn login(
     }
 }
 
-/// Counts a login attempt by mechanism and result.
-fn auth_result(shared: &Shared, request: &LoginRequest, result: &str) {
-    shared.metrics.auth_attempts.with_label_values(&[request.mechanism.as_str(), result]).inc();
+/// How a login attempt ended, as the metrics and the audit log see it.
+enum Attempt<'a> {
+    /// Logged in at this backend.
+    Success(&'a str),
+    /// Refused by the defence without backend contact.
+    Refused(Refusal),
+    /// Failed, classified once.
+    Failed(&'a Failure),
+}
+
+/// Counts a login attempt (mechanism, result) and writes its audit event.
+fn record_attempt(shared: &Shared, facts: &SessionFacts, request: &LoginRequest, attempt: Attempt<'_>) {
+    let (event, metric_result, audit_result, reason, backend) = match attempt {
+        Attempt::Success(backend) => ("auth_success", "success", "success", None, Some(backend.to_owned())),
+        Attempt::Refused(refusal) => {
+            ("rate_limited", refusal.reason(), "refused", Some(refusal.reason().to_owned()), None)
+        }
+        Attempt::Failed(failure) => {
+            (failure.audit_event(), failure.result(), failure.result(), Some(failure.reason()), None)
+        }
+    };
+    let mechanism = request.mechanism.as_str();
+    shared.metrics.auth_attempts.with_label_values(&[mechanism, metric_result]).inc();
+    shared.audit(&AuditEvent {
+        user: Some(request.credentials.username.to_string()),
+        mechanism: Some(mechanism),
+        backend,
+        result: Some(audit_result),
+        reason,
+        ..facts.event(event)
+    });
+}
+
+/// Waits out a tarpit delay (cut short by shutdown) and records it.
+async fn wait_tarpit(shared: &Shared, delay: std::time::Duration, phase: &mut watch::Receiver<Phase>) {
+    shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
+    }
 }
 
 /// A bounded label for a failed client handshake.

@@ -261,10 +261,6 @@ impl Defence {
         }
     }
 
-    pub fn config(&self) -> &DefenceConfig {
-        &self.config
-    }
-
     fn is_trusted(&self, ip: IpAddr) -> bool {
         prefix::contains(&self.config.trusted, ip)
     }
