@@ -6,10 +6,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::{BackendMode, Config};
+use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Phase, Shared, session};
 use crate::route::Router;
@@ -42,6 +43,17 @@ fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
         },
         DefenceEvent::Unbanned { prefix } => {
             AuditEvent { event: "unbanned", prefix: Some(prefix.to_string()), ..AuditEvent::default() }
+        }
+        DefenceEvent::Closed { prefix, user, duration } => AuditEvent {
+            event: "unfamiliar_closed",
+            prefix: Some(prefix.to_string()),
+            reason: Some("failure_budget".to_owned()),
+            user: Some(user.clone()),
+            ban_secs: Some(duration.as_secs()),
+            ..AuditEvent::default()
+        },
+        DefenceEvent::Reopened { prefix } => {
+            AuditEvent { event: "reopened", prefix: Some(prefix.to_string()), ..AuditEvent::default() }
         }
     }
 }
@@ -210,41 +222,67 @@ async fn accept_loop(
             }
         };
         let shared = current(&live);
-        // Cheap refusals before any TLS work: global cap, deny list, bans, per-prefix caps and rates.
+        // Cheap refusals before any TLS work: the global cap here, then (in the connection's own task, once a
+        // PROXY header has named the real client) deny list, bans, per-prefix caps and rates.
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tracing::warn!(event = "refused", %peer, reason = "max_connections", "connection refused before TLS");
             shared.metrics.connections_refused.with_label_values(&["max_connections"]).inc();
             continue;
         };
-        let admitted = match shared.defence.admit(peer.ip()) {
-            Ok(admitted) => admitted,
-            Err(refusal) => {
-                shared.metrics.connections_refused.with_label_values(&[refusal.reason()]).inc();
-                shared.audit(&AuditEvent {
-                    event: "rate_limited",
-                    client_ip: Some(peer.ip().to_string()),
-                    client_port: Some(peer.port()),
-                    listener: local.map(|l| l.to_string()),
-                    result: Some("refused_before_tls"),
-                    reason: Some(refusal.reason().to_owned()),
-                    ..AuditEvent::default()
-                });
-                continue;
-            }
-        };
-        shared.metrics.connections_accepted.inc();
         let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
         let (phase, done) = (phase.clone(), done.clone());
         tokio::spawn(async move {
-            shared.metrics.connections_active.inc();
-            let metrics = Arc::clone(&shared.metrics);
-            session::run(shared, tcp, peer, local, phase).await;
-            metrics.connections_active.dec();
-            drop(admitted);
+            connection(shared, tcp, peer, local, phase).await;
             drop(permit);
             drop(done);
         });
     }
+}
+
+/// One accepted connection: its PROXY header (when configured), admission, then the session.
+async fn connection(
+    shared: Arc<Shared>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    phase: watch::Receiver<Phase>,
+) {
+    let endpoints = match proxy_protocol::accept(&shared.config.server, &mut tcp, peer, local).await {
+        Ok((endpoints, result)) => {
+            shared.metrics.proxy_headers.with_label_values(&[result]).inc();
+            endpoints
+        }
+        Err(error) => {
+            shared.metrics.proxy_headers.with_label_values(&[error.label()]).inc();
+            if error != HeaderError::Local {
+                tracing::info!(event = "refused", %peer, reason = "proxy_protocol", error = %error, "connection refused before TLS");
+            }
+            return;
+        }
+    };
+    let client = endpoints.client;
+    let admitted = match shared.defence.admit(client.ip()) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            shared.metrics.connections_refused.with_label_values(&[refusal.reason()]).inc();
+            shared.audit(&AuditEvent {
+                event: "rate_limited",
+                client_ip: Some(client.ip().to_string()),
+                client_port: Some(client.port()),
+                peer_ip: endpoints.via.map(|v| v.ip().to_string()),
+                listener: Some(endpoints.local.to_string()),
+                result: Some("refused_before_tls"),
+                reason: Some(refusal.reason().to_owned()),
+                ..AuditEvent::default()
+            });
+            return;
+        }
+    };
+    shared.metrics.connections_accepted.inc();
+    shared.metrics.connections_active.inc();
+    let metrics = Arc::clone(&shared.metrics);
+    session::run(shared, tcp, endpoints, admitted, phase).await;
+    metrics.connections_active.dec();
 }
 
 /// Defence housekeeping every few seconds: lift bans, forget idle entries, prune limiters.
@@ -275,7 +313,7 @@ fn log_defence_stats(defence: &Defence) {
         tracked_accounts = stats.tracked_accounts,
         ban_entries = stats.ban_entries,
         active_bans = stats.active_bans,
-        limiter_keys = stats.limiter_keys,
+        evicted = stats.evicted,
         max_in_flight = stats.max_in_flight,
         "defence tables"
     );

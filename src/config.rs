@@ -112,6 +112,7 @@ pub struct AdminConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawDefence {
+    enabled: bool,
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     ipv6_wide_prefix: u8,
@@ -129,6 +130,13 @@ struct RawDefence {
     connections_per_prefix: u32,
     connection_rate_per_minute: u32,
     connection_burst: u32,
+    connections_per_prefix_max: u32,
+    connection_burst_max: u32,
+    successes_per_failure: u32,
+    earned_failures_max: u32,
+    standing_half_life_secs: u64,
+    repeat_secs: u64,
+    account_forget_secs: u64,
     trusted: Vec<ipnet::IpNet>,
     deny: Vec<ipnet::IpNet>,
     max_tracked: usize,
@@ -137,6 +145,7 @@ struct RawDefence {
 impl Default for RawDefence {
     fn default() -> Self {
         Self {
+            enabled: true,
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             ipv6_wide_prefix: 48,
@@ -146,14 +155,21 @@ impl Default for RawDefence {
             ban_secs: 600,
             ban_max_secs: 86_400,
             tarpit_ms: vec![2_000, 4_000, 8_000, 15_000],
-            auth_in_flight: 2,
+            auth_in_flight: 64,
             auth_queue_timeout_secs: 30,
             account_delay_after: 5,
             account_block_after: 50,
             account_reset_secs: 3_600,
-            connections_per_prefix: 50,
-            connection_rate_per_minute: 60,
-            connection_burst: 30,
+            connections_per_prefix: 100,
+            connection_rate_per_minute: 120,
+            connection_burst: 100,
+            connections_per_prefix_max: 10_000,
+            connection_burst_max: 10_000,
+            successes_per_failure: 10,
+            earned_failures_max: 200,
+            standing_half_life_secs: 600,
+            repeat_secs: 60,
+            account_forget_secs: 30 * 86_400,
             trusted: Vec::new(),
             deny: Vec::new(),
             max_tracked: 100_000,
@@ -164,6 +180,9 @@ impl Default for RawDefence {
 /// Brute-force defence and connection admission, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefenceConfig {
+    /// Off: every connection and login is let through (for comparisons and for installations that defend
+    /// elsewhere).
+    pub enabled: bool,
     /// Prefix lengths that key failures: IPv4, IPv6, and the coarser IPv6 bucket.
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
@@ -178,7 +197,8 @@ pub struct DefenceConfig {
     pub ban_max: Duration,
     /// Delay before answering the n-th failure in a window (the last value repeats).
     pub tarpit: Vec<Duration>,
-    /// Logins one prefix may have at a backend at once; more wait.
+    /// Logins one prefix may have at a backend at once, whatever its standing; more wait. Logins for
+    /// accounts unfamiliar with the prefix are further held to the room left in its failure budget.
     pub auth_in_flight: u32,
     pub auth_queue_timeout: Duration,
     /// Consecutive failures of one account (from anywhere) before its logins are delayed.
@@ -187,9 +207,23 @@ pub struct DefenceConfig {
     pub account_block_after: u32,
     /// An account's failure count is forgotten after this long without failures.
     pub account_reset: Duration,
+    /// Connections from one prefix that have not logged in (base, for a prefix with no record).
     pub connections_per_prefix: u32,
+    /// Connections that do not log in: sustained rate and burst (a successful login gives its token back).
     pub connection_rate_per_minute: u32,
     pub connection_burst: u32,
+    /// Ceilings of what standing (recent successful logins, one unit each) adds to the two above.
+    pub connections_per_prefix_max: u32,
+    pub connection_burst_max: u32,
+    /// Recent successes that earn the tolerance of one more failure, and the most that can be earned.
+    pub successes_per_failure: u32,
+    pub earned_failures_max: u32,
+    /// Standing halves after this long without successful logins.
+    pub standing_half_life: Duration,
+    /// A wrong (user, password) pair repeated within this is answered at the door (0: always ask).
+    pub repeat_window: Duration,
+    /// An account without failures is forgotten after this long unseen (with its familiar prefixes).
+    pub account_forget: Duration,
     /// Skip per-address limits (per-account counting stays).
     pub trusted: Vec<ipnet::IpNet>,
     /// Refused before TLS.
@@ -214,6 +248,25 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "defaults::proxy_ttl")]
     proxy_ttl: u32,
+    #[serde(default)]
+    proxy_protocol: ProxyProtocolMode,
+    #[serde(default)]
+    proxy_protocol_from: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    id_forwarded_from: Vec<ipnet::IpNet>,
+}
+
+/// Whether listeners read a PROXY protocol header (v1 or v2) from trusted peers before TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolMode {
+    /// No header is read; one that arrives fails the TLS handshake.
+    #[default]
+    Off,
+    /// Peers in `proxy_protocol_from` may send one; connections without one use the peer's address.
+    Optional,
+    /// Every connection must come from `proxy_protocol_from` with a header.
+    Required,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +406,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub proxy_ttl: u32,
+    pub proxy_protocol: ProxyProtocolMode,
+    /// Peers that may send a PROXY header (load balancers).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// Peers whose pre-login `ID` `x-originating-ip`/`x-originating-port` replace the client address
+    /// (webmail servers).
+    pub id_forwarded_from: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,7 +559,16 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
         max_connections: raw.server.max_connections,
         proxy_ttl: raw.server.proxy_ttl,
+        proxy_protocol: raw.server.proxy_protocol,
+        proxy_protocol_from: raw.server.proxy_protocol_from,
+        id_forwarded_from: raw.server.id_forwarded_from,
     };
+    if server.proxy_protocol != ProxyProtocolMode::Off && server.proxy_protocol_from.is_empty() {
+        errors.push(err(
+            "server.proxy_protocol_from",
+            "name the load balancers that may send a PROXY header (CIDRs) when server.proxy_protocol is on",
+        ));
+    }
     if server.max_connections == 0 {
         errors.push(err("server.max_connections", "must be at least 1"));
     }
@@ -629,7 +697,16 @@ fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceCo
     positive("connections_per_prefix", raw.connections_per_prefix.into());
     positive("connection_rate_per_minute", raw.connection_rate_per_minute.into());
     positive("connection_burst", raw.connection_burst.into());
+    positive("successes_per_failure", raw.successes_per_failure.into());
+    positive("standing_half_life_secs", raw.standing_half_life_secs);
+    positive("account_forget_secs", raw.account_forget_secs);
     positive("max_tracked", raw.max_tracked as u64);
+    if raw.connections_per_prefix_max < raw.connections_per_prefix {
+        errors.push(err("defence.connections_per_prefix_max", "must be at least defence.connections_per_prefix"));
+    }
+    if raw.connection_burst_max < raw.connection_burst {
+        errors.push(err("defence.connection_burst_max", "must be at least defence.connection_burst"));
+    }
     if raw.ipv4_prefix == 0 || raw.ipv4_prefix > 32 {
         errors.push(err("defence.ipv4_prefix", "must be 1 to 32"));
     }
@@ -646,6 +723,7 @@ fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceCo
         errors.push(err("defence.tarpit_ms", "needs 1 or more delays of at most 60000 ms"));
     }
     DefenceConfig {
+        enabled: raw.enabled,
         ipv4_prefix: raw.ipv4_prefix,
         ipv6_prefix: raw.ipv6_prefix,
         ipv6_wide_prefix: raw.ipv6_wide_prefix,
@@ -663,6 +741,13 @@ fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceCo
         connections_per_prefix: raw.connections_per_prefix,
         connection_rate_per_minute: raw.connection_rate_per_minute,
         connection_burst: raw.connection_burst,
+        connections_per_prefix_max: raw.connections_per_prefix_max,
+        connection_burst_max: raw.connection_burst_max,
+        successes_per_failure: raw.successes_per_failure,
+        earned_failures_max: raw.earned_failures_max,
+        standing_half_life: Duration::from_secs(raw.standing_half_life_secs),
+        repeat_window: Duration::from_secs(raw.repeat_secs),
+        account_forget: Duration::from_secs(raw.account_forget_secs),
         trusted: raw.trusted,
         deny: raw.deny,
         max_tracked: raw.max_tracked,

@@ -84,9 +84,10 @@ impl Failure {
         }
     }
 
-    /// Whether credentials reached the backend before the failure.
+    /// Whether the credentials were wrong or the user unknown: counted by the defence and tarpitted alike,
+    /// so that an unknown user is answered no faster than a known one.
     pub fn is_auth_failure(&self) -> bool {
-        self.kind == Kind::AuthFailed
+        matches!(self.kind, Kind::AuthFailed | Kind::NoRoute)
     }
 
     /// The `result` label of `imapgate_auth_attempts_total` and of the audit log.

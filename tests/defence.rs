@@ -102,7 +102,7 @@ async fn a_trusted_address_is_never_banned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_wrong_password_twenty_times_counts_once() {
+async fn the_same_wrong_password_twenty_times_counts_once_and_reaches_the_backend_once() {
     let user = USERS[2];
     let proxy = proxy("failures = 5\ntarpit_ms = [10, 2000]\n").await;
     let mut c = client_from(&proxy, "127.0.0.24").await.unwrap();
@@ -115,6 +115,10 @@ async fn the_same_wrong_password_twenty_times_counts_once() {
     // 0.5 s) and the prefix is not banned.
     assert!(started.elapsed() < Duration::from_secs(14), "{:?}", started.elapsed());
     assert!(!proxy.defence.is_banned("127.0.0.24".parse().unwrap()));
+    // Repeats within the repeat window are answered at the door: Dovecot checked the pair once.
+    assert_eq!(wait_for_backend_failures(user, 1), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backend_failures(user), 1);
     let reply = c.command("ok", &format!("LOGIN {user} right-pw")).await.unwrap();
     assert!(reply.tagged.starts_with("ok OK"), "{reply:?}");
     proxy.stop().await;

@@ -314,6 +314,18 @@ pub fn parse(frame: &Frame) -> Result<Command, ParseError> {
     Ok(Command { tag, body })
 }
 
+/// The client address a trusted webmail server forwards in its pre-login `ID` (`x-originating-ip`, and
+/// `x-originating-port` or else `default_port`), as Dovecot reads it from `login_trusted_networks`.
+/// Keys are case-insensitive; a value that is not an address is ignored.
+pub fn forwarded_client(params: &IdParams, default_port: u16) -> Option<std::net::SocketAddr> {
+    let field = |name: &str| {
+        params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.as_deref()).map(str::trim)
+    };
+    let ip: std::net::IpAddr = field("x-originating-ip")?.trim_matches(['[', ']']).parse().ok()?;
+    let port = field("x-originating-port").and_then(|p| p.parse().ok()).unwrap_or(default_port);
+    Some(std::net::SocketAddr::new(ip.to_canonical(), port))
+}
+
 /// `"(" [string SP nstring *(SP string SP nstring)] ")" / nil`, flat, within RFC 2971's bounds.
 fn id_params(cur: &mut Cursor<'_>) -> Option<IdParams> {
     let mut params = Vec::new();
@@ -438,6 +450,21 @@ mod tests {
         ));
         assert_eq!(kind(b"a AUTHENTICATE PLAIN a b\r\n"), ParseErrorKind::InvalidArguments);
         assert_eq!(kind(b"a AUTHENTICATE\r\n"), ParseErrorKind::InvalidArguments);
+    }
+
+    #[test]
+    fn forwarded_client_address() {
+        let params: IdParams = vec![
+            ("name".into(), Some("Roundcube".into())),
+            ("X-Originating-IP".into(), Some("2001:db8::7".into())),
+            ("x-originating-port".into(), Some("51000".into())),
+        ];
+        assert_eq!(forwarded_client(&params, 1), Some("[2001:db8::7]:51000".parse().unwrap()));
+        let v4: IdParams = vec![("x-originating-ip".into(), Some("192.0.2.9".into()))];
+        assert_eq!(forwarded_client(&v4, 4000), Some("192.0.2.9:4000".parse().unwrap()));
+        let bad: IdParams = vec![("x-originating-ip".into(), Some("not-an-ip".into()))];
+        assert_eq!(forwarded_client(&bad, 1), None);
+        assert_eq!(forwarded_client(&Vec::new(), 1), None);
     }
 
     #[test]

@@ -14,14 +14,15 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
-use crate::imap::command::Tag;
+use crate::imap::command::{self, Tag};
 use crate::imap::inspect::Observer;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
 use crate::imap::response;
+use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::upstream::{self, LoginContext, Upstream};
 use crate::net::{Phase, Shared};
-use crate::security::Refusal;
+use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
 
 /// A fresh random session id (16 URL-safe characters), sent to the backend as `x-session-id`.
@@ -34,15 +35,16 @@ pub fn new_session_id() -> String {
 pub async fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    endpoints: Endpoints,
+    mut admitted: ConnectionGuard,
     phase: watch::Receiver<Phase>,
 ) {
     let id = new_session_id();
+    let peer = endpoints.client;
     let span = tracing::info_span!("session", session_id = %id, peer = %peer, user = field::Empty);
     async move {
         let started = Instant::now();
-        let end = serve(&shared, tcp, peer, local, &id, phase).await;
+        let end = serve(&shared, tcp, endpoints, &mut admitted, &id, phase).await;
         tracing::info!(duration_ms = started.elapsed().as_millis() as u64, end = %end, "session end");
     }
     .instrument(span)
@@ -80,8 +82,8 @@ impl std::fmt::Display for End {
 async fn serve(
     shared: &Shared,
     tcp: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    endpoints: Endpoints,
+    admitted: &mut ConnectionGuard,
     id: &str,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
@@ -105,7 +107,7 @@ async fn serve(
         Ok(Ok(stream)) => Box::new(stream),
     };
     metrics.tls_handshake_seconds.observe(started.elapsed().as_secs_f64());
-    let facts = {
+    let mut facts = {
         let (_, conn) = client.get_ref();
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
@@ -123,8 +125,9 @@ async fn serve(
         );
         SessionFacts {
             session: id.to_owned(),
-            client: Some(peer),
-            listener: Some(local),
+            client: Some(endpoints.client),
+            peer: endpoints.via,
+            listener: Some(endpoints.local),
             sni: conn.server_name().map(str::to_owned),
             tls_version: Some(version.to_owned()),
             tls_cipher: cipher,
@@ -133,7 +136,7 @@ async fn serve(
     shared.audit(&facts.event("session_start"));
     let started = Instant::now();
     let (end, user, backend) =
-        match Box::pin(pre_auth(shared, &mut client, &facts, &tracing::Span::current(), &mut phase))
+        match Box::pin(pre_auth(shared, &mut client, &mut facts, admitted, &tracing::Span::current(), &mut phase))
             .instrument(tracing::info_span!("pre_auth"))
             .await
         {
@@ -178,14 +181,17 @@ struct LoggedIn {
 async fn pre_auth(
     shared: &Shared,
     client: &mut TlsStream<TcpStream>,
-    facts: &SessionFacts,
+    facts: &mut SessionFacts,
+    admitted: &mut ConnectionGuard,
     session_span: &tracing::Span,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<LoggedIn, End> {
-    let (peer, local, id) = match (facts.client, facts.listener) {
-        (Some(peer), Some(local)) => (peer, local, facts.session.as_str()),
-        _ => return Err(End::ClientClosed),
+    let (Some(mut peer), Some(local)) = (facts.client, facts.listener) else {
+        return Err(End::ClientClosed);
     };
+    let id = facts.session.clone();
+    let id = id.as_str();
+    let forwarding_trusted = prefix::contains(&shared.config.server.id_forwarded_from, peer.ip());
     let mut machine = PreAuth::new();
     write(client, &machine.greeting()).await.map_err(End::ClientError)?;
     let mut buf = vec![0u8; 4096];
@@ -198,16 +204,39 @@ async fn pre_auth(
                     return Err(End::PreAuthClosed(reason));
                 }
                 Action::Login(request) => {
+                    if forwarding_trusted {
+                        // A webmail server's user: its address replaces the server's, before any decision.
+                        if let Some(forwarded) = command::forwarded_client(machine.client_id(), peer.port()) {
+                            if forwarded != peer {
+                                tracing::info!(event = "client_forwarded", client = %forwarded, via = %peer, "client address forwarded by ID");
+                                shared.audit(&AuditEvent {
+                                    client_ip: Some(forwarded.ip().to_string()),
+                                    client_port: Some(forwarded.port()),
+                                    peer_ip: Some(peer.ip().to_string()),
+                                    ..facts.event("client_forwarded")
+                                });
+                                facts.peer = Some(peer);
+                                facts.client = Some(forwarded);
+                                peer = forwarded;
+                            }
+                        }
+                    }
                     let user = &request.credentials.username;
                     let attempt = tracing::info_span!("login", user = %user, mechanism = request.mechanism.as_str());
-                    let permit = match shared.defence.begin_login(peer.ip(), user).instrument(attempt.clone()).await {
+                    let begun = shared.defence.begin_login(peer.ip(), user, &request.credentials.password);
+                    let permit = match begun.instrument(attempt.clone()).await {
                         Ok(permit) => permit,
                         Err(refusal) => {
-                            // Logged by the defence; no backend is contacted. The answer waits as long as
-                            // the longest tarpit step, so a refused attacker cannot spin.
+                            // Logged by the defence; no backend is contacted. The answer waits out the
+                            // tarpit, so a refused attacker cannot spin; a repeated wrong pair is answered
+                            // like the wrong pair it is.
                             record_attempt(shared, facts, &request, Attempt::Refused(refusal));
-                            wait_tarpit(shared, shared.defence.refusal_delay(refusal), phase).await;
-                            machine.login_failed(&request.tag, Rejection::UNAVAILABLE);
+                            wait_tarpit(shared, shared.defence.refusal_delay(peer.ip(), refusal), phase).await;
+                            let rejection = match refusal {
+                                Refusal::Repeated => Rejection::AUTHENTICATION_FAILED,
+                                _ => Rejection::UNAVAILABLE,
+                            };
+                            machine.login_failed(&request.tag, rejection);
                             continue;
                         }
                     };
@@ -216,6 +245,7 @@ async fn pre_auth(
                             // The session's user, recorded once: only a successful login names it.
                             session_span.record("user", user.as_str());
                             shared.defence.login_succeeded(permit);
+                            admitted.logged_in();
                             record_attempt(shared, facts, &request, Attempt::Success(&backend));
                             let pipelined = machine.into_pipelined();
                             let user = user.to_string();

@@ -1,145 +1,46 @@
-//! The failed-login defence and connection admission.
+//! The defence's facade: what sessions and the accept loop call. It turns client addresses into keys,
+//! passwords into keyed fingerprints, asks the state ([`DefenceState`]) for decisions, does the waiting
+//! (a login slot, the account delay) and reports what happened (log events, bans for the audit log).
 //!
-//! Per client prefix (IPv4 /32, IPv6 /64 and a coarser IPv6 /48 bucket): a failure budget (governor, GCRA)
-//! whose exhaustion bans the prefix, bans that double on repeat, a tarpit that delays each failure's answer,
-//! a cap on logins in flight, and admission limits (concurrent connections, connection rate) checked before
-//! TLS. Per account (case-folded, NFC): consecutive failures from anywhere delay further logins, and past a
-//! threshold block the account for prefixes that never logged into it. A repeated identical wrong
-//! (user, password) pair counts once; only a keyed hash of it is kept.
-//!
-//! Memory is bounded: every table holds at most `max_tracked` entries, idle ones are dropped first, and the
-//! governor limiters are pruned with `retain_recent` and rebuilt if a flood outgrows them.
+//! The parts below it — standing per prefix, accounts, bans, the bounded tables — know nothing of this
+//! facade; the guards it hands out hold the state they release into, not the facade.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::Clock;
-use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
 use ipnet::IpNet;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use unicode_normalization::UnicodeNormalization;
 
+use super::accounts::Fingerprint;
 use super::prefix::{self, PrefixPolicy};
+use super::state::{Begin, DefenceState, DefenceStats, FailureEffects, Keys, LocalState, Refusal, Ticket};
 use crate::config::DefenceConfig;
 use crate::imap::credentials::{Password, Username};
 
-/// governor's clock on tokio's time, so that tests with paused time drive the limiters too.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioClock;
-
-impl Clock for TokioClock {
-    type Instant = std::time::Instant;
-
-    fn now(&self) -> std::time::Instant {
-        Instant::now().into_std()
-    }
-}
-
-type Limiter = RateLimiter<IpNet, DefaultKeyedStateStore<IpNet>, TokioClock, NoOpMiddleware<std::time::Instant>>;
-
-/// Why a connection or a login was refused without asking a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The address is on the deny list.
-    Denied,
-    /// The prefix (or its IPv6 bucket) is banned.
-    Banned { remaining: Duration },
-    /// Too many concurrent connections from the prefix.
-    PrefixConnections,
-    /// Connections from the prefix arrive too fast.
-    ConnectionRate,
-    /// The account is under attack and this prefix never logged into it.
-    AccountBlocked,
-    /// No login slot for the prefix became free in time, or the tables are full of live entries.
-    Busy,
-}
-
-impl Refusal {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Refusal::Denied => "deny_list",
-            Refusal::Banned { .. } => "banned",
-            Refusal::PrefixConnections => "prefix_connections",
-            Refusal::ConnectionRate => "connection_rate",
-            Refusal::AccountBlocked => "account_blocked",
-            Refusal::Busy => "busy",
-        }
-    }
-}
-
-/// Figures for monitoring and benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DefenceStats {
-    pub tracked_prefixes: usize,
-    pub tracked_accounts: usize,
-    pub ban_entries: usize,
-    pub active_bans: usize,
-    /// Keys held by the governor limiters together.
-    pub limiter_keys: usize,
-    /// The most logins one prefix had in flight at once since start.
-    pub max_in_flight: u64,
-}
-
-type Fingerprint = [u8; 16];
-
-/// Identical wrong pairs remembered per account.
-const RECENT_PAIRS: usize = 8;
-/// Prefixes remembered per account as having logged in successfully.
-const KNOWN_PREFIXES: usize = 16;
-
-#[derive(Debug)]
-struct PrefixState {
-    connections: u32,
-    slots: Arc<Semaphore>,
-    /// Counted failures in the current window: the tarpit level.
-    failures: u32,
-    last_failure: Option<Instant>,
-    last_seen: Instant,
-}
-
-#[derive(Debug)]
-struct Ban {
-    until: Instant,
-    /// Bans so far, for doubling; forgotten `ban_max` after the last one.
-    count: u32,
-    last: Instant,
-    active: bool,
-}
-
-#[derive(Debug, Default)]
-struct AccountState {
-    consecutive: u32,
-    /// Logins of this account under way from prefixes that never logged into it: they count towards the
-    /// delay and the block before their outcome is known, so a burst of parallel guesses cannot slip past
-    /// the threshold. Logins from known prefixes (the user's own devices) are not counted.
-    pending: u32,
-    last_failure: Option<Instant>,
-    recent: VecDeque<(Fingerprint, Instant)>,
-    known: Vec<IpNet>,
-    last_seen: Option<Instant>,
-}
-
-struct Tables {
-    prefixes: HashMap<IpNet, PrefixState>,
-    bans: HashMap<IpNet, Ban>,
-    accounts: HashMap<String, AccountState>,
-    failure_budget: Limiter,
-    wide_budget: Limiter,
-    connection_rate: Limiter,
-}
-
-/// Bans and unbans, for the audit log.
+/// Bans, unbans and closures, for the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DefenceEvent {
-    Banned { prefix: IpNet, reason: &'static str, user: String, duration: Duration },
-    Unbanned { prefix: IpNet },
+    Banned {
+        prefix: IpNet,
+        reason: &'static str,
+        user: String,
+        duration: Duration,
+    },
+    Unbanned {
+        prefix: IpNet,
+    },
+    /// A prefix with standing overflowed its failure budget: only its familiar accounts may log in.
+    Closed {
+        prefix: IpNet,
+        user: String,
+        duration: Duration,
+    },
+    Reopened {
+        prefix: IpNet,
+    },
 }
 
 type EventSink = Box<dyn Fn(&DefenceEvent) + Send + Sync>;
@@ -149,56 +50,57 @@ pub struct Defence {
     events: std::sync::OnceLock<EventSink>,
     config: DefenceConfig,
     policy: PrefixPolicy,
-    tables: Mutex<Tables>,
+    state: Arc<dyn DefenceState>,
+    /// Woken whenever a login ends, for logins waiting for room.
+    ended: Arc<Notify>,
     hash_key: aws_lc_rs::hmac::Key,
-    max_in_flight: AtomicU64,
 }
 
 /// Held for the life of an admitted connection; frees its place on drop.
 pub struct ConnectionGuard {
-    defence: Arc<Defence>,
-    key: Option<IpNet>,
+    state: Arc<dyn DefenceState>,
+    keys: Option<Keys>,
+    logged_in: bool,
+}
+
+impl ConnectionGuard {
+    /// The connection logged in: from now on it no longer counts against its prefix's admission limits.
+    pub fn logged_in(&mut self) {
+        if let (Some(keys), false) = (&self.keys, self.logged_in) {
+            self.state.logged_in(keys, Instant::now());
+            self.logged_in = true;
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if let Some(key) = self.key {
-            let mut tables = self.defence.lock();
-            if let Some(state) = tables.prefixes.get_mut(&key) {
-                state.connections = state.connections.saturating_sub(1);
-            }
+        if let Some(keys) = &self.keys {
+            self.state.closed(keys, self.logged_in);
         }
     }
 }
 
-/// A login allowed to go to a backend: holds the prefix's in-flight slot until the outcome is reported.
+/// A login allowed to go to a backend: holds its places until the outcome is reported (or it is dropped).
 pub struct LoginPermit {
-    defence: Arc<Defence>,
-    key: IpNet,
-    wide: Option<IpNet>,
-    trusted: bool,
-    account: String,
-    /// Whether this login is counted in the account's `pending`.
-    counted: bool,
-    _slot: Option<OwnedSemaphorePermit>,
+    state: Arc<dyn DefenceState>,
+    ended: Arc<Notify>,
+    ticket: Option<Ticket>,
+}
+
+impl LoginPermit {
+    fn take(mut self) -> Option<Ticket> {
+        self.ticket.take()
+    }
 }
 
 impl Drop for LoginPermit {
     fn drop(&mut self) {
-        let mut tables = self.defence.lock();
-        if !self.counted {
-            return;
+        if let Some(ticket) = self.ticket.take() {
+            self.state.abandon(&ticket);
         }
-        if let Some(state) = tables.accounts.get_mut(&self.account) {
-            state.pending = state.pending.saturating_sub(1);
-        }
+        self.ended.notify_waiters();
     }
-}
-
-fn quota(count: u32, per: Duration) -> Quota {
-    let burst = NonZeroU32::new(count.max(1)).unwrap_or(NonZeroU32::MIN);
-    let period = (per / burst.get()).max(Duration::from_nanos(1));
-    Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
 }
 
 /// Case-folded, NFC form of a username, for per-account counting.
@@ -208,46 +110,23 @@ pub fn canonical_account(user: &Username) -> String {
 
 impl Defence {
     pub fn new(config: DefenceConfig) -> Arc<Defence> {
+        let state: Arc<dyn DefenceState> = Arc::new(LocalState::new(config.clone()));
+        Self::with_state(config, state)
+    }
+
+    /// A defence over a given state store.
+    pub fn with_state(config: DefenceConfig, state: Arc<dyn DefenceState>) -> Arc<Defence> {
         let policy =
             PrefixPolicy { ipv4: config.ipv4_prefix, ipv6: config.ipv6_prefix, ipv6_wide: config.ipv6_wide_prefix };
-        let tables = Mutex::new(Self::fresh_tables(&config));
         let key_bytes: [u8; 32] = rand::random();
         Arc::new(Defence {
             events: std::sync::OnceLock::new(),
             hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
             policy,
-            tables,
+            state,
+            ended: Arc::new(Notify::new()),
             config,
-            max_in_flight: AtomicU64::new(0),
         })
-    }
-
-    fn fresh_tables(config: &DefenceConfig) -> Tables {
-        Tables {
-            prefixes: HashMap::new(),
-            bans: HashMap::new(),
-            accounts: HashMap::new(),
-            failure_budget: Self::limiter(config.failures, config.window),
-            wide_budget: Self::limiter(config.wide_failures, config.window),
-            connection_rate: Self::rate_limiter(config.connection_rate_per_minute, config.connection_burst),
-        }
-    }
-
-    /// `count` events per `window`, all of them at once if they like.
-    fn limiter(count: u32, window: Duration) -> Limiter {
-        RateLimiter::new(quota(count, window), DefaultKeyedStateStore::default(), TokioClock)
-    }
-
-    /// `per_minute` sustained, `burst` at once.
-    fn rate_limiter(per_minute: u32, burst: u32) -> Limiter {
-        let per = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-        RateLimiter::new(Quota::per_minute(per).allow_burst(burst), DefaultKeyedStateStore::default(), TokioClock)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Tables> {
-        // A panic while holding the lock cannot leave the tables inconsistent beyond a counter; go on.
-        self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Where bans and unbans are reported besides the diagnostic log (set once, at start-up).
@@ -261,119 +140,67 @@ impl Defence {
         }
     }
 
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        prefix::contains(&self.config.trusted, ip)
+    fn keys(&self, ip: IpAddr) -> Keys {
+        let prefix = self.policy.key(ip);
+        let wide = self.policy.wide_key(ip).filter(|w| *w != prefix);
+        Keys { prefix, wide, trusted: prefix::contains(&self.config.trusted, ip) }
     }
 
     /// Connection admission, before the TLS handshake.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
+    pub fn admit(&self, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
+        let state = Arc::clone(&self.state);
+        if !self.config.enabled {
+            return Ok(ConnectionGuard { state, keys: None, logged_in: false });
+        }
         if prefix::contains(&self.config.deny, ip) {
             return Err(self.refused(ip, Refusal::Denied, None));
         }
-        if self.is_trusted(ip) {
-            return Ok(ConnectionGuard { defence: Arc::clone(self), key: None });
+        let keys = self.keys(ip);
+        if keys.trusted {
+            return Ok(ConnectionGuard { state, keys: None, logged_in: false });
         }
-        let key = self.policy.key(ip);
-        let now = Instant::now();
-        let mut tables = self.lock();
-        if let Some(remaining) = tables.banned(key, self.policy.wide_key(ip), now) {
-            drop(tables);
-            return Err(self.refused(ip, Refusal::Banned { remaining }, None));
+        match self.state.admit(&keys, Instant::now()) {
+            Ok(()) => Ok(ConnectionGuard { state, keys: Some(keys), logged_in: false }),
+            Err(refusal) => Err(self.refused(ip, refusal, None)),
         }
-        let max_tracked = self.config.max_tracked;
-        let limit = self.config.connections_per_prefix;
-        let Some(state) = tables.prefix(key, now, max_tracked, self.config.auth_in_flight) else {
-            drop(tables);
-            return Err(self.refused(ip, Refusal::Busy, None));
-        };
-        if state.connections >= limit {
-            drop(tables);
-            return Err(self.refused(ip, Refusal::PrefixConnections, None));
-        }
-        state.connections += 1;
-        if tables.connection_rate.check_key(&key).is_err() {
-            if let Some(state) = tables.prefixes.get_mut(&key) {
-                state.connections -= 1;
-            }
-            drop(tables);
-            return Err(self.refused(ip, Refusal::ConnectionRate, None));
-        }
-        Ok(ConnectionGuard { defence: Arc::clone(self), key: Some(key) })
     }
 
-    /// Before a login goes to a backend: refuses banned prefixes and blocked accounts, waits for one of the
-    /// prefix's in-flight slots, and applies the account's progressive delay.
-    pub async fn begin_login(self: &Arc<Self>, ip: IpAddr, user: &Username) -> Result<LoginPermit, Refusal> {
-        let trusted = self.is_trusted(ip);
-        let key = self.policy.key(ip);
-        let wide = self.policy.wide_key(ip);
+    /// Before a login goes to a backend: refuses banned prefixes, blocked accounts and a wrong pair repeated
+    /// moments ago, waits for room among the prefix's logins in flight, and applies the account's delay.
+    pub async fn begin_login(&self, ip: IpAddr, user: &Username, password: &Password) -> Result<LoginPermit, Refusal> {
+        let permit = |ticket| LoginPermit {
+            state: Arc::clone(&self.state),
+            ended: Arc::clone(&self.ended),
+            ticket: Some(ticket),
+        };
+        let keys = self.keys(ip);
         let account = canonical_account(user);
-        let now = Instant::now();
-        let (slots, delay, mut permit) = {
-            let mut tables = self.lock();
-            if !trusted {
-                if let Some(remaining) = tables.banned(key, wide, now) {
-                    drop(tables);
-                    return Err(self.refused(ip, Refusal::Banned { remaining }, Some(user)));
-                }
-            }
-            let Some(state) = tables.account(&account, self.config.max_tracked) else {
-                drop(tables);
-                return Err(self.refused(ip, Refusal::Busy, Some(user)));
-            };
-            state.expire(now, self.config.account_reset);
-            let known = state.known.contains(&key);
-            let load = state.consecutive + if known { 0 } else { state.pending };
-            if load >= self.config.account_block_after && !known {
-                drop(tables);
-                return Err(self.refused(ip, Refusal::AccountBlocked, Some(user)));
-            }
-            if !known {
-                state.pending += 1;
-            }
-            state.last_seen = Some(now);
-            // From here on, dropping the permit undoes `pending`.
-            let permit = LoginPermit {
-                defence: Arc::clone(self),
-                key,
-                wide,
-                trusted,
-                account: account.clone(),
-                counted: !known,
-                _slot: None,
-            };
-            let delay = match load.checked_sub(self.config.account_delay_after) {
-                Some(over) => self.tarpit(over + 1),
-                None => Duration::ZERO,
-            };
-            let slots = if trusted {
-                None
-            } else {
-                match tables.prefix(key, now, self.config.max_tracked, self.config.auth_in_flight) {
-                    Some(state) => Some(Arc::clone(&state.slots)),
-                    None => {
-                        drop(tables);
-                        drop(permit);
+        let fingerprint = self.fingerprint(&account, password);
+        if !self.config.enabled {
+            return Ok(LoginPermit { state: Arc::clone(&self.state), ended: Arc::clone(&self.ended), ticket: None });
+        }
+        let deadline = Instant::now() + self.config.auth_queue_timeout;
+        let ticket = loop {
+            // Registered before asking, so that a login ending in between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            match self.state.begin_login(&keys, &account, &fingerprint, Instant::now()) {
+                Begin::Go(ticket) => break ticket,
+                Begin::Refused(refusal) => return Err(self.refused(ip, refusal, Some(user))),
+                Begin::Wait => {
+                    if tokio::time::timeout_at(deadline, ended).await.is_err() {
                         return Err(self.refused(ip, Refusal::Busy, Some(user)));
                     }
                 }
-            };
-            (slots, delay, permit)
+            }
         };
-        if let Some(slots) = slots {
-            let acquired = tokio::time::timeout(self.config.auth_queue_timeout, slots.clone().acquire_owned()).await;
-            let Ok(Ok(slot)) = acquired else {
-                drop(permit);
-                return Err(self.refused(ip, Refusal::Busy, Some(user)));
-            };
-            let in_flight = u64::from(self.config.auth_in_flight) - slots.available_permits() as u64;
-            self.max_in_flight.fetch_max(in_flight, Ordering::Relaxed);
-            permit._slot = Some(slot);
-        }
+        let delay = if ticket.delay_level > 0 { self.tarpit(ticket.delay_level) } else { Duration::ZERO };
+        let permit = permit(ticket);
         if !delay.is_zero() {
             tracing::info!(
                 event = "account_delay",
-                prefix = %key,
+                prefix = %keys.prefix,
                 user = %user,
                 delay_ms = delay.as_millis() as u64,
                 "login delayed: account has recent failures"
@@ -383,83 +210,34 @@ impl Defence {
         Ok(permit)
     }
 
-    /// The backend accepted the login: the account's failure count resets and the prefix becomes known.
+    /// The backend accepted the login: the account's failures reset, the prefix becomes familiar to it and
+    /// earns standing.
     pub fn login_succeeded(&self, permit: LoginPermit) {
-        let now = Instant::now();
-        let mut tables = self.lock();
-        let max_tracked = self.config.max_tracked;
-        if let Some(state) = tables.account(&permit.account, max_tracked) {
-            state.consecutive = 0;
-            state.recent.clear();
-            state.last_seen = Some(now);
-            if !state.known.contains(&permit.key) {
-                if state.known.len() == KNOWN_PREFIXES {
-                    state.known.remove(0);
-                }
-                state.known.push(permit.key);
-            }
+        if let Some(ticket) = permit.take() {
+            self.state.succeeded(&ticket, Instant::now());
         }
     }
 
-    /// The backend rejected the credentials. Counts the failure (once per distinct wrong pair), bans the
-    /// prefix when its budget is spent, and returns how long to wait before answering (the tarpit).
+    /// The credentials were wrong (or the user unknown). Counts the failure (once per distinct wrong pair),
+    /// bans or closes the prefix when its budget is spent, and returns how long to wait before answering.
     pub fn login_failed(&self, permit: LoginPermit, user: &Username, password: &Password) -> Duration {
-        let now = Instant::now();
-        let fingerprint = self.fingerprint(&permit.account, password);
-        let mut tables = self.lock();
-        let max_tracked = self.config.max_tracked;
-        let mut duplicate = false;
-        if let Some(state) = tables.account(&permit.account, max_tracked) {
-            state.expire(now, self.config.account_reset);
-            state.recent.retain(|(_, at)| now.duration_since(*at) < self.config.window);
-            duplicate = state.recent.iter().any(|(fp, _)| *fp == fingerprint);
-            if !duplicate {
-                state.consecutive += 1;
-                if state.recent.len() == RECENT_PAIRS {
-                    state.recent.pop_front();
-                }
-                state.recent.push_back((fingerprint, now));
-            }
-            state.last_failure = Some(now);
-            state.last_seen = Some(now);
-            if state.consecutive == self.config.account_block_after && !duplicate {
-                tracing::warn!(
-                    event = "account_blocked",
-                    user = %user,
-                    failures = state.consecutive,
-                    "account blocked for prefixes that never logged into it"
-                );
-            }
+        let Some(ticket) = permit.take() else { return Duration::ZERO };
+        let fingerprint = self.fingerprint(&ticket.account, password);
+        let effects = self.state.failed(&ticket, fingerprint, Instant::now());
+        self.report(&ticket, user, &effects);
+        if ticket.keys.trusted { Duration::ZERO } else { self.tarpit(effects.level) }
+    }
+
+    fn report(&self, ticket: &Ticket, user: &Username, effects: &FailureEffects) {
+        if effects.account_blocked {
+            tracing::warn!(
+                event = "account_blocked",
+                user = %user,
+                failures = effects.consecutive,
+                "account blocked for prefixes that never logged into it"
+            );
         }
-        if permit.trusted {
-            return Duration::ZERO;
-        }
-        let window = self.config.window;
-        let Some(state) = tables.prefix(permit.key, now, max_tracked, self.config.auth_in_flight) else {
-            return self.tarpit(1);
-        };
-        if state.last_failure.is_some_and(|at| now.duration_since(at) >= window) {
-            state.failures = 0;
-        }
-        state.last_failure = Some(now);
-        if !duplicate {
-            state.failures += 1;
-        }
-        let level = state.failures.max(1);
-        let mut banned = Vec::new();
-        if !duplicate {
-            if tables.failure_budget.check_key(&permit.key).is_err() {
-                banned.push((permit.key, "failure_budget"));
-            }
-            if let Some(wide) = permit.wide {
-                if tables.wide_budget.check_key(&wide).is_err() {
-                    banned.push((wide, "wide_failure_budget"));
-                }
-            }
-        }
-        let mut events = Vec::new();
-        for (key, reason) in banned {
-            let duration = tables.ban(key, now, &self.config);
+        for (key, reason, duration) in &effects.banned {
             tracing::warn!(
                 event = "banned",
                 prefix = %key,
@@ -468,88 +246,61 @@ impl Defence {
                 duration_secs = duration.as_secs(),
                 "prefix banned"
             );
-            events.push(DefenceEvent::Banned { prefix: key, reason, user: user.to_string(), duration });
+            self.emit(DefenceEvent::Banned { prefix: *key, reason, user: user.to_string(), duration: *duration });
         }
-        let delay = self.tarpit(level);
+        for (key, duration) in &effects.closed {
+            tracing::warn!(
+                event = "unfamiliar_closed",
+                prefix = %key,
+                user = %user,
+                duration_secs = duration.as_secs(),
+                "prefix with standing over its failure budget: only accounts familiar with it may log in"
+            );
+            self.emit(DefenceEvent::Closed { prefix: *key, user: user.to_string(), duration: *duration });
+        }
         tracing::info!(
             event = "tarpit",
-            prefix = %permit.key,
+            prefix = %ticket.keys.prefix,
             user = %user,
-            repeated_pair = duplicate,
-            failures = level,
-            delay_ms = delay.as_millis() as u64,
+            repeated_pair = effects.repeated,
+            failures = effects.level,
+            delay_ms = self.tarpit(effects.level).as_millis() as u64,
             "failed login tarpitted"
         );
-        drop(tables);
-        for event in events {
-            self.emit(event);
-        }
-        delay
     }
 
-    /// Housekeeping, every few seconds: lift expired bans (logged), forget idle entries, prune limiters.
+    /// Housekeeping, every second: lift expired bans and closures (logged), forget what is stale.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        let config = &self.config;
-        let mut tables = self.lock();
-        let mut lifted = Vec::new();
-        for (key, ban) in tables.bans.iter_mut() {
-            if ban.active && ban.until <= now {
-                ban.active = false;
-                tracing::info!(event = "unbanned", prefix = %key, "ban lifted");
-                lifted.push(*key);
-            }
-        }
-        tables.bans.retain(|_, ban| ban.active || now.duration_since(ban.last) < config.ban_max);
-        tables.prefixes.retain(|_, state| !state.idle(now, config.window, config.auth_in_flight));
-        tables.accounts.retain(|_, state| {
-            state.expire(now, config.account_reset);
-            state.consecutive > 0 || state.pending > 0 || !state.known.is_empty()
-        });
-        let limiters = [&tables.failure_budget, &tables.wide_budget, &tables.connection_rate];
-        for limiter in limiters {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
-        }
-        let keys: usize = limiters.iter().map(|l| l.len()).sum();
-        if keys > 2 * config.max_tracked {
-            // A flood of distinct prefixes outgrew the limiters: start them afresh. Bans stay.
-            tracing::warn!(event = "limiters_reset", keys, "rate limiter tables reset after a flood");
-            let fresh = Self::fresh_tables(config);
-            tables.failure_budget = fresh.failure_budget;
-            tables.wide_budget = fresh.wide_budget;
-            tables.connection_rate = fresh.connection_rate;
-        }
-        drop(tables);
-        for prefix in lifted {
+        let swept = self.state.sweep(Instant::now());
+        for prefix in swept.unbanned {
+            tracing::info!(event = "unbanned", prefix = %prefix, "ban lifted");
             self.emit(DefenceEvent::Unbanned { prefix });
+        }
+        for prefix in swept.reopened {
+            tracing::info!(event = "reopened", prefix = %prefix, "prefix open to unfamiliar accounts again");
+            self.emit(DefenceEvent::Reopened { prefix });
         }
     }
 
     pub fn stats(&self) -> DefenceStats {
-        let now = Instant::now();
-        let tables = self.lock();
-        DefenceStats {
-            tracked_prefixes: tables.prefixes.len(),
-            tracked_accounts: tables.accounts.len(),
-            ban_entries: tables.bans.len(),
-            active_bans: tables.bans.values().filter(|b| b.active && b.until > now).count(),
-            limiter_keys: tables.failure_budget.len() + tables.wide_budget.len() + tables.connection_rate.len(),
-            max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
-        }
+        self.state.stats(Instant::now())
     }
 
     /// Whether the address's prefix is banned right now.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
-        let mut tables = self.lock();
-        tables.banned(self.policy.key(ip), self.policy.wide_key(ip), Instant::now()).is_some()
+        self.state.banned(&self.keys(ip), Instant::now()).is_some()
     }
 
-    /// How long a refused login waits for its answer: the longest tarpit step, except when the wait for a
-    /// login slot already took its time.
-    pub fn refusal_delay(&self, refusal: Refusal) -> Duration {
+    /// How long a refused login waits for its answer: a repeated wrong pair waits like a failure at the
+    /// prefix's level; other refusals the longest tarpit step, except when the wait for room already took
+    /// its time.
+    pub fn refusal_delay(&self, ip: IpAddr, refusal: Refusal) -> Duration {
         match refusal {
             Refusal::Busy => Duration::ZERO,
+            Refusal::Repeated => {
+                let keys = self.keys(ip);
+                if keys.trusted { Duration::ZERO } else { self.tarpit(self.state.level(&keys, Instant::now())) }
+            }
             _ => self.config.tarpit.iter().copied().max().unwrap_or_default(),
         }
     }
@@ -599,100 +350,6 @@ impl Defence {
     }
 }
 
-impl PrefixState {
-    fn idle(&self, now: Instant, window: Duration, slots: u32) -> bool {
-        self.connections == 0
-            && self.slots.available_permits() == slots as usize
-            && now.duration_since(self.last_seen) >= window
-    }
-}
-
-impl AccountState {
-    fn expire(&mut self, now: Instant, reset: Duration) {
-        if self.last_failure.is_some_and(|at| now.duration_since(at) >= reset) {
-            self.consecutive = 0;
-            self.recent.clear();
-            self.last_failure = None;
-        }
-    }
-}
-
-impl Tables {
-    fn banned(&mut self, key: IpNet, wide: Option<IpNet>, now: Instant) -> Option<Duration> {
-        [Some(key), wide]
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.bans.get(&k))
-            .filter(|b| b.active && b.until > now)
-            .map(|b| b.until - now)
-            .max()
-    }
-
-    fn ban(&mut self, key: IpNet, now: Instant, config: &DefenceConfig) -> Duration {
-        let ban = self.bans.entry(key).or_insert(Ban { until: now, count: 0, last: now, active: false });
-        if ban.count > 0 && now.duration_since(ban.last) >= config.ban_max {
-            ban.count = 0;
-        }
-        ban.count += 1;
-        let factor = 1u32.checked_shl(ban.count - 1).unwrap_or(u32::MAX);
-        let duration = config.ban.saturating_mul(factor).min(config.ban_max);
-        ban.until = now + duration;
-        ban.last = now;
-        ban.active = true;
-        duration
-    }
-
-    /// The state of `key`, created if needed. When the table is full, idle entries are dropped (oldest
-    /// first, a tenth at a time); `None` if every entry is live.
-    fn prefix(&mut self, key: IpNet, now: Instant, max: usize, slots: u32) -> Option<&mut PrefixState> {
-        if !self.prefixes.contains_key(&key) && self.prefixes.len() >= max {
-            let mut idle: Vec<(Instant, IpNet)> = self
-                .prefixes
-                .iter()
-                .filter(|(_, s)| s.connections == 0 && s.slots.available_permits() == slots as usize)
-                .map(|(k, s)| (s.last_seen, *k))
-                .collect();
-            idle.sort_unstable();
-            for (_, old) in idle.into_iter().take((max / 10).max(1)) {
-                self.prefixes.remove(&old);
-            }
-            if self.prefixes.len() >= max {
-                return None;
-            }
-        }
-        let state = self.prefixes.entry(key).or_insert_with(|| PrefixState {
-            connections: 0,
-            slots: Arc::new(Semaphore::new(slots as usize)),
-            failures: 0,
-            last_failure: None,
-            last_seen: now,
-        });
-        state.last_seen = now;
-        Some(state)
-    }
-
-    /// The state of an account, created if needed; when full, accounts without failures go first.
-    fn account(&mut self, account: &str, max: usize) -> Option<&mut AccountState> {
-        if !self.accounts.contains_key(account) && self.accounts.len() >= max {
-            // Accounts with logins under way are kept: their permits still refer to them.
-            let mut candidates: Vec<(Option<Instant>, u32, String)> = self
-                .accounts
-                .iter()
-                .filter(|(_, s)| s.pending == 0)
-                .map(|(k, s)| (s.last_seen, s.consecutive, k.clone()))
-                .collect();
-            candidates.sort_unstable_by_key(|(seen, failures, _)| (*failures, *seen));
-            for (_, _, old) in candidates.into_iter().take((max / 10).max(1)) {
-                self.accounts.remove(&old);
-            }
-            if self.accounts.len() >= max {
-                return None;
-            }
-        }
-        Some(self.accounts.entry(account.to_owned()).or_default())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,56 +375,77 @@ mod tests {
         credentials::password(p.as_bytes().to_vec()).unwrap()
     }
 
-    async fn fail(d: &Arc<Defence>, ip: &str, name: &str, password: &str) -> Result<Duration, Refusal> {
-        let permit = d.begin_login(ip.parse().unwrap(), &user(name)).await?;
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    async fn begin(d: &Defence, from: &str, name: &str, password: &str) -> Result<LoginPermit, Refusal> {
+        d.begin_login(ip(from), &user(name), &pw(password)).await
+    }
+
+    async fn fail(d: &Defence, from: &str, name: &str, password: &str) -> Result<Duration, Refusal> {
+        let permit = begin(d, from, name, password).await?;
         Ok(d.login_failed(permit, &user(name), &pw(password)))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn budget_then_ban_then_doubling() {
-        let d = Defence::new(config());
-        let delays: Vec<_> = futures_collect(&d, "192.0.2.1", 6).await;
-        assert_eq!(
-            delays,
-            [2, 4, 8, 15, 15, 15].map(|s| Ok(Duration::from_secs(s))).to_vec(),
-            "tarpit grows, the 6th failure spends the budget"
-        );
-        assert!(d.is_banned("192.0.2.1".parse().unwrap()));
-        assert!(matches!(fail(&d, "192.0.2.1", "a", "x").await, Err(Refusal::Banned { .. })));
-        assert!(matches!(d.admit("192.0.2.1".parse().unwrap()), Err(Refusal::Banned { .. })));
-        // Another address is not affected.
-        assert!(fail(&d, "192.0.2.2", "a", "y").await.is_ok());
-        // The ban lifts after 10 minutes; the next ban lasts twice as long.
-        tokio::time::advance(Duration::from_secs(601)).await;
-        d.sweep();
-        assert!(!d.is_banned("192.0.2.1".parse().unwrap()));
-        tokio::time::advance(Duration::from_secs(600)).await;
-        futures_collect(&d, "192.0.2.1", 6).await;
-        assert!(d.is_banned("192.0.2.1".parse().unwrap()));
-        tokio::time::advance(Duration::from_secs(601)).await;
-        assert!(d.is_banned("192.0.2.1".parse().unwrap()), "second ban is 20 minutes");
-        tokio::time::advance(Duration::from_secs(600)).await;
-        assert!(!d.is_banned("192.0.2.1".parse().unwrap()));
+    async fn succeed(d: &Defence, from: &str, name: &str) {
+        let permit = begin(d, from, name, "right").await.unwrap();
+        d.login_succeeded(permit);
     }
 
-    /// `n` failures with distinct passwords from `ip`, each on a fresh account.
-    async fn futures_collect(d: &Arc<Defence>, ip: &str, n: usize) -> Vec<Result<Duration, Refusal>> {
+    /// `n` failures with distinct passwords from `from`, each on a fresh account.
+    async fn failures(d: &Defence, from: &str, n: usize) -> Vec<Result<Duration, Refusal>> {
         let mut out = Vec::new();
         for i in 0..n {
-            out.push(fail(d, ip, &format!("user{i}"), &format!("pw{i}")).await);
+            out.push(fail(d, from, &format!("user{i}"), &format!("pw{i}")).await);
         }
         out
     }
 
     #[tokio::test(start_paused = true)]
-    async fn identical_wrong_pair_counts_once() {
+    async fn budget_then_ban_then_doubling() {
         let d = Defence::new(config());
+        let delays = failures(&d, "192.0.2.1", 6).await;
+        assert_eq!(
+            delays,
+            [2, 4, 8, 15, 15, 15].map(|s| Ok(Duration::from_secs(s))).to_vec(),
+            "tarpit grows, the 6th failure spends the budget"
+        );
+        assert!(d.is_banned(ip("192.0.2.1")));
+        assert!(matches!(fail(&d, "192.0.2.1", "a", "x").await, Err(Refusal::Banned { .. })));
+        assert!(matches!(d.admit(ip("192.0.2.1")), Err(Refusal::Banned { .. })));
+        // Another address is not affected.
+        assert!(fail(&d, "192.0.2.2", "a", "y").await.is_ok());
+        // The ban lifts after 10 minutes; the next ban lasts twice as long.
+        tokio::time::advance(Duration::from_secs(601)).await;
+        d.sweep();
+        assert!(!d.is_banned(ip("192.0.2.1")));
+        tokio::time::advance(Duration::from_secs(600)).await;
+        failures(&d, "192.0.2.1", 6).await;
+        assert!(d.is_banned(ip("192.0.2.1")));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        assert!(d.is_banned(ip("192.0.2.1")), "second ban is 20 minutes");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(!d.is_banned(ip("192.0.2.1")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_wrong_pair_is_answered_at_the_door_and_counts_once() {
+        let d = Defence::new(config());
+        assert_eq!(fail(&d, "192.0.2.9", "phone@example.org", "old").await, Ok(Duration::from_secs(2)));
+        // Repeats within the minute never reach a backend; they wait like the failure they are.
         for _ in 0..20 {
-            assert_eq!(fail(&d, "192.0.2.9", "phone@example.org", "old-password").await, Ok(Duration::from_secs(2)));
+            assert_eq!(begin(&d, "192.0.2.9", "phone@example.org", "old").await.err(), Some(Refusal::Repeated));
+            assert_eq!(d.refusal_delay(ip("192.0.2.9"), Refusal::Repeated), Duration::from_secs(2));
         }
-        assert!(!d.is_banned("192.0.2.9".parse().unwrap()));
-        // A different wrong password does count.
+        // After the minute one more check goes through; it still counts once.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(fail(&d, "192.0.2.9", "phone@example.org", "old").await.is_ok());
+        assert!(!d.is_banned(ip("192.0.2.9")));
+        // A different password is always checked, and counts.
         assert_eq!(fail(&d, "192.0.2.9", "phone@example.org", "other").await, Ok(Duration::from_secs(4)));
+        // The right password is never answered at the door.
+        succeed(&d, "192.0.2.9", "phone@example.org").await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -776,7 +454,7 @@ mod tests {
         for i in 0..50 {
             assert_eq!(fail(&d, "10.1.1.1", "victim@example.org", &format!("guess{i}")).await.map(|_| ()), Ok(()));
         }
-        assert!(!d.is_banned("10.1.1.1".parse().unwrap()));
+        assert!(!d.is_banned(ip("10.1.1.1")));
         // The account is now blocked for prefixes that never logged into it, even the trusted one.
         assert_eq!(fail(&d, "10.1.1.1", "victim@example.org", "again").await, Err(Refusal::AccountBlocked));
     }
@@ -785,8 +463,7 @@ mod tests {
     async fn account_block_spares_known_prefixes_and_resets_on_success() {
         let d = Defence::new(DefenceConfig { failures: 1000, wide_failures: 1000, ..config() });
         let home = "198.51.100.7";
-        let permit = d.begin_login(home.parse().unwrap(), &user("Ana@Example.org")).await.unwrap();
-        d.login_succeeded(permit);
+        succeed(&d, home, "Ana@Example.org").await;
         // 50 failures from 50 addresses.
         for i in 0..50 {
             fail(&d, &format!("203.0.113.{i}"), "ana@example.org", &format!("guess{i}")).await.unwrap();
@@ -796,7 +473,7 @@ mod tests {
         assert_eq!(fail(&d, "203.0.113.201", "ANA@EXAMPLE.ORG", "more").await, Err(Refusal::AccountBlocked));
         // The real user, from a prefix that logged in before, still gets through (after the account delay).
         let started = Instant::now();
-        let permit = d.begin_login(home.parse().unwrap(), &user("ana@example.org")).await.unwrap();
+        let permit = begin(&d, home, "ana@example.org", "right").await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_secs(15), "account delay applies");
         d.login_succeeded(permit);
         assert!(fail(&d, "203.0.113.202", "ana@example.org", "x").await.is_ok(), "a success resets the count");
@@ -805,11 +482,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_parallel_burst_cannot_slip_past_the_account_block() {
         let d = Defence::new(DefenceConfig { failures: 1000, ..config() });
+        // The account is under attack (it has a failure); then a burst of guesses from many prefixes.
+        fail(&d, "203.0.113.250", "target", "first").await.unwrap();
         let mut tasks = Vec::new();
+        let d = Arc::new(d);
         for i in 0..60 {
             let d = Arc::clone(&d);
             tasks.push(tokio::spawn(async move {
-                d.begin_login(format!("203.0.113.{i}").parse().unwrap(), &user("target")).await
+                d.begin_login(ip(&format!("203.0.113.{i}")), &user("target"), &pw(&format!("g{i}"))).await
             }));
         }
         // Permits are held (the logins are "at the backend") until every attempt has its answer.
@@ -822,67 +502,69 @@ mod tests {
                 Err(other) => panic!("{other:?}"),
             }
         }
-        assert_eq!(held.len(), 50);
-        // Pending logins count before their outcome: only 50 are let through at once.
-        assert!(blocked >= 10, "{blocked} blocked");
+        assert_eq!(held.len(), 49, "1 failure + 49 pending reach the block threshold");
+        assert_eq!(blocked, 11);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn parallel_logins_from_a_known_prefix_are_not_delayed() {
-        let d = Defence::new(DefenceConfig { auth_in_flight: 100, ..config() });
-        let home: IpAddr = "198.51.100.9".parse().unwrap();
-        let first = d.begin_login(home, &user("shared@example.org")).await.unwrap();
-        d.login_succeeded(first);
-        // Sixty devices of the same account log in at once from the known prefix: no delay, no block.
+    async fn parallel_logins_of_a_shared_mailbox_are_never_delayed() {
+        let d = Defence::new(config());
+        let home = "198.51.100.9";
+        succeed(&d, home, "shared@example.org").await;
+        // Sixty devices of the same account log in at once from a prefix it knows: no wait.
         let started = Instant::now();
         let mut held = Vec::new();
         for _ in 0..60 {
-            held.push(d.begin_login(home, &user("shared@example.org")).await.unwrap());
+            held.push(begin(&d, home, "shared@example.org", "right").await.unwrap());
         }
         assert_eq!(started.elapsed(), Duration::ZERO);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn account_delay_grows_after_threshold() {
-        let d = Defence::new(DefenceConfig { failures: 1000, ..config() });
-        for i in 0..5 {
-            fail(&d, &format!("203.0.113.{i}"), "bob", &format!("g{i}")).await.unwrap();
+        // From a prefix with no record, the first logins go at once and the rest follow as they succeed.
+        let d = Arc::new(Defence::new(config()));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let d = Arc::clone(&d);
+            tasks.push(tokio::spawn(async move {
+                let permit = d.begin_login(ip("192.0.2.60"), &user("shared"), &pw("right")).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                d.login_succeeded(permit);
+                Ok::<_, Refusal>(Instant::now())
+            }));
         }
         let started = Instant::now();
-        let permit = d.begin_login("203.0.113.99".parse().unwrap(), &user("bob")).await.unwrap();
-        assert_eq!(started.elapsed(), Duration::from_secs(2));
-        drop(permit);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn ipv6_rotation_within_a_48_is_caught() {
-        let d = Defence::new(DefenceConfig { wide_failures: 10, ..config() });
-        for i in 0..11 {
-            // A new /64 every time, all inside 2001:db8:7::/48.
-            fail(&d, &format!("2001:db8:7:{i:x}::1"), &format!("u{i}"), "pw").await.unwrap();
+        for t in tasks {
+            let done = t.await.unwrap().unwrap();
+            assert!(done - started <= Duration::from_millis(30), "{:?}", done - started);
         }
-        assert!(d.is_banned("2001:db8:7:ffff::1".parse().unwrap()), "the /48 is banned");
-        assert!(!d.is_banned("2001:db8:8::1".parse().unwrap()));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn in_flight_logins_per_prefix_are_capped() {
-        let d = Defence::new(config());
-        let a = d.begin_login("192.0.2.50".parse().unwrap(), &user("a")).await.unwrap();
-        let _b = d.begin_login("192.0.2.50".parse().unwrap(), &user("b")).await.unwrap();
-        let c = user("c");
-        let third = tokio::time::timeout(Duration::from_secs(1), d.begin_login("192.0.2.50".parse().unwrap(), &c));
-        assert!(third.await.is_err(), "a third login waits");
-        drop(a);
-        assert!(d.begin_login("192.0.2.50".parse().unwrap(), &user("c")).await.is_ok());
-        assert_eq!(d.stats().max_in_flight, 2);
+    async fn a_prefix_without_standing_has_at_most_its_budget_plus_one_logins_out() {
+        let d = Arc::new(Defence::new(config()));
+        let mut held = Vec::new();
+        for i in 0..6 {
+            held.push(begin(&d, "192.0.2.50", &format!("u{i}"), "x").await.unwrap());
+        }
+        let seventh = tokio::time::timeout(Duration::from_secs(1), begin(&d, "192.0.2.50", "u7", "x"));
+        assert!(seventh.await.is_err(), "a seventh login waits");
+        assert_eq!(d.stats().max_in_flight, 6);
+        // One ends without an outcome (the client went away): the waiting login goes.
+        let waiting = {
+            let d = Arc::clone(&d);
+            tokio::spawn(async move { d.begin_login(ip("192.0.2.50"), &user("u7"), &pw("x")).await })
+        };
+        tokio::task::yield_now().await;
+        drop(held.pop());
+        let seventh = waiting.await.unwrap().unwrap();
         // Waiting longer than the queue timeout is refused.
-        let _c = d.begin_login("192.0.2.50".parse().unwrap(), &user("d")).await.unwrap();
-        assert_eq!(d.begin_login("192.0.2.50".parse().unwrap(), &user("e")).await.err(), Some(Refusal::Busy));
+        assert_eq!(begin(&d, "192.0.2.50", "u9", "x").await.err(), Some(Refusal::Busy));
+        // A success earns standing: one more may start.
+        d.login_succeeded(seventh);
+        let _eighth = begin(&d, "192.0.2.50", "u8", "x").await.unwrap();
+        let _ninth = begin(&d, "192.0.2.50", "u10", "x").await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
-    async fn admission_caps_and_deny_list() {
+    async fn admission_counts_connections_that_have_not_logged_in() {
         let d = Defence::new(DefenceConfig {
             connections_per_prefix: 3,
             connection_burst: 5,
@@ -890,27 +572,109 @@ mod tests {
             deny: vec!["198.18.0.0/15".parse().unwrap()],
             ..config()
         });
-        assert_eq!(d.admit("198.18.1.1".parse().unwrap()).err(), Some(Refusal::Denied));
-        let ip: IpAddr = "192.0.2.77".parse().unwrap();
-        let guards: Vec<_> = (0..3).map(|_| d.admit(ip).unwrap()).collect();
-        assert_eq!(d.admit(ip).err(), Some(Refusal::PrefixConnections));
-        drop(guards);
-        // Burst of 5 used 3; two more pass, then the rate limit holds until time passes.
-        drop(d.admit(ip).unwrap());
-        drop(d.admit(ip).unwrap());
-        assert_eq!(d.admit(ip).err(), Some(Refusal::ConnectionRate));
+        assert_eq!(d.admit(ip("198.18.1.1")).err(), Some(Refusal::Denied));
+        let addr = ip("192.0.2.77");
+        let mut guards: Vec<_> = (0..3).map(|_| d.admit(addr).unwrap()).collect();
+        assert_eq!(d.admit(addr).err(), Some(Refusal::PrefixConnections));
+        // Logged-in connections stop counting and give their rate token back.
+        for g in &mut guards {
+            g.logged_in();
+        }
+        let mut more: Vec<_> = (0..3).map(|_| d.admit(addr).unwrap()).collect();
+        more.iter_mut().for_each(ConnectionGuard::logged_in);
+        assert_eq!(guards.len() + more.len(), 6);
+        // Connections that never log in drain the bucket (5), then the rate holds until time passes.
+        for _ in 0..5 {
+            drop(d.admit(addr).unwrap());
+        }
+        assert_eq!(d.admit(addr).err(), Some(Refusal::ConnectionRate));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(d.admit(ip).is_ok());
+        assert!(d.admit(addr).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn memory_is_bounded_under_a_flood_of_prefixes() {
+    async fn standing_earns_admission_capacity() {
+        let d = Defence::new(DefenceConfig { connections_per_prefix: 5, connection_burst: 5, ..config() });
+        let webmail = "192.0.2.80";
+        for i in 0..200 {
+            succeed(&d, webmail, &format!("user{i}")).await;
+        }
+        // 200 recent successes: 205 unauthenticated connections at once, where a prefix with no record gets 5.
+        let held: Vec<_> = (0..205).map(|_| d.admit(ip(webmail)).unwrap()).collect();
+        assert_eq!(d.admit(ip(webmail)).err(), Some(Refusal::PrefixConnections));
+        assert_eq!(held.len(), 205);
+        let fresh: Vec<_> = (0..5).map(|_| d.admit(ip("192.0.2.81")).unwrap()).collect();
+        assert_eq!(d.admit(ip("192.0.2.81")).err(), Some(Refusal::PrefixConnections));
+        drop(fresh);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stuffing_inside_a_crowd_closes_the_prefix_to_unfamiliar_accounts_only() {
+        let d = Defence::new(config());
+        let webmail = "192.0.2.90";
+        for i in 0..100 {
+            succeed(&d, webmail, &format!("user{i}")).await;
+        }
+        // 100 successes tolerate 5 + 10 failures; the 16th counted failure closes the prefix to accounts
+        // that never logged in from it, without banning the crowd.
+        let mut closed_after = None;
+        for i in 0..40 {
+            match fail(&d, webmail, &format!("victim{i}"), "guess").await {
+                Ok(_) => {}
+                Err(Refusal::UnfamiliarClosed) => {
+                    closed_after = Some(i);
+                    break;
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(closed_after, Some(16));
+        assert!(!d.is_banned(ip(webmail)), "the crowd is not banned");
+        assert!(d.admit(ip(webmail)).is_ok());
+        // The crowd's users keep logging in; new accounts from there are refused until the closure lifts.
+        for i in 0..100 {
+            succeed(&d, webmail, &format!("user{i}")).await;
+        }
+        assert_eq!(begin(&d, webmail, "newcomer", "pw").await.err(), Some(Refusal::UnfamiliarClosed));
+        tokio::time::advance(Duration::from_secs(601)).await;
+        d.sweep();
+        assert!(begin(&d, webmail, "newcomer", "pw").await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_rotation_within_a_48_is_caught_in_flight_and_after() {
+        let d = Defence::new(DefenceConfig { wide_failures: 10, ..config() });
+        for i in 0..11 {
+            // A new /64 every time, all inside 2001:db8:7::/48.
+            fail(&d, &format!("2001:db8:7:{i:x}::1"), &format!("u{i}"), "pw").await.unwrap();
+        }
+        assert!(d.is_banned(ip("2001:db8:7:ffff::1")), "the /48 is banned");
+        assert!(!d.is_banned(ip("2001:db8:8::1")));
+        // Logins in flight count against the /48 too: 11 parallel guesses from 11 fresh /64s at most.
+        let d = Defence::new(DefenceConfig { wide_failures: 10, ..config() });
+        let mut held = Vec::new();
+        for i in 0..20 {
+            let (from, name) = (format!("2001:db8:9:{i:x}::1"), format!("u{i}"));
+            let attempt = begin(&d, &from, &name, "pw");
+            if let Ok(Ok(permit)) = tokio::time::timeout(Duration::from_millis(10), attempt).await {
+                held.push(permit);
+            }
+        }
+        assert_eq!(held.len(), 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_is_bounded_under_a_flood_of_prefixes_and_live_entries_survive() {
         let d = Defence::new(DefenceConfig { max_tracked: 1000, ..config() });
+        let victim = ip("192.0.2.200");
+        let mut guard = d.admit(victim).unwrap();
+        let permit = begin(&d, "192.0.2.200", "held", "x").await.unwrap();
         for i in 0..20_000u32 {
             // A distinct /64 in a distinct /48 each time.
-            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, (i >> 16) as u16, i as u16, 0, 0, 0, 0, 1));
-            let permit = d.begin_login(ip, &user(&format!("u{i}"))).await.unwrap();
-            d.login_failed(permit, &user(&format!("u{i}")), &pw("x"));
+            let addr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, (i >> 16) as u16, i as u16, 0, 0, 0, 0, 1));
+            let name = format!("u{i}");
+            let permit = d.begin_login(addr, &user(&name), &pw("x")).await.unwrap();
+            d.login_failed(permit, &user(&name), &pw("x"));
             if i % 1000 == 0 {
                 d.sweep();
             }
@@ -919,6 +683,26 @@ mod tests {
         let stats = d.stats();
         assert!(stats.tracked_prefixes <= 1000, "{stats:?}");
         assert!(stats.tracked_accounts <= 1000, "{stats:?}");
-        assert!(stats.limiter_keys <= 3 * 2000, "{stats:?}");
+        assert!(stats.evicted > 0);
+        // The pinned prefix kept its in-flight login: it still counts, so only five more may start.
+        for i in 0..5 {
+            std::mem::forget(begin(&d, "192.0.2.200", &format!("more{i}"), "x").await.unwrap());
+        }
+        let next = tokio::time::timeout(Duration::from_secs(1), begin(&d, "192.0.2.200", "over", "x"));
+        assert!(next.await.is_err());
+        d.login_succeeded(permit);
+        guard.logged_in();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn switched_off_lets_everything_through() {
+        let d = Defence::new(DefenceConfig { enabled: false, ..config() });
+        for _ in 0..100 {
+            drop(d.admit(ip("192.0.2.1")).unwrap());
+        }
+        for i in 0..20 {
+            assert_eq!(fail(&d, "192.0.2.1", "u", &format!("p{i}")).await, Ok(Duration::ZERO));
+        }
+        assert!(!d.is_banned(ip("192.0.2.1")));
     }
 }

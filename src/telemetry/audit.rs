@@ -30,6 +30,10 @@ pub struct AuditEvent {
     pub client_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_port: Option<u16>,
+    /// The address that connected when it is not the client's: a load balancer (PROXY protocol) or a
+    /// webmail server that forwarded its user's address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listener: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,6 +71,8 @@ pub struct AuditEvent {
 pub struct SessionFacts {
     pub session: String,
     pub client: Option<SocketAddr>,
+    /// The TCP peer, when it is not the client.
+    pub peer: Option<SocketAddr>,
     pub listener: Option<SocketAddr>,
     pub sni: Option<String>,
     pub tls_version: Option<String>,
@@ -81,6 +87,7 @@ impl SessionFacts {
             session: Some(self.session.clone()),
             client_ip: self.client.map(|a| a.ip().to_string()),
             client_port: self.client.map(|a| a.port()),
+            peer_ip: self.peer.map(|a| a.ip().to_string()),
             listener: self.listener.map(|a| a.to_string()),
             sni: self.sni.clone(),
             tls_version: self.tls_version.clone(),

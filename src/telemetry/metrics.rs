@@ -15,6 +15,7 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub tls_handshake_seconds: Histogram,
     pub tls_failures: IntCounterVec,
+    pub proxy_headers: IntCounterVec,
     pub tls_sessions: IntCounterVec,
     pub auth_attempts: IntCounterVec,
     pub bans_active: IntGauge,
@@ -34,12 +35,33 @@ pub struct Metrics {
 }
 
 /// Label values known in advance (see `Refusal::reason`, `Kind::as_str` and the session's TLS reasons).
-const REFUSALS: &[&str] =
-    &["max_connections", "deny_list", "banned", "prefix_connections", "connection_rate", "account_blocked", "busy"];
+const REFUSALS: &[&str] = &[
+    "max_connections",
+    "deny_list",
+    "banned",
+    "prefix_connections",
+    "connection_rate",
+    "account_blocked",
+    "repeated_failure",
+    "unfamiliar_closed",
+    "busy",
+];
+/// What a connection's PROXY protocol header said, or why it was closed (see `net::proxy_protocol`).
+const PROXY_RESULTS: &[&str] =
+    &["v1", "v2", "none", "untrusted", "missing", "oversized", "invalid", "timeout", "local", "io"];
 const TLS_FAILURES: &[&str] =
     &["timeout", "alpn", "incompatible", "alert_received", "protocol", "tls_error", "closed", "io"];
 const MECHANISMS: &[&str] = &["LOGIN-command", "PLAIN", "LOGIN"];
-const AUTH_RESULTS: &[&str] = &["success", "bad_credentials", "backend_error", "banned", "account_blocked", "busy"];
+const AUTH_RESULTS: &[&str] = &[
+    "success",
+    "bad_credentials",
+    "backend_error",
+    "banned",
+    "account_blocked",
+    "repeated_failure",
+    "unfamiliar_closed",
+    "busy",
+];
 const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail"];
 
 /// Latency buckets from 1 ms to 60 s.
@@ -120,6 +142,12 @@ impl Metrics {
                 "imapgate_tls_handshake_failures_total",
                 "Client TLS handshakes that failed, by reason.",
                 &["reason"],
+            ),
+            proxy_headers: counter_vec(
+                &r,
+                "imapgate_proxy_protocol_total",
+                "Connections by what their PROXY protocol header said (none, v1, v2) or why they were closed.",
+                &["result"],
             ),
             tls_sessions: counter_vec(
                 &r,
@@ -208,6 +236,9 @@ impl Metrics {
         for reason in TLS_FAILURES {
             m.tls_failures.with_label_values(&[reason]).inc_by(0);
         }
+        for result in PROXY_RESULTS {
+            m.proxy_headers.with_label_values(&[result]).inc_by(0);
+        }
         for mechanism in MECHANISMS {
             for result in AUTH_RESULTS {
                 m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
@@ -262,6 +293,6 @@ mod tests {
         assert!(text.contains("imapgate_backend_sessions_active{backend=\"mbox1\"} 0"), "{text}");
         // Every metric registered once: each family appears exactly once with its HELP line.
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
-        assert_eq!(families, 21, "{text}");
+        assert_eq!(families, 22, "{text}");
     }
 }

@@ -60,15 +60,21 @@ impl TlsClient {
         addr: SocketAddr,
         config: Arc<rustls::ClientConfig>,
     ) -> std::io::Result<TlsClient> {
-        let tcp = match source {
-            None => TcpStream::connect(addr).await?,
-            Some(ip) => {
-                let socket = tokio::net::TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(ip, 0))?;
-                socket.connect(addr).await?
-            }
-        };
-        tcp.set_nodelay(true)?;
+        Self::connect_with_preamble(source, addr, config, b"").await
+    }
+
+    /// Connects from `source`, writes `preamble` (a PROXY protocol header, say), then starts TLS.
+    pub async fn connect_with_preamble(
+        source: Option<std::net::IpAddr>,
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        preamble: &[u8],
+    ) -> std::io::Result<TlsClient> {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tcp_from(source, addr).await?;
+        if !preamble.is_empty() {
+            tcp.write_all(preamble).await?;
+        }
         let stream = TlsConnector::from(config).connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
         Ok(ImapClient::new(stream))
     }
@@ -187,4 +193,18 @@ impl TlsClient {
     pub fn local_port(&self) -> u16 {
         self.stream.get_ref().0.local_addr().unwrap().port()
     }
+}
+
+/// A TCP connection from a chosen loopback source address (e.g. 127.0.0.7), to act as another client.
+pub async fn tcp_from(source: Option<std::net::IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }

@@ -1,0 +1,246 @@
+//! Per-account protection, counting failures, not traffic, in the model of smart lockout: consecutive
+//! failures of an account from anywhere delay further logins and, past a threshold, block the account for
+//! prefixes that never logged into it, while the prefixes it did log in from (familiar ones) keep access.
+//! The same wrong (user, password) pair counts once; only a keyed fingerprint of it is kept, and a repeat
+//! within a short time is answered at the door without asking a backend.
+//!
+//! Logins in flight count toward the thresholds only where they could be guesses: the account has failures
+//! and the login comes from a prefix that is unfamiliar or has failed for it. Parallel correct logins of a
+//! shared mailbox are never delayed.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+use crate::config::DefenceConfig;
+
+/// A keyed hash of (account, password).
+pub type Fingerprint = [u8; 16];
+
+/// Distinct wrong pairs remembered per account.
+const RECENT_PAIRS: usize = 8;
+/// Prefixes remembered per account as having logged in successfully.
+const KNOWN_PREFIXES: usize = 16;
+/// Prefixes remembered per account as having failed for it.
+const FAILED_PREFIXES: usize = 8;
+
+/// How a login relates to the account's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The account logged in from this prefix before and has no failures from it.
+    Familiar,
+    /// Anything else.
+    Unfamiliar,
+}
+
+/// Whether a login may go ahead, as far as the account is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccountCheck {
+    /// Go, after `delay`; `counted` says whether it counts as pending.
+    Go { lane: Lane, delay_level: u32, counted: bool },
+    /// Blocked for this prefix (unfamiliar, over the threshold).
+    Blocked,
+    /// The same wrong pair failed moments ago: answer it at the door.
+    Repeated,
+}
+
+#[derive(Debug)]
+pub struct Account {
+    consecutive: u32,
+    pending: u32,
+    last_failure: Option<Instant>,
+    recent: VecDeque<(Fingerprint, Instant)>,
+    known: Vec<IpNet>,
+    failed_from: Vec<IpNet>,
+    pub last_seen: Instant,
+}
+
+impl Account {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            consecutive: 0,
+            pending: 0,
+            last_failure: None,
+            recent: VecDeque::new(),
+            known: Vec::new(),
+            failed_from: Vec::new(),
+            last_seen: now,
+        }
+    }
+
+    pub fn consecutive(&self) -> u32 {
+        self.consecutive
+    }
+
+    pub fn knows(&self, prefix: &IpNet) -> bool {
+        self.known.contains(prefix)
+    }
+
+    /// Forgets failures after `reset` without any.
+    fn expire(&mut self, now: Instant, config: &DefenceConfig) {
+        if self.last_failure.is_some_and(|at| now.saturating_duration_since(at) >= config.account_reset) {
+            self.consecutive = 0;
+            self.recent.clear();
+            self.failed_from.clear();
+            self.last_failure = None;
+        }
+        self.recent.retain(|(_, at)| now.saturating_duration_since(*at) < config.window);
+    }
+
+    /// Before a login goes to a backend.
+    pub fn check(
+        &mut self,
+        prefix: IpNet,
+        fingerprint: &Fingerprint,
+        now: Instant,
+        config: &DefenceConfig,
+    ) -> AccountCheck {
+        self.expire(now, config);
+        self.last_seen = now;
+        let known = self.knows(&prefix);
+        let failed_here = self.failed_from.contains(&prefix);
+        let lane = if known && !failed_here { Lane::Familiar } else { Lane::Unfamiliar };
+        let counted = self.consecutive > 0 && (!known || failed_here);
+        let load = self.consecutive + if counted { self.pending } else { 0 };
+        if !known && load >= config.account_block_after {
+            return AccountCheck::Blocked;
+        }
+        if self.repeats(fingerprint, now, config.repeat_window) {
+            return AccountCheck::Repeated;
+        }
+        let delay_level = match load.checked_sub(config.account_delay_after) {
+            Some(over) => over + 1,
+            None => 0,
+        };
+        AccountCheck::Go { lane, delay_level, counted }
+    }
+
+    fn repeats(&self, fingerprint: &Fingerprint, now: Instant, within: Duration) -> bool {
+        !within.is_zero()
+            && self.recent.iter().any(|(fp, at)| fp == fingerprint && now.saturating_duration_since(*at) < within)
+    }
+
+    pub fn start(&mut self, counted: bool) {
+        if counted {
+            self.pending += 1;
+        }
+    }
+
+    pub fn end(&mut self, counted: bool) {
+        if counted {
+            self.pending = self.pending.saturating_sub(1);
+        }
+    }
+
+    /// A success: failures reset, the prefix becomes familiar.
+    pub fn succeeded(&mut self, prefix: IpNet, now: Instant) {
+        self.consecutive = 0;
+        self.recent.clear();
+        self.failed_from.clear();
+        self.last_failure = None;
+        self.last_seen = now;
+        if !self.known.contains(&prefix) {
+            if self.known.len() == KNOWN_PREFIXES {
+                self.known.remove(0);
+            }
+            self.known.push(prefix);
+        }
+    }
+
+    /// A wrong pair. Returns whether it repeated one already counted, and whether this failure is the one
+    /// that blocks the account.
+    pub fn failed(
+        &mut self,
+        prefix: IpNet,
+        fingerprint: Fingerprint,
+        now: Instant,
+        config: &DefenceConfig,
+    ) -> (bool, bool) {
+        self.expire(now, config);
+        self.last_seen = now;
+        self.last_failure = Some(now);
+        if let Some(entry) = self.recent.iter_mut().find(|(fp, _)| *fp == fingerprint) {
+            // Remembered from its last attempt, so a device that keeps retrying stays answered at the door.
+            entry.1 = now;
+            return (true, false);
+        }
+        self.consecutive += 1;
+        if self.recent.len() == RECENT_PAIRS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((fingerprint, now));
+        if !self.failed_from.contains(&prefix) {
+            if self.failed_from.len() == FAILED_PREFIXES {
+                self.failed_from.remove(0);
+            }
+            self.failed_from.push(prefix);
+        }
+        (false, self.consecutive == config.account_block_after)
+    }
+
+    /// Nothing worth keeping: no failures, nothing pending, and unseen for `forget`.
+    pub fn forgettable(&mut self, now: Instant, config: &DefenceConfig) -> bool {
+        self.expire(now, config);
+        self.pending == 0
+            && self.consecutive == 0
+            && (self.known.is_empty() || now.saturating_duration_since(self.last_seen) >= config.account_forget)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_logins_of_a_clean_account_are_not_counted() {
+        let config = DefenceConfig::default();
+        let now = Instant::now();
+        let mut a = Account::new(now);
+        for _ in 0..100 {
+            let AccountCheck::Go { counted, delay_level, .. } = a.check(net("192.0.2.1/32"), &[0; 16], now, &config)
+            else {
+                panic!("refused")
+            };
+            assert!(!counted);
+            assert_eq!(delay_level, 0);
+            a.start(counted);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_pair_is_answered_at_the_door_for_the_repeat_window() {
+        let config = DefenceConfig::default();
+        let now = Instant::now();
+        let mut a = Account::new(now);
+        let here = net("192.0.2.1/32");
+        assert_eq!(a.failed(here, [1; 16], now, &config), (false, false));
+        assert_eq!(a.check(here, &[1; 16], now, &config), AccountCheck::Repeated);
+        assert!(
+            matches!(a.check(here, &[2; 16], now, &config), AccountCheck::Go { .. }),
+            "another password is checked"
+        );
+        tokio::time::advance(config.repeat_window).await;
+        assert!(matches!(a.check(here, &[1; 16], Instant::now(), &config), AccountCheck::Go { .. }));
+        assert_eq!(a.failed(here, [1; 16], Instant::now(), &config), (true, false), "still counted once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn familiar_prefixes_keep_access_when_the_account_is_blocked() {
+        let config = DefenceConfig { account_block_after: 3, ..DefenceConfig::default() };
+        let now = Instant::now();
+        let mut a = Account::new(now);
+        let home = net("198.51.100.0/32");
+        a.succeeded(home, now);
+        for i in 0..3u8 {
+            a.failed(net(&format!("203.0.113.{i}/32")), [i; 16], now, &config);
+        }
+        assert_eq!(a.check(net("203.0.113.9/32"), &[9; 16], now, &config), AccountCheck::Blocked);
+        assert!(matches!(a.check(home, &[9; 16], now, &config), AccountCheck::Go { lane: Lane::Familiar, .. }));
+    }
+}

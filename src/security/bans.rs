@@ -1,0 +1,108 @@
+//! Bans per prefix or bucket: each repeat within `ban_max` of the last doubles, up to `ban_max`. The table is
+//! bounded; when full, the ban set longest ago is forgotten first.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+use super::table::Table;
+use crate::config::DefenceConfig;
+
+#[derive(Debug)]
+struct Ban {
+    until: Instant,
+    /// Bans so far, for doubling; forgotten `ban_max` after the last one.
+    count: u32,
+    last: Instant,
+    active: bool,
+}
+
+#[derive(Debug)]
+pub struct Bans {
+    table: Table<IpNet, Ban>,
+}
+
+impl Bans {
+    pub fn new(capacity: usize) -> Self {
+        Self { table: Table::new(capacity) }
+    }
+
+    /// The longest ban in force on any of `keys`.
+    pub fn remaining(&self, keys: impl IntoIterator<Item = IpNet>, now: Instant) -> Option<Duration> {
+        keys.into_iter()
+            .filter_map(|k| self.table.get(&k))
+            .filter(|b| b.active && b.until > now)
+            .map(|b| b.until - now)
+            .max()
+    }
+
+    /// Bans `key`; returns for how long.
+    pub fn ban(&mut self, key: IpNet, now: Instant, config: &DefenceConfig) -> Duration {
+        let Some(ban) = self.table.entry(&key, || Ban { until: now, count: 0, last: now, active: false }) else {
+            // Unreachable: bans are never pinned, so there is always room.
+            return Duration::ZERO;
+        };
+        if ban.count > 0 && now.saturating_duration_since(ban.last) >= config.ban_max {
+            ban.count = 0;
+        }
+        ban.count += 1;
+        let factor = 1u32.checked_shl(ban.count - 1).unwrap_or(u32::MAX);
+        let duration = config.ban.saturating_mul(factor).min(config.ban_max);
+        ban.until = now + duration;
+        ban.last = now;
+        ban.active = true;
+        duration
+    }
+
+    /// Lifts expired bans (returned, for the log) and forgets histories older than `ban_max`.
+    pub fn sweep(&mut self, now: Instant, config: &DefenceConfig) -> Vec<IpNet> {
+        let mut lifted = Vec::new();
+        self.table.retain(|key, ban| {
+            if ban.active && ban.until <= now {
+                ban.active = false;
+                lifted.push(*key);
+            }
+            ban.active || now.saturating_duration_since(ban.last) < config.ban_max
+        });
+        lifted
+    }
+
+    /// Lifts a ban now (an operator's action); whether there was one in force.
+    pub fn lift(&mut self, key: &IpNet, now: Instant) -> bool {
+        self.table.remove(key).is_some_and(|b| b.active && b.until > now)
+    }
+
+    pub fn entries(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn active(&self, now: Instant) -> usize {
+        self.table.values().filter(|b| b.active && b.until > now).count()
+    }
+
+    /// Prefixes banned now, with the time left.
+    pub fn list(&self, now: Instant) -> Vec<(IpNet, Duration)> {
+        self.table.iter().filter(|(_, b)| b.active && b.until > now).map(|(k, b)| (*k, b.until - now)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn doubling_and_a_bounded_table() {
+        let config = DefenceConfig::default();
+        let mut bans = Bans::new(3);
+        let now = Instant::now();
+        let key: IpNet = "192.0.2.1/32".parse().unwrap();
+        assert_eq!(bans.ban(key, now, &config), config.ban);
+        assert_eq!(bans.ban(key, now, &config), config.ban * 2);
+        for i in 2..10 {
+            bans.ban(format!("192.0.2.{i}/32").parse().unwrap(), now, &config);
+        }
+        assert_eq!(bans.entries(), 3, "bounded");
+        assert!(bans.remaining([key], now).is_none(), "the oldest ban went first");
+    }
+}

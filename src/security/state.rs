@@ -1,0 +1,423 @@
+//! The defence's state behind one small interface: what the facade asks (admit a connection, start and end a
+//! login, look up bans) and what it gets back (decisions and their effects). [`LocalState`] keeps it in this
+//! process in bounded tables; a shared store (several instances through Redis) implements the same trait.
+//!
+//! Every call is synchronous and short: the facade does the waiting (login slots, delays) outside.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::time::Instant;
+
+use super::accounts::{Account, AccountCheck, Fingerprint, Lane};
+use super::bans::Bans;
+use super::standing::{AdmitError, Limits, Standing};
+use super::table::Table;
+use crate::config::DefenceConfig;
+
+/// Why a connection or a login was refused without asking a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The address is on the deny list.
+    Denied,
+    /// The prefix (or its IPv6 bucket) is banned.
+    Banned { remaining: Duration },
+    /// Too many connections from the prefix that have not logged in.
+    PrefixConnections,
+    /// Connections from the prefix that do not log in arrive too fast.
+    ConnectionRate,
+    /// The account is under attack and this prefix never logged into it.
+    AccountBlocked,
+    /// The same wrong (user, password) pair failed moments ago; answered like a wrong password.
+    Repeated,
+    /// The prefix overflowed its failure budget; it keeps its familiar accounts but no others for now.
+    UnfamiliarClosed,
+    /// No login slot for the prefix became free in time, or the tables are full of live entries.
+    Busy,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Denied => "deny_list",
+            Refusal::Banned { .. } => "banned",
+            Refusal::PrefixConnections => "prefix_connections",
+            Refusal::ConnectionRate => "connection_rate",
+            Refusal::AccountBlocked => "account_blocked",
+            Refusal::Repeated => "repeated_failure",
+            Refusal::UnfamiliarClosed => "unfamiliar_closed",
+            Refusal::Busy => "busy",
+        }
+    }
+
+    /// Every reason, for metric labels.
+    pub const REASONS: &[&str] = &[
+        "deny_list",
+        "banned",
+        "prefix_connections",
+        "connection_rate",
+        "account_blocked",
+        "repeated_failure",
+        "unfamiliar_closed",
+        "busy",
+    ];
+}
+
+/// The keys a client address is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keys {
+    pub prefix: IpNet,
+    /// The coarse IPv6 bucket.
+    pub wide: Option<IpNet>,
+    /// Trusted networks have no per-address state; their logins still count per account.
+    pub trusted: bool,
+}
+
+impl Keys {
+    fn all(&self) -> impl Iterator<Item = IpNet> {
+        std::iter::once(self.prefix).chain(self.wide)
+    }
+}
+
+/// A login allowed to go to a backend, as the state sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub keys: Keys,
+    pub account: String,
+    pub lane: Lane,
+    /// Counted as pending for the account.
+    counted: bool,
+    /// The account's delay step (0: none).
+    pub delay_level: u32,
+}
+
+/// The answer to "may this login start?".
+#[derive(Debug)]
+pub enum Begin {
+    Go(Ticket),
+    /// No room now; ask again when a login ends.
+    Wait,
+    Refused(Refusal),
+}
+
+/// What a failed login changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FailureEffects {
+    /// The pair was wrong before: not counted again.
+    pub repeated: bool,
+    /// The tarpit step for the answer.
+    pub level: u32,
+    /// The account's consecutive failures, and whether this one blocked it.
+    pub consecutive: u32,
+    pub account_blocked: bool,
+    /// Keys banned now: (key, reason, duration).
+    pub banned: Vec<(IpNet, &'static str, Duration)>,
+    /// Keys closed to unfamiliar accounts now (they had standing): (key, duration).
+    pub closed: Vec<(IpNet, Duration)>,
+}
+
+/// Figures for monitoring and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DefenceStats {
+    pub tracked_prefixes: usize,
+    pub tracked_accounts: usize,
+    pub ban_entries: usize,
+    pub active_bans: usize,
+    /// Entries dropped from full tables (least recently used first) since start.
+    pub evicted: u64,
+    /// The most logins one prefix had in flight at once since start.
+    pub max_in_flight: u64,
+}
+
+/// Housekeeping results.
+#[derive(Debug, Default)]
+pub struct Swept {
+    pub unbanned: Vec<IpNet>,
+    pub reopened: Vec<IpNet>,
+}
+
+/// The operations the defence needs from its state.
+pub trait DefenceState: Send + Sync {
+    /// A new connection, before TLS: bans, unauthenticated-connection caps and connection rates.
+    fn admit(&self, keys: &Keys, now: Instant) -> Result<(), Refusal>;
+    /// The connection logged in: it stops counting as unauthenticated and its rate token comes back.
+    fn logged_in(&self, keys: &Keys, now: Instant);
+    /// The connection closed.
+    fn closed(&self, keys: &Keys, logged_in: bool);
+    /// May this login go to a backend now?
+    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, now: Instant) -> Begin;
+    /// The login ended without an outcome (the session went away).
+    fn abandon(&self, ticket: &Ticket);
+    fn succeeded(&self, ticket: &Ticket, now: Instant);
+    fn failed(&self, ticket: &Ticket, fingerprint: Fingerprint, now: Instant) -> FailureEffects;
+    /// The longest ban in force on these keys.
+    fn banned(&self, keys: &Keys, now: Instant) -> Option<Duration>;
+    /// The tarpit step of the prefix now.
+    fn level(&self, keys: &Keys, now: Instant) -> u32;
+    fn sweep(&self, now: Instant) -> Swept;
+    fn stats(&self, now: Instant) -> DefenceStats;
+}
+
+struct Tables {
+    prefixes: Table<IpNet, Standing>,
+    accounts: Table<String, Account>,
+    bans: Bans,
+    /// Prefixes with standing closed to unfamiliar accounts (doubling like bans).
+    closures: Bans,
+    sweeps: u64,
+}
+
+/// The defence's state in this process.
+pub struct LocalState {
+    config: DefenceConfig,
+    prefix_limits: Limits,
+    wide_limits: Limits,
+    tables: Mutex<Tables>,
+    max_in_flight: AtomicU64,
+}
+
+impl LocalState {
+    pub fn new(config: DefenceConfig) -> Self {
+        let max = config.max_tracked;
+        let tables = Tables {
+            prefixes: Table::new(max),
+            accounts: Table::new(max),
+            bans: Bans::new(max),
+            closures: Bans::new(max),
+            sweeps: 0,
+        };
+        Self {
+            prefix_limits: Limits::prefix(&config),
+            wide_limits: Limits::wide(&config),
+            config,
+            tables: Mutex::new(tables),
+            max_in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A panic while holding the lock cannot leave the tables inconsistent beyond a counter; go on.
+        self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn limits(&self, keys: &Keys, key: &IpNet) -> &Limits {
+        if keys.wide.as_ref() == Some(key) && *key != keys.prefix { &self.wide_limits } else { &self.prefix_limits }
+    }
+
+    /// The per-address keys of a login or connection with their limits (none for trusted networks).
+    fn counted<'a>(&'a self, keys: &'a Keys) -> impl Iterator<Item = (IpNet, &'a Limits)> + 'a {
+        keys.all().filter(move |_| !keys.trusted).map(move |k| (k, self.limits(keys, &k)))
+    }
+}
+
+impl DefenceState for LocalState {
+    fn admit(&self, keys: &Keys, now: Instant) -> Result<(), Refusal> {
+        let mut tables = self.lock();
+        if let Some(remaining) = tables.bans.remaining(keys.all(), now) {
+            return Err(Refusal::Banned { remaining });
+        }
+        let mut admitted: Vec<(IpNet, &Limits)> = Vec::new();
+        let mut outcome = Ok(());
+        for (key, limits) in self.counted(keys) {
+            let Some(standing) = tables.prefixes.entry(&key, || Standing::new(now, limits)) else {
+                outcome = Err(Refusal::Busy);
+                break;
+            };
+            match standing.admit(now, limits) {
+                Ok(()) => admitted.push((key, limits)),
+                Err(e) => {
+                    outcome = Err(match e {
+                        AdmitError::Connections => Refusal::PrefixConnections,
+                        AdmitError::Rate => Refusal::ConnectionRate,
+                    });
+                    break;
+                }
+            }
+        }
+        match outcome {
+            Ok(()) => admitted.iter().for_each(|(key, _)| tables.prefixes.pin(key)),
+            // Undo the keys that did admit: as if the connection logged in at once.
+            Err(_) => {
+                for (key, limits) in admitted {
+                    if let Some(standing) = tables.prefixes.peek_mut(&key) {
+                        standing.logged_in(now, limits);
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    fn logged_in(&self, keys: &Keys, now: Instant) {
+        let mut tables = self.lock();
+        for (key, limits) in self.counted(keys) {
+            if let Some(standing) = tables.prefixes.peek_mut(&key) {
+                standing.logged_in(now, limits);
+            }
+        }
+    }
+
+    fn closed(&self, keys: &Keys, logged_in: bool) {
+        let mut tables = self.lock();
+        for (key, _) in self.counted(keys) {
+            if !logged_in {
+                if let Some(standing) = tables.prefixes.peek_mut(&key) {
+                    standing.closed_unauthenticated();
+                }
+            }
+            tables.prefixes.unpin(&key);
+        }
+    }
+
+    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, now: Instant) -> Begin {
+        let mut tables = self.lock();
+        if !keys.trusted {
+            if let Some(remaining) = tables.bans.remaining(keys.all(), now) {
+                return Begin::Refused(Refusal::Banned { remaining });
+            }
+        }
+        let account_key = account.to_owned();
+        let Some(state) = tables.accounts.entry(&account_key, || Account::new(now)) else {
+            return Begin::Refused(Refusal::Busy);
+        };
+        let (lane, delay_level, counted) = match state.check(keys.prefix, fingerprint, now, &self.config) {
+            AccountCheck::Blocked => return Begin::Refused(Refusal::AccountBlocked),
+            AccountCheck::Repeated => return Begin::Refused(Refusal::Repeated),
+            AccountCheck::Go { lane, delay_level, counted } => (lane, delay_level, counted),
+        };
+        if lane == Lane::Unfamiliar && !keys.trusted && tables.closures.remaining(keys.all(), now).is_some() {
+            return Begin::Refused(Refusal::UnfamiliarClosed);
+        }
+        let familiar = lane == Lane::Familiar;
+        for (key, limits) in self.counted(keys) {
+            let Some(standing) = tables.prefixes.entry(&key, || Standing::new(now, limits)) else {
+                return Begin::Refused(Refusal::Busy);
+            };
+            if !standing.may_start_login(now, limits, familiar) {
+                return Begin::Wait;
+            }
+        }
+        for (key, _) in self.counted(keys) {
+            if let Some(standing) = tables.prefixes.get_mut(&key) {
+                standing.start_login(now);
+                self.max_in_flight.fetch_max(u64::from(standing.in_flight), Ordering::Relaxed);
+            }
+            tables.prefixes.pin(&key);
+        }
+        if let Some(state) = tables.accounts.get_mut(&account_key) {
+            state.start(counted);
+        }
+        tables.accounts.pin(&account_key);
+        Begin::Go(Ticket { keys: *keys, account: account_key, lane, counted, delay_level })
+    }
+
+    fn abandon(&self, ticket: &Ticket) {
+        let mut tables = self.lock();
+        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+    }
+
+    fn succeeded(&self, ticket: &Ticket, now: Instant) {
+        let mut tables = self.lock();
+        if let Some(state) = tables.accounts.get_mut(&ticket.account) {
+            state.succeeded(ticket.keys.prefix, now);
+        }
+        for (key, limits) in self.counted(&ticket.keys) {
+            if let Some(standing) = tables.prefixes.get_mut(&key) {
+                standing.succeeded(now, limits);
+            }
+        }
+        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+    }
+
+    fn failed(&self, ticket: &Ticket, fingerprint: Fingerprint, now: Instant) -> FailureEffects {
+        let mut tables = self.lock();
+        let mut effects = FailureEffects::default();
+        if let Some(state) = tables.accounts.get_mut(&ticket.account) {
+            let (repeated, blocked) = state.failed(ticket.keys.prefix, fingerprint, now, &self.config);
+            effects.repeated = repeated;
+            effects.account_blocked = blocked;
+            effects.consecutive = state.consecutive();
+        }
+        let counted = !effects.repeated;
+        for (key, limits) in self.counted(&ticket.keys) {
+            let Some(standing) = tables.prefixes.get_mut(&key) else { continue };
+            let (level, over) = standing.failed(now, limits, counted);
+            if key == ticket.keys.prefix {
+                effects.level = level;
+            }
+            if over {
+                if standing.has_standing(now, limits) {
+                    let duration = tables.closures.ban(key, now, &self.config);
+                    effects.closed.push((key, duration));
+                } else {
+                    let reason = if key == ticket.keys.prefix { "failure_budget" } else { "wide_failure_budget" };
+                    let duration = tables.bans.ban(key, now, &self.config);
+                    effects.banned.push((key, reason, duration));
+                }
+            }
+        }
+        if ticket.keys.trusted {
+            effects.level = 0;
+        }
+        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+        effects
+    }
+
+    fn banned(&self, keys: &Keys, now: Instant) -> Option<Duration> {
+        self.lock().bans.remaining(keys.all(), now)
+    }
+
+    fn level(&self, keys: &Keys, now: Instant) -> u32 {
+        let mut tables = self.lock();
+        let limits = &self.prefix_limits;
+        tables.prefixes.peek_mut(&keys.prefix).map_or(1, |s| s.level(now, limits))
+    }
+
+    fn sweep(&self, now: Instant) -> Swept {
+        let config = &self.config;
+        let mut tables = self.lock();
+        let swept = Swept { unbanned: tables.bans.sweep(now, config), reopened: tables.closures.sweep(now, config) };
+        tables.sweeps += 1;
+        let (prefix, wide) = (&self.prefix_limits, &self.wide_limits);
+        let limits_of = |key: &IpNet| match key {
+            IpNet::V6(net) if net.prefix_len() < config.ipv6_prefix => wide,
+            _ => prefix,
+        };
+        if tables.sweeps % 60 == 0 {
+            tables.prefixes.retain(|key, s| !s.forgettable(now, limits_of(key)));
+            tables.accounts.retain(|_, a| !a.forgettable(now, config));
+        } else {
+            tables.prefixes.expire_oldest(|key, s| s.forgettable(now, limits_of(key)));
+            tables.accounts.expire_oldest(|_, a| a.forgettable(now, config));
+        }
+        swept
+    }
+
+    fn stats(&self, now: Instant) -> DefenceStats {
+        let tables = self.lock();
+        DefenceStats {
+            tracked_prefixes: tables.prefixes.len(),
+            tracked_accounts: tables.accounts.len(),
+            ban_entries: tables.bans.entries(),
+            active_bans: tables.bans.active(now),
+            evicted: tables.prefixes.evicted() + tables.accounts.evicted(),
+            max_in_flight: self.max_in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A login's end, whatever its outcome: its places are released and its entries unpinned.
+fn end(tables: &mut Tables, keys: impl Iterator<Item = IpNet>, ticket: &Ticket) {
+    for key in keys {
+        if let Some(standing) = tables.prefixes.peek_mut(&key) {
+            standing.end_login();
+        }
+        tables.prefixes.unpin(&key);
+    }
+    if let Some(state) = tables.accounts.peek_mut(&ticket.account) {
+        state.end(ticket.counted);
+    }
+    tables.accounts.unpin(&ticket.account);
+}
