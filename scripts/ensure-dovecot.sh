@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need from Debian when it is missing: dovecot-imapd (only its
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
-# Dovecot is never configured) and, with --promtool, the prometheus package for promtool.
+# Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
+# load balancer in front of imapgate, run from a private configuration) and prometheus (for promtool).
 set -euo pipefail
 packages=()
 if ! [ -x /usr/sbin/dovecot ] && ! [ -x /usr/local/sbin/dovecot ]; then
   packages+=(dovecot-imapd)
 fi
-if [ "${1:-}" = "--promtool" ] && ! command -v promtool >/dev/null 2>&1; then
-  packages+=(prometheus)
+if [ "${1:-}" = "--test-tools" ]; then
+  command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+  [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

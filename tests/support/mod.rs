@@ -6,6 +6,7 @@
 pub mod client;
 pub mod dovecot;
 pub mod gate;
+pub mod haproxy;
 pub mod pki;
 pub mod proxy;
 
