@@ -188,7 +188,19 @@ fn main() {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss_after = gate.rss_kib();
-        let backend_failures = dovecot.log().lines().filter(|l| l.contains("auth failed")).count();
+        let failed_lines: Vec<String> =
+            dovecot.log().lines().filter(|l| l.contains("auth failed")).map(str::to_owned).collect();
+        let backend_failures = failed_lines.len();
+        let most = |field: &str| -> usize {
+            let mut counts = std::collections::HashMap::<String, usize>::new();
+            for line in &failed_lines {
+                if let Some(value) = line.split(field).nth(1).and_then(|v| v.split([',', '>']).next()) {
+                    *counts.entry(value.to_owned()).or_default() += 1;
+                }
+            }
+            counts.into_values().max().unwrap_or(0)
+        };
+        let (per_account, per_prefix) = (most("user=<"), most("rip="));
         let log = gate.terminate();
         let stats = log.lines().rev().find(|l| l.contains("\"defence_stats\"")).unwrap_or("(no stats line)").to_owned();
         let bans = log.lines().filter(|l| l.contains("\"event\":\"banned\"")).count();
@@ -210,6 +222,14 @@ fn main() {
         println!(
             "attempts reaching the backend  {backend_failures} ({:.1}% of attempts)",
             100.0 * backend_failures as f64 / attempts.max(1) as f64
+        );
+        println!(
+            "most per account               {per_account} (target <= account_block_after = 50 {})",
+            if per_account <= 50 { "met" } else { "MISSED" }
+        );
+        println!(
+            "most per prefix                {per_prefix} (target <= failures + 1 = 6 {})",
+            if per_prefix <= 6 { "met" } else { "MISSED" }
         );
         println!("bans issued                    {bans}");
         println!("defence tables at the end      {stats}");

@@ -791,6 +791,24 @@ mod tests {
         assert_eq!(config.backends.len(), 2);
         assert_eq!(config.backends[0].tls_name, "mbox1.internal");
         assert_eq!(config.route.rules.len(), 2);
+        // The commented example states the shipped defaults.
+        assert_eq!(config.defence, DefenceConfig::default());
+        assert_eq!(config.server.proxy_protocol, ProxyProtocolMode::Off);
+    }
+
+    #[test]
+    fn proxy_protocol_needs_its_trusted_peers() {
+        let on = MINIMAL.replace("[server]", "[server]\nproxy_protocol = \"required\"");
+        assert_eq!(keys(&on), vec!["server.proxy_protocol_from"]);
+        let with_peers = on.replace("[server]", "[server]\nproxy_protocol_from = [\"10.0.0.0/24\"]");
+        let config = Config::from_toml(&with_peers, None).unwrap();
+        assert_eq!(config.server.proxy_protocol, ProxyProtocolMode::Required);
+        assert_eq!(
+            keys(&MINIMAL.replace("[server]", "[server]\nproxy_protocol = \"sometimes\"")),
+            vec!["server.proxy_protocol"]
+        );
+        let wrong = MINIMAL.replace("[server]", "[server]\nid_forwarded_from = [\"webmail\"]");
+        assert_eq!(keys(&wrong), vec!["server.id_forwarded_from.0"]);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`]; no I/O beyond reading files.
 //! - [`imap`]: sans-IO protocol logic (framing, pre-auth state machine, SASL, backend responses).
 //! - [`route`]: which backend serves a user.
-//! - [`security`]: brute-force defence (failure budgets, bans, tarpit) and admission before TLS.
+//! - [`security`]: brute-force defence with limits that follow evidence: standing per prefix, accounts, bans,
+//!   bounded tables, behind a state interface; admission before TLS.
 //! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
-//! - [`net`]: sockets: TLS listener, per-connection session, backend leg (STARTTLS + ID + login), relay.
+//! - [`net`]: sockets: PROXY protocol header, TLS listener, per-connection session, backend leg (STARTTLS + ID
+//!   + login), relay.
 //! - [`app`]: wires listeners and shutdown.
 //! - [`telemetry`]: diagnostic logging.
 

@@ -38,8 +38,9 @@ pub enum Lane {
 /// Whether a login may go ahead, as far as the account is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountCheck {
-    /// Go, after `delay`; `counted` says whether it counts as pending.
-    Go { lane: Lane, delay_level: u32, counted: bool },
+    /// Go, after the `delay_level`-th tarpit step; `counted` says whether it counts as pending; `known`
+    /// whether the account has logged in from this prefix before (even if it failed from it since).
+    Go { lane: Lane, delay_level: u32, counted: bool, known: bool },
     /// Blocked for this prefix (unfamiliar, over the threshold).
     Blocked,
     /// The same wrong pair failed moments ago: answer it at the door.
@@ -114,7 +115,7 @@ impl Account {
             Some(over) => over + 1,
             None => 0,
         };
-        AccountCheck::Go { lane, delay_level, counted }
+        AccountCheck::Go { lane, delay_level, counted, known }
     }
 
     fn repeats(&self, fingerprint: &Fingerprint, now: Instant, within: Duration) -> bool {

@@ -180,14 +180,29 @@ impl Defence {
             return Ok(LoginPermit { state: Arc::clone(&self.state), ended: Arc::clone(&self.ended), ticket: None });
         }
         let deadline = Instant::now() + self.config.auth_queue_timeout;
+        let mut delayed = false;
         let ticket = loop {
             // Registered before asking, so that a login ending in between is not missed.
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            match self.state.begin_login(&keys, &account, &fingerprint, Instant::now()) {
+            match self.state.begin_login(&keys, &account, &fingerprint, delayed, Instant::now()) {
                 Begin::Go(ticket) => break ticket,
                 Begin::Refused(refusal) => return Err(self.refused(ip, refusal, Some(user))),
+                Begin::Delay(level) => {
+                    // The account's delay holds no place of the prefix's: guesses waiting here cannot keep
+                    // the prefix's other users out.
+                    let delay = self.tarpit(level);
+                    tracing::info!(
+                        event = "account_delay",
+                        prefix = %keys.prefix,
+                        user = %user,
+                        delay_ms = delay.as_millis() as u64,
+                        "login delayed: account has recent failures"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delayed = true;
+                }
                 Begin::Wait => {
                     if tokio::time::timeout_at(deadline, ended).await.is_err() {
                         return Err(self.refused(ip, Refusal::Busy, Some(user)));
@@ -195,18 +210,7 @@ impl Defence {
                 }
             }
         };
-        let delay = if ticket.delay_level > 0 { self.tarpit(ticket.delay_level) } else { Duration::ZERO };
         let permit = permit(ticket);
-        if !delay.is_zero() {
-            tracing::info!(
-                event = "account_delay",
-                prefix = %keys.prefix,
-                user = %user,
-                delay_ms = delay.as_millis() as u64,
-                "login delayed: account has recent failures"
-            );
-            tokio::time::sleep(delay).await;
-        }
         Ok(permit)
     }
 
@@ -636,9 +640,66 @@ mod tests {
             succeed(&d, webmail, &format!("user{i}")).await;
         }
         assert_eq!(begin(&d, webmail, "newcomer", "pw").await.err(), Some(Refusal::UnfamiliarClosed));
+        // A guess on a crowd user's account does not lock that user out of the closed prefix.
+        fail(&d, webmail, "user7", "guess").await.unwrap();
+        succeed(&d, webmail, "user7").await;
         tokio::time::advance(Duration::from_secs(601)).await;
         d.sweep();
         assert!(begin(&d, webmail, "newcomer", "pw").await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guesses_waiting_out_an_account_delay_hold_no_place_of_the_prefix() {
+        let d = Arc::new(Defence::new(DefenceConfig { failures: 1000, auth_in_flight: 2, ..config() }));
+        let crowd = "192.0.2.95";
+        succeed(&d, crowd, "colleague").await;
+        for i in 0..6 {
+            fail(&d, &format!("203.0.113.{i}"), "target", &format!("g{i}")).await.unwrap();
+        }
+        // Ten guesses at the delayed account from the crowd's address sit in the account delay ...
+        let waiting: Vec<_> = (0..10)
+            .map(|i| {
+                let d = Arc::clone(&d);
+                tokio::spawn(async move { d.begin_login(ip(crowd), &user("target"), &pw(&format!("x{i}"))).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // ... while the crowd's users log in without waiting.
+        let started = Instant::now();
+        for _ in 0..5 {
+            succeed(&d, crowd, "colleague").await;
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        for w in waiting {
+            drop(w.await.unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_prefix_is_not_closed_again_by_guesses_on_its_own_accounts() {
+        let d = Defence::new(config());
+        let webmail = "192.0.2.91";
+        for i in 0..20 {
+            succeed(&d, webmail, &format!("user{i}")).await;
+        }
+        // 5 + 2 tolerated; the 8th counted failure closes.
+        for i in 0..8 {
+            fail(&d, webmail, &format!("stranger{i}"), "guess").await.unwrap();
+        }
+        assert_eq!(begin(&d, webmail, "stranger99", "g").await.err(), Some(Refusal::UnfamiliarClosed));
+        // Guesses on the crowd's own accounts still fail at the backend, but do not extend the closure.
+        for i in 0..10 {
+            fail(&d, webmail, &format!("user{i}"), "guess").await.unwrap();
+        }
+        // Those go one at a time while closed; the crowd's untouched accounts are not held up.
+        let first = begin(&d, webmail, "user0", "guess2").await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(1), begin(&d, webmail, "user1", "guess2"));
+        assert!(second.await.is_err(), "a second guess at a crowd account waits");
+        succeed(&d, webmail, "user15").await;
+        drop(first);
+        tokio::time::advance(Duration::from_secs(601)).await;
+        d.sweep();
+        assert!(begin(&d, webmail, "stranger99", "g").await.is_ok(), "the first closure (10 min) has lifted");
     }
 
     #[tokio::test(start_paused = true)]

@@ -87,8 +87,10 @@ pub enum AdmitError {
 pub struct Standing {
     /// Connections admitted that have not logged in.
     pub unauthenticated: u32,
-    /// Logins at a backend now.
+    /// Logins at a backend now: of accounts familiar with the prefix, and the others. Kept apart, so that
+    /// guesses can never take the places of the prefix's own users.
     pub in_flight: u32,
+    pub in_flight_familiar: u32,
     /// Connection-rate tokens.
     tokens: f64,
     tokens_at: Instant,
@@ -108,6 +110,7 @@ impl Standing {
         Self {
             unauthenticated: 0,
             in_flight: 0,
+            in_flight_familiar: 0,
             tokens: f64::from(limits.burst),
             tokens_at: now,
             failures: 0.0,
@@ -199,13 +202,18 @@ impl Standing {
 
     /// Whether one more login may go to a backend now. Familiar logins (an account that logged in from
     /// here before and has no failures from here) need only room under the ceiling; others also reserve
-    /// room in the failure budget.
-    pub fn may_start_login(&mut self, now: Instant, limits: &Limits, familiar: bool) -> bool {
+    /// room in the failure budget. The two are counted apart.
+    /// A `squeezed` prefix (closed to unfamiliar accounts after overflowing its budget) gets one such login
+    /// at a time, whatever its standing: guesses at the crowd's own accounts queue behind one another.
+    pub fn may_start_login(&mut self, now: Instant, limits: &Limits, familiar: bool, squeezed: bool) -> bool {
+        if familiar {
+            return self.in_flight_familiar < limits.in_flight_max;
+        }
         if self.in_flight >= limits.in_flight_max {
             return false;
         }
-        if familiar {
-            return true;
+        if squeezed {
+            return self.in_flight == 0;
         }
         // The failures still tolerated, plus the one that would spend the budget. A prefix over its budget
         // whose ban has lifted gets one login at a time: its next failure bans it again, for twice as long.
@@ -215,13 +223,26 @@ impl Standing {
         self.in_flight < room.saturating_add(earned)
     }
 
-    pub fn start_login(&mut self, now: Instant) {
-        self.in_flight += 1;
+    pub fn start_login(&mut self, now: Instant, familiar: bool) {
+        if familiar {
+            self.in_flight_familiar += 1;
+        } else {
+            self.in_flight += 1;
+        }
         self.last_seen = now;
     }
 
-    pub fn end_login(&mut self) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+    pub fn end_login(&mut self, familiar: bool) {
+        if familiar {
+            self.in_flight_familiar = self.in_flight_familiar.saturating_sub(1);
+        } else {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Logins of both kinds at a backend now.
+    pub fn logins(&self) -> u32 {
+        self.in_flight + self.in_flight_familiar
     }
 
     /// A successful login: one more unit of standing, and one more token in the (now larger) rate bucket.
@@ -255,7 +276,7 @@ impl Standing {
     /// Nothing left to remember: no connection, no login, no failures, no standing, not closed.
     pub fn forgettable(&mut self, now: Instant, limits: &Limits) -> bool {
         self.unauthenticated == 0
-            && self.in_flight == 0
+            && self.logins() == 0
             && self.failures(now, limits) < 0.01
             && self.successes(now, limits) < 0.01
             && self.closed_until.is_none_or(|until| until <= now)
@@ -319,20 +340,21 @@ mod tests {
         let now = Instant::now();
         let mut s = Standing::new(now, &l);
         let mut started = 0;
-        while s.may_start_login(now, &l, false) {
-            s.start_login(now);
+        while s.may_start_login(now, &l, false, false) {
+            s.start_login(now, false);
             started += 1;
         }
         assert_eq!(started, l.failures + 1);
         let mut over = false;
         for _ in 0..started {
-            s.end_login();
+            s.end_login(false);
             over |= s.failed(now, &l, true).1;
         }
         assert!(over, "the last one overflows the budget");
-        assert!(s.may_start_login(now, &l, false), "once over budget (and the ban lifted): one at a time");
-        s.start_login(now);
-        assert!(!s.may_start_login(now, &l, false));
+        assert!(s.may_start_login(now, &l, false, false), "once over budget (and the ban lifted): one at a time");
+        s.start_login(now, false);
+        assert!(!s.may_start_login(now, &l, false, false));
+        assert!(s.may_start_login(now, &l, true, false), "familiar logins have places of their own");
     }
 
     #[tokio::test(start_paused = true)]

@@ -89,14 +89,14 @@ pub struct Ticket {
     pub lane: Lane,
     /// Counted as pending for the account.
     counted: bool,
-    /// The account's delay step (0: none).
-    pub delay_level: u32,
 }
 
 /// The answer to "may this login start?".
 #[derive(Debug)]
 pub enum Begin {
     Go(Ticket),
+    /// The account has recent failures: wait the `n`-th tarpit step (holding no place), then ask again.
+    Delay(u32),
     /// No room now; ask again when a login ends.
     Wait,
     Refused(Refusal),
@@ -146,8 +146,8 @@ pub trait DefenceState: Send + Sync {
     fn logged_in(&self, keys: &Keys, now: Instant);
     /// The connection closed.
     fn closed(&self, keys: &Keys, logged_in: bool);
-    /// May this login go to a backend now?
-    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, now: Instant) -> Begin;
+    /// May this login go to a backend now? `delayed`: the caller has waited out the account's delay.
+    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, delayed: bool, now: Instant) -> Begin;
     /// The login ended without an outcome (the session went away).
     fn abandon(&self, ticket: &Ticket);
     fn succeeded(&self, ticket: &Ticket, now: Instant);
@@ -271,7 +271,7 @@ impl DefenceState for LocalState {
         }
     }
 
-    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, now: Instant) -> Begin {
+    fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, delayed: bool, now: Instant) -> Begin {
         let mut tables = self.lock();
         if !keys.trusted {
             if let Some(remaining) = tables.bans.remaining(keys.all(), now) {
@@ -282,27 +282,33 @@ impl DefenceState for LocalState {
         let Some(state) = tables.accounts.entry(&account_key, || Account::new(now)) else {
             return Begin::Refused(Refusal::Busy);
         };
-        let (lane, delay_level, counted) = match state.check(keys.prefix, fingerprint, now, &self.config) {
+        let (lane, delay_level, counted, known) = match state.check(keys.prefix, fingerprint, now, &self.config) {
             AccountCheck::Blocked => return Begin::Refused(Refusal::AccountBlocked),
             AccountCheck::Repeated => return Begin::Refused(Refusal::Repeated),
-            AccountCheck::Go { lane, delay_level, counted } => (lane, delay_level, counted),
+            AccountCheck::Go { lane, delay_level, counted, known } => (lane, delay_level, counted, known),
         };
-        if lane == Lane::Unfamiliar && !keys.trusted && tables.closures.remaining(keys.all(), now).is_some() {
+        // A closed prefix keeps the accounts that logged in from it, even one an attacker failed on since (a
+        // guess must not lock the real user out), but those go one at a time.
+        let closed = !keys.trusted && tables.closures.remaining(keys.all(), now).is_some();
+        if closed && !known {
             return Begin::Refused(Refusal::UnfamiliarClosed);
+        }
+        if delay_level > 0 && !delayed {
+            return Begin::Delay(delay_level);
         }
         let familiar = lane == Lane::Familiar;
         for (key, limits) in self.counted(keys) {
             let Some(standing) = tables.prefixes.entry(&key, || Standing::new(now, limits)) else {
                 return Begin::Refused(Refusal::Busy);
             };
-            if !standing.may_start_login(now, limits, familiar) {
+            if !standing.may_start_login(now, limits, familiar, closed) {
                 return Begin::Wait;
             }
         }
         for (key, _) in self.counted(keys) {
             if let Some(standing) = tables.prefixes.get_mut(&key) {
-                standing.start_login(now);
-                self.max_in_flight.fetch_max(u64::from(standing.in_flight), Ordering::Relaxed);
+                standing.start_login(now, familiar);
+                self.max_in_flight.fetch_max(u64::from(standing.logins()), Ordering::Relaxed);
             }
             tables.prefixes.pin(&key);
         }
@@ -310,7 +316,7 @@ impl DefenceState for LocalState {
             state.start(counted);
         }
         tables.accounts.pin(&account_key);
-        Begin::Go(Ticket { keys: *keys, account: account_key, lane, counted, delay_level })
+        Begin::Go(Ticket { keys: *keys, account: account_key, lane, counted })
     }
 
     fn abandon(&self, ticket: &Ticket) {
@@ -347,7 +353,11 @@ impl DefenceState for LocalState {
             if key == ticket.keys.prefix {
                 effects.level = level;
             }
-            if over {
+            // Already banned or closed (a login that was in flight when it happened): not again.
+            let already =
+                tables.bans.remaining([key], now).is_some() || tables.closures.remaining([key], now).is_some();
+            if over && !already {
+                let Some(standing) = tables.prefixes.get_mut(&key) else { continue };
                 if standing.has_standing(now, limits) {
                     let duration = tables.closures.ban(key, now, &self.config);
                     effects.closed.push((key, duration));
@@ -412,7 +422,7 @@ impl DefenceState for LocalState {
 fn end(tables: &mut Tables, keys: impl Iterator<Item = IpNet>, ticket: &Ticket) {
     for key in keys {
         if let Some(standing) = tables.prefixes.peek_mut(&key) {
-            standing.end_login();
+            standing.end_login(ticket.lane == Lane::Familiar);
         }
         tables.prefixes.unpin(&key);
     }

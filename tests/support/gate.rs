@@ -17,6 +17,8 @@ pub fn imapgate_binary() -> PathBuf {
 pub struct Gate {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin server (/metrics).
+    pub admin: SocketAddr,
     pub log: PathBuf,
 }
 
@@ -24,12 +26,13 @@ impl Gate {
     /// Starts imapgate on a free loopback port; `extra` adds sections such as `[defence]`.
     pub fn start(dir: &Path, pki: &Pki, dovecot: &Dovecot, name: &str, extra: &str) -> Gate {
         let port = super::free_port();
+        let admin_port = super::free_port();
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
-                 [admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"off\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[audit]\npath = \"off\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
                  [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
                  [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info\"\n{extra}",
                 pki.cert.display(),
@@ -58,7 +61,8 @@ impl Gate {
             let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
             panic!("imapgate did not start:\n{log}");
         }
-        Gate { child, addr, log: log_path }
+        let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        Gate { child, addr, admin, log: log_path }
     }
 
     /// Resident memory, from /proc.
