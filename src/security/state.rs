@@ -51,18 +51,6 @@ impl Refusal {
             Refusal::Busy => "busy",
         }
     }
-
-    /// Every reason, for metric labels.
-    pub const REASONS: &[&str] = &[
-        "deny_list",
-        "banned",
-        "prefix_connections",
-        "connection_rate",
-        "account_blocked",
-        "repeated_failure",
-        "unfamiliar_closed",
-        "busy",
-    ];
 }
 
 /// The keys a client address is counted under.
