@@ -100,8 +100,6 @@ pub struct Standing {
     /// Recent successes, decaying exponentially.
     successes: f64,
     successes_at: Instant,
-    /// Logins for unfamiliar accounts refused until then (a prefix with standing that overflowed its budget).
-    pub closed_until: Option<Instant>,
     pub last_seen: Instant,
 }
 
@@ -117,7 +115,6 @@ impl Standing {
             failures_at: now,
             successes: 0.0,
             successes_at: now,
-            closed_until: None,
             last_seen: now,
         }
     }
@@ -258,19 +255,21 @@ impl Standing {
     /// Counts a failure; returns the tarpit level (failures in the bucket, at least 1) and whether the
     /// budget overflowed.
     pub fn failed(&mut self, now: Instant, limits: &Limits, counted: bool) -> (u32, bool) {
-        let mut level = self.failures(now, limits);
+        self.failures(now, limits);
         if counted {
             self.failures += 1.0;
-            level = self.failures;
         }
         self.last_seen = now;
         let over = counted && self.failures > self.tolerated(now, limits);
-        (level.ceil().max(1.0) as u32, over)
+        (self.level(now, limits), over)
     }
 
-    /// The tarpit level right now (for answers without backend contact).
+    /// The tarpit level right now: counted failures beyond what standing excuses, at least 1. A prefix with no
+    /// record climbs the steps with each failure; a crowd's typos stay on the first step until its failures
+    /// outgrow its standing.
     pub fn level(&mut self, now: Instant, limits: &Limits) -> u32 {
-        self.failures(now, limits).ceil().max(1.0) as u32
+        let excused = self.tolerated(now, limits) - f64::from(limits.failures);
+        (self.failures(now, limits) - excused).ceil().max(1.0) as u32
     }
 
     /// Nothing left to remember: no connection, no login, no failures, no standing, not closed.
@@ -279,7 +278,6 @@ impl Standing {
             && self.logins() == 0
             && self.failures(now, limits) < 0.01
             && self.successes(now, limits) < 0.01
-            && self.closed_until.is_none_or(|until| until <= now)
             && now.saturating_duration_since(self.last_seen) >= limits.window
     }
 }
@@ -370,6 +368,22 @@ mod tests {
             s.succeeded(now, &l);
         }
         assert_eq!(s.tolerated(now, &l), f64::from(l.failures) + 3.0, "capped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crowds_typos_stay_on_the_first_tarpit_step() {
+        let l = limits();
+        let now = Instant::now();
+        let mut crowd = Standing::new(now, &l);
+        for _ in 0..100 {
+            crowd.succeeded(now, &l);
+        }
+        // 100 successes excuse 10 failures: the first ten typos are answered after the first step.
+        let levels: Vec<u32> = (0..12).map(|_| crowd.failed(now, &l, true).0).collect();
+        assert_eq!(levels, [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]);
+        let mut stranger = Standing::new(now, &l);
+        let levels: Vec<u32> = (0..3).map(|_| stranger.failed(now, &l, true).0).collect();
+        assert_eq!(levels, [1, 2, 3]);
     }
 
     #[tokio::test(start_paused = true)]
