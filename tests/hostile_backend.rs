@@ -32,6 +32,8 @@ enum Script {
     HostileBanner,
     /// A well-behaved TLS backend that answers the login with a referral.
     Referral,
+    /// A TLS backend that implements RFC 8437 UNAUTHENTICATE (as Cyrus does) and accepts the login.
+    Unauthenticate,
 }
 
 /// Records every byte the backend received (after TLS when there is TLS).
@@ -90,7 +92,7 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
                 Some(format!("{tag} OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"))
             }
             (Script::HostileBanner, true) => Some(format!("{tag} BAD %s%n\x00\r\n")),
-            (Script::Referral, true) => {
+            (Script::Referral | Script::Unauthenticate, true) => {
                 // Reply, then hand over to TLS.
                 None
             }
@@ -101,7 +103,7 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
         }
     })
     .await?;
-    if let Script::Referral = script {
+    if let Script::Referral | Script::Unauthenticate = script {
         let mut tcp = tcp;
         tcp.write_all(b"S OK Begin TLS\r\n").await?;
         let config = imapgate::net::tls::server_config(&pki().cert, &pki().key).unwrap();
@@ -113,8 +115,11 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
                 format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR ID\r\n{tag} OK done\r\n")
             } else if upper.contains(" ID ") {
                 format!("* ID NIL\r\n{tag} OK ID done\r\n")
-            } else if upper.contains("AUTHENTICATE") {
+            } else if upper.contains("AUTHENTICATE") && matches!(script, Script::Referral) {
                 format!("{tag} NO [REFERRAL imap://alice@evil.example/] Try elsewhere\r\n")
+            } else if upper.contains("AUTHENTICATE") || upper.contains(" LOGIN ") {
+                // RFC 8437: UNAUTHENTICATE returns to the not-authenticated state; a login follows.
+                format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE UNAUTHENTICATE] Logged in\r\n")
             } else {
                 format!("{tag} BAD what?\r\n")
             })
@@ -185,4 +190,34 @@ async fn referral_is_neither_followed_nor_forwarded() {
     assert_eq!(reply, "h1 NO [AUTHENTICATIONFAILED] Authentication failed.");
     assert!(seen.contains("AUTHENTICATE PLAIN"), "{seen:?}");
     assert!(seen.contains("\"x-originating-ip\" \"127.0.0.1\""), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticate_and_logins_after_login_never_reach_the_backend() {
+    let (port, received) = spawn_backend(Script::Unauthenticate).await;
+    let rest = format!("{}\n[route]\ndefault = \"hostile\"\n", backend("hostile", port));
+    let proxy = TestProxy::start(&config_text(pki(), &rest)).await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &pki().ca).await;
+    let reply = c.command("u1", &format!("LOGIN alice@example.org {PASSWORD}")).await.unwrap();
+    assert!(reply.tagged.starts_with("u1 OK [CAPABILITY IMAP4rev1 IDLE] "), "not advertised: {reply:?}");
+    // Inside the relay: back to not-authenticated, then guesses and a forged client address.
+    for (tag, command) in [
+        ("u2", "UNAUTHENTICATE"),
+        ("u3", "LOGIN victim@example.org guess-1"),
+        ("u4", "AUTHENTICATE PLAIN AHZpY3RpbQBndWVzcy0y"),
+        ("u5", "ID (\"x-originating-ip\" \"203.0.113.9\")"),
+    ] {
+        let reply = c.command(tag, command).await.unwrap();
+        assert!(reply.tagged.starts_with(&format!("{tag} BAD")) || tag == "u5", "{command}: {reply:?}");
+    }
+    proxy.stop().await;
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    // Everything after the proxy's own login (whose credentials travel base64-encoded).
+    let after_login = seen.find("u2 ").map(|at| seen[at..].to_owned()).unwrap_or_default();
+    assert!(after_login.contains("u2 UNAUTHENTICAT_"), "{seen:?}");
+    assert!(after_login.contains("u3 LOGI_ victim"), "{seen:?}");
+    assert!(after_login.contains("u4 AUTHENTICAT_ PLAIN"), "{seen:?}");
+    for word in ["UNAUTHENTICATE", " LOGIN ", "AUTHENTICATE "] {
+        assert!(!after_login.contains(word), "{word} reached the backend after login: {after_login:?}");
+    }
 }

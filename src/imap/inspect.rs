@@ -3,10 +3,14 @@
 //! tagged status and latency, following literals (`{n}`, `{n+}`, `~{n}`) so that message data is never
 //! taken for a command or a response (a body holding `\r\na1 OK\r\n` is data).
 //!
-//! It also neutralises two commands the proxy must not pass on after login, altering the name in place as
-//! its last byte goes by, so that it works however the stream is split:
-//! - `STARTTLS`: the client's TLS ends at the proxy (the backend answers `BAD`, in order, with the tag);
-//! - `COMPRESS`: not advertised by the proxy; compressed streams would hide commands from it.
+//! It also neutralises the commands that change the authentication or the transport state, which the proxy
+//! must never pass on after login, altering the name in place as its last byte goes by, so that it works
+//! however the stream is split (the backend then answers `BAD`, in order, with the tag):
+//! - `STARTTLS`: the client's TLS ends at the proxy;
+//! - `COMPRESS`: not advertised by the proxy; compressed streams would hide commands from it;
+//! - `UNAUTHENTICATE` (RFC 8437), `AUTHENTICATE`, `LOGIN`: a client back in the not-authenticated state
+//!   inside the relay could guess passwords past the defence, the tarpit and the audit log, and send an
+//!   `ID` with `x-originating-ip` that the backend trusts from the proxy.
 //!
 //! Memory is bounded: tags and names are truncated, at most [`MAX_IN_FLIGHT`] commands are tracked; beyond
 //! that, or on anything it cannot follow, the observer stops observing (the relay goes on) and says so.
@@ -14,8 +18,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Command names neutralised after login, upper-case, all 8 bytes long.
-const BLOCKED: [&[u8; 8]; 2] = [b"STARTTLS", b"COMPRESS"];
+/// Command names neutralised after login, upper-case (at most 8 of them: a bit each in a `u8`).
+const BLOCKED: [&[u8]; 5] = [b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE", b"AUTHENTICATE", b"LOGIN"];
 /// Commands tracked at once; more means the observer gives up on the session.
 pub const MAX_IN_FLIGHT: usize = 128;
 const MAX_TAG: usize = 64;
@@ -306,7 +310,9 @@ impl Observer {
                             still |= 1 << k;
                         }
                     }
-                    if still != 0 && len + 1 == 8 {
+                    let complete =
+                        BLOCKED.iter().enumerate().any(|(k, name)| still & (1 << k) != 0 && name.len() == len + 1);
+                    if complete {
                         bytes[i] = b'_';
                         self.neutralised += 1;
                         still = 0;
@@ -464,6 +470,16 @@ mod tests {
         );
         assert_eq!(guard(b"a NOOP\r\nb SELECT STARTTLS\r\n"), ("a NOOP\r\nb SELECT STARTTLS\r\n".into(), 0));
         assert_eq!(guard(b"a UID FETCH 1 (BODY[])\r\n").1, 0);
+    }
+
+    #[test]
+    fn commands_that_change_the_authentication_state_are_neutralised() {
+        assert_eq!(guard(b"a UNAUTHENTICATE\r\n"), ("a UNAUTHENTICAT_\r\n".into(), 1));
+        assert_eq!(guard(b"b authenticate PLAIN\r\n"), ("b authenticat_ PLAIN\r\n".into(), 1));
+        assert_eq!(guard(b"c LOGIN victim guess\r\n"), ("c LOGI_ victim guess\r\n".into(), 1));
+        assert_eq!(guard(b"d UID AUTHENTICATE\r\n").1, 0, "only the command name counts");
+        let harmless = b"e LOGOUT\r\nf LIST \"\" LOGIN\r\ng SELECT AUTHENTICATE\r\n";
+        assert_eq!(guard(harmless), (String::from_utf8_lossy(harmless).into_owned(), 0));
     }
 
     #[test]

@@ -151,13 +151,15 @@ pub fn id_command(tag: &str, proxy_fields: &[(&str, String)], client: &IdParams)
 }
 
 /// Post-login capabilities for the client: the backend's, without `COMPRESS=` (the proxy terminates TLS
-/// per side and compression would hide commands from it) and without `STARTTLS`/`LOGINDISABLED`.
+/// per side and compression would hide commands from it), without `STARTTLS`/`LOGINDISABLED`, and without
+/// `UNAUTHENTICATE` (RFC 8437: a return to the not-authenticated state would bypass the proxy's login).
 pub fn client_capabilities(backend: &[String]) -> String {
     backend
         .iter()
         .filter(|c| {
             let upper = c.to_ascii_uppercase();
-            !upper.starts_with("COMPRESS=") && upper != "STARTTLS" && upper != "LOGINDISABLED"
+            !upper.starts_with("COMPRESS=")
+                && !matches!(upper.as_str(), "STARTTLS" | "LOGINDISABLED" | "UNAUTHENTICATE")
         })
         .cloned()
         .collect::<Vec<_>>()
@@ -209,6 +211,7 @@ mod tests {
             client_capabilities(&["IMAP4rev1".into(), "COMPRESS=DEFLATE".into(), "IDLE".into(), "STARTTLS".into()]),
             "IMAP4rev1 IDLE"
         );
+        assert_eq!(client_capabilities(&["IMAP4rev2".into(), "unauthenticate".into(), "ID".into()]), "IMAP4rev2 ID");
     }
 
     #[test]
