@@ -6,7 +6,7 @@
 //! handshake behind it — bounded in size and within the handshake timeout. Parsing is `ppp`'s; this module
 //! decides what a header means for the connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -89,14 +89,12 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(SocketAddr, SocketAddr)>, HeaderErr
         Start::V1 => {
             let header = ppp::v1::Header::try_from(bytes).map_err(|e| HeaderError::Invalid(e.to_string()))?;
             Ok(match header.addresses {
-                ppp::v1::Addresses::Tcp4(a) => Some((
-                    SocketAddr::from((a.source_address, a.source_port)),
-                    SocketAddr::from((a.destination_address, a.destination_port)),
-                )),
-                ppp::v1::Addresses::Tcp6(a) => Some((
-                    SocketAddr::from((a.source_address, a.source_port)),
-                    SocketAddr::from((a.destination_address, a.destination_port)),
-                )),
+                ppp::v1::Addresses::Tcp4(a) => {
+                    Some(pair(a.source_address, a.source_port, a.destination_address, a.destination_port))
+                }
+                ppp::v1::Addresses::Tcp6(a) => {
+                    Some(pair(a.source_address, a.source_port, a.destination_address, a.destination_port))
+                }
                 ppp::v1::Addresses::Unknown => None,
             })
         }
@@ -106,19 +104,27 @@ pub fn parse(bytes: &[u8]) -> Result<Option<(SocketAddr, SocketAddr)>, HeaderErr
                 return Err(HeaderError::Local);
             }
             Ok(match header.addresses {
-                ppp::v2::Addresses::IPv4(a) => Some((
-                    SocketAddr::from((a.source_address, a.source_port)),
-                    SocketAddr::from((a.destination_address, a.destination_port)),
-                )),
-                ppp::v2::Addresses::IPv6(a) => Some((
-                    SocketAddr::from((a.source_address, a.source_port)),
-                    SocketAddr::from((a.destination_address, a.destination_port)),
-                )),
+                ppp::v2::Addresses::IPv4(a) => {
+                    Some(pair(a.source_address, a.source_port, a.destination_address, a.destination_port))
+                }
+                ppp::v2::Addresses::IPv6(a) => {
+                    Some(pair(a.source_address, a.source_port, a.destination_address, a.destination_port))
+                }
                 ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => None,
             })
         }
         Start::Other => Err(HeaderError::Invalid("not a PROXY header".into())),
     }
+}
+
+/// (source, destination) from a header's address fields, whatever their family.
+fn pair(
+    source: impl Into<IpAddr>,
+    source_port: u16,
+    destination: impl Into<IpAddr>,
+    port: u16,
+) -> (SocketAddr, SocketAddr) {
+    (SocketAddr::new(source.into(), source_port), SocketAddr::new(destination.into(), port))
 }
 
 /// How many bytes the v2 header whose fixed part is `fixed` has in all.

@@ -68,22 +68,12 @@ impl Bans {
         lifted
     }
 
-    /// Lifts a ban now (an operator's action); whether there was one in force.
-    pub fn lift(&mut self, key: &IpNet, now: Instant) -> bool {
-        self.table.remove(key).is_some_and(|b| b.active && b.until > now)
-    }
-
     pub fn entries(&self) -> usize {
         self.table.len()
     }
 
     pub fn active(&self, now: Instant) -> usize {
         self.table.values().filter(|b| b.active && b.until > now).count()
-    }
-
-    /// Prefixes banned now, with the time left.
-    pub fn list(&self, now: Instant) -> Vec<(IpNet, Duration)> {
-        self.table.iter().filter(|(_, b)| b.active && b.until > now).map(|(k, b)| (*k, b.until - now)).collect()
     }
 }
 

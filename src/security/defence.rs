@@ -168,17 +168,13 @@ impl Defence {
     /// Before a login goes to a backend: refuses banned prefixes, blocked accounts and a wrong pair repeated
     /// moments ago, waits for room among the prefix's logins in flight, and applies the account's delay.
     pub async fn begin_login(&self, ip: IpAddr, user: &Username, password: &Password) -> Result<LoginPermit, Refusal> {
-        let permit = |ticket| LoginPermit {
-            state: Arc::clone(&self.state),
-            ended: Arc::clone(&self.ended),
-            ticket: Some(ticket),
-        };
+        let permit = |ticket| LoginPermit { state: Arc::clone(&self.state), ended: Arc::clone(&self.ended), ticket };
+        if !self.config.enabled {
+            return Ok(permit(None));
+        }
         let keys = self.keys(ip);
         let account = canonical_account(user);
         let fingerprint = self.fingerprint(&account, password);
-        if !self.config.enabled {
-            return Ok(LoginPermit { state: Arc::clone(&self.state), ended: Arc::clone(&self.ended), ticket: None });
-        }
         let deadline = Instant::now() + self.config.auth_queue_timeout;
         let mut delayed = false;
         let ticket = loop {
@@ -210,7 +206,7 @@ impl Defence {
                 }
             }
         };
-        let permit = permit(ticket);
+        let permit = permit(Some(ticket));
         Ok(permit)
     }
 

@@ -162,9 +162,8 @@ impl Standing {
         if self.unauthenticated >= cap {
             return Err(AdmitError::Connections);
         }
-        let capacity = self.refill(now, limits, earned);
+        self.refill(now, limits, earned);
         if self.tokens < 1.0 {
-            self.tokens = self.tokens.min(capacity);
             return Err(AdmitError::Rate);
         }
         self.tokens -= 1.0;

@@ -338,6 +338,7 @@ impl DefenceState for LocalState {
         for (key, limits) in self.counted(&ticket.keys) {
             let Some(standing) = tables.prefixes.get_mut(&key) else { continue };
             let (level, over) = standing.failed(now, limits, counted);
+            let has_standing = standing.has_standing(now, limits);
             if key == ticket.keys.prefix {
                 effects.level = level;
             }
@@ -345,8 +346,7 @@ impl DefenceState for LocalState {
             let already =
                 tables.bans.remaining([key], now).is_some() || tables.closures.remaining([key], now).is_some();
             if over && !already {
-                let Some(standing) = tables.prefixes.get_mut(&key) else { continue };
-                if standing.has_standing(now, limits) {
+                if has_standing {
                     let duration = tables.closures.ban(key, now, &self.config);
                     effects.closed.push((key, duration));
                 } else {

@@ -151,15 +151,6 @@ impl<K: Hash + Eq + Clone, V> Table<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.slots.iter().map(|(k, s)| (k, &s.value))
     }
-
-    /// Removes an entry whatever its pins (an operator's explicit action, such as an unban).
-    pub fn remove(&mut self, key: &K) -> Option<V> {
-        let slot = self.slots.remove(key)?;
-        if slot.pins == 0 {
-            self.recency.remove(&slot.stamp);
-        }
-        Some(slot.value)
-    }
 }
 
 #[cfg(test)]
