@@ -10,9 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::{BackendMode, Config};
+use crate::lifecycle::Phase;
 use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::tls::{self, TlsConfigError};
-use crate::net::{Phase, Shared, session};
+use crate::net::{Shared, session};
 use crate::route::Router;
 use crate::security::{Defence, DefenceEvent};
 use crate::telemetry::admin::{self, AdminState};
@@ -210,7 +211,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         };
         let (tcp, peer) = match accepted {
             Ok(conn) => conn,
@@ -296,7 +297,7 @@ async fn sweep_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
                 defence.sweep();
                 shared.metrics.bans_active.set(defence.stats().active_bans as i64);
             }
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => break,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => break,
         }
         if n % 60 == 0 {
             log_defence_stats(defence);
@@ -327,7 +328,7 @@ async fn probe_loop(live: Current, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         }
         let shared = current(&live);
         for backend in &shared.config.backends {
@@ -355,7 +356,7 @@ async fn on_signals(live: Current, config_path: Option<PathBuf>, mut phase: watc
         let reload = tokio::select! {
             _ = hup.recv() => true,
             _ = usr1.recv() => false,
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         };
         let shared = current(&live);
         if let Some(audit) = &shared.audit {

@@ -474,7 +474,14 @@ pub struct Config {
     /// Trace export, when `[otel]` is present.
     pub otel: Option<OtelConfig>,
     /// Where the audit log goes: `None` when switched off (`path = "off"`).
-    pub audit: Option<crate::telemetry::audit::AuditTarget>,
+    pub audit: Option<AuditTarget>,
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
 }
 
 impl Config {
@@ -655,8 +662,8 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     }
     let audit = match raw.audit.path.as_str() {
         "off" => None,
-        "stdout" | "-" => Some(crate::telemetry::audit::AuditTarget::Stdout),
-        path => Some(crate::telemetry::audit::AuditTarget::File(resolve(base, PathBuf::from(path)))),
+        "stdout" | "-" => Some(AuditTarget::Stdout),
+        path => Some(AuditTarget::File(resolve(base, PathBuf::from(path)))),
     };
     if let Some(otel) = &raw.otel {
         if !(otel.endpoint.starts_with("http://") || otel.endpoint.starts_with("https://")) {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::imap::preauth::Rejection;
+use crate::imap::reply::Rejection;
 
 /// Which side a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

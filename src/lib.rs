@@ -1,20 +1,26 @@
 //! imapgate: a transparent, TLS-terminating IMAP proxy.
 //!
-//! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`]; no I/O beyond reading files.
-//! - [`imap`]: sans-IO protocol logic (framing, pre-auth state machine, SASL, backend responses).
+//! Modules from the bottom up; each uses only the ones above it in this list.
+//! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`] (audit target included); no I/O
+//!   beyond reading files.
+//! - [`imap`]: sans-IO protocol logic: framing, pre-auth commands and state machine, SASL, the proxy's
+//!   rejections, the backend's login responses, the post-login observer and guard.
+//! - [`lifecycle`]: the proxy's phases (running, draining, closing, aborted) that every task follows.
+//! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
 //! - [`route`]: which backend serves a user.
 //! - [`security`]: brute-force defence with limits that follow evidence: standing per prefix, accounts, bans,
 //!   bounded tables, behind a state interface; admission before TLS.
-//! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
-//! - [`net`]: sockets: PROXY protocol header, TLS listener, per-connection session, backend leg (STARTTLS + ID
-//!   + login), relay.
-//! - [`app`]: wires listeners and shutdown.
-//! - [`telemetry`]: diagnostic logging.
+//! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers)
+//!   and the admin HTTP server.
+//! - [`net`]: sockets: PROXY protocol header, TLS listener, what sessions share, the per-connection session
+//!   (deadlines on every wait), the backend leg (STARTTLS + ID + login), the relay.
+//! - [`app`]: builds the shared parts, binds the listeners, accepts, reloads and drains.
 
 pub mod app;
 pub mod config;
 pub mod failure;
 pub mod imap;
+pub mod lifecycle;
 pub mod net;
 pub mod route;
 pub mod security;

@@ -1,4 +1,4 @@
-//! IMAP, sans-IO: framing, pre-auth commands, SASL, the pre-auth state machine and the backend's responses.
+//! IMAP, sans-IO: framing, pre-auth commands, SASL, the pre-auth state machine, the proxy's rejections and the backend's responses.
 //! Nothing here touches a socket; everything takes bytes and returns values.
 
 pub mod command;
@@ -6,5 +6,6 @@ pub mod credentials;
 pub mod framing;
 pub mod inspect;
 pub mod preauth;
+pub mod reply;
 pub mod response;
 pub mod sasl;

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use super::command::{self, CommandBody, IdParams, ParseErrorKind, Tag};
 use super::credentials::{Credentials, Username};
 use super::framing::{Event, Framer, FramingError, Limits};
+pub use super::reply::Rejection;
 use super::sasl::{self, SaslError};
 
 /// What the proxy advertises before login: only what it implements itself.
@@ -62,20 +63,6 @@ pub enum Action {
     Send(Vec<u8>),
     Login(LoginRequest),
     Close(CloseReason),
-}
-
-/// How a failed login is answered: the response code and text after `<tag> NO`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rejection {
-    pub code: &'static str,
-    pub text: &'static str,
-}
-
-impl Rejection {
-    pub const AUTHENTICATION_FAILED: Rejection =
-        Rejection { code: "AUTHENTICATIONFAILED", text: "Authentication failed." };
-    pub const UNAVAILABLE: Rejection =
-        Rejection { code: "UNAVAILABLE", text: "Service temporarily unavailable, try again later." };
 }
 
 #[derive(Debug)]

@@ -18,10 +18,11 @@ use crate::imap::command::{self, Tag};
 use crate::imap::inspect::Observer;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
 use crate::imap::response;
+use crate::lifecycle::Phase;
+use crate::net::Shared;
 use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::upstream::{self, LoginContext, Upstream};
-use crate::net::{Phase, Shared};
 use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
 
@@ -276,7 +277,7 @@ async fn pre_auth(
                 Ok(Ok(n)) => machine.feed(&buf[..n]),
                 Ok(Err(e)) => return Err(End::ClientError(e)),
             },
-            () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {
+            () = crate::lifecycle::phase_reached(phase, |p| *p != Phase::Running) => {
                 let _ = write(client, b"* BYE Server shutting down.\r\n").await;
                 let _ = client.shutdown().await;
                 return Err(End::Shutdown);
@@ -385,7 +386,7 @@ async fn wait_tarpit(shared: &Shared, delay: std::time::Duration, phase: &mut wa
     shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
     tokio::select! {
         () = tokio::time::sleep(delay) => {}
-        () = crate::net::phase_reached(phase, |p| *p != Phase::Running) => {}
+        () = crate::lifecycle::phase_reached(phase, |p| *p != Phase::Running) => {}
     }
 }
 
@@ -450,7 +451,7 @@ async fn relay_session(
     }
     drop(pipelined);
     let stop = async move {
-        crate::net::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
+        crate::lifecycle::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
     };
     let metrics = &shared.metrics;
     let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);

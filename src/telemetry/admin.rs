@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
-use crate::net::Phase;
+use crate::lifecycle::Phase;
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -60,7 +60,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut phase: wat
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = crate::net::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
         };
         let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

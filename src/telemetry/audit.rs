@@ -11,12 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-/// Where audit lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditTarget {
-    Stdout,
-    File(PathBuf),
-}
+pub use crate::config::AuditTarget;
 
 /// One audit record. Absent fields are left out of the JSON.
 #[derive(Debug, Default, Clone, Serialize)]

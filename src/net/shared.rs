@@ -1,0 +1,31 @@
+//! What every session shares: configuration, routes, TLS contexts, the defence, metrics and the audit log,
+//! built once by the application before binding (and again on reload).
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::route::Router;
+use crate::security::Defence;
+use crate::telemetry::audit::{AuditEvent, AuditLog};
+use crate::telemetry::metrics::Metrics;
+
+/// A session's view of the proxy; a reload builds a new one, sessions keep the one they started with.
+pub struct Shared {
+    pub config: Config,
+    pub router: Router,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub backend_tls: Arc<rustls::ClientConfig>,
+    pub defence: Arc<Defence>,
+    pub metrics: Arc<Metrics>,
+    /// The audit log, unless switched off.
+    pub audit: Option<Arc<AuditLog>>,
+}
+
+impl Shared {
+    /// Records an audit event when the audit log is on.
+    pub fn audit(&self, event: &AuditEvent) {
+        if let Some(audit) = &self.audit {
+            audit.record(event);
+        }
+    }
+}
