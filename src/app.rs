@@ -169,6 +169,7 @@ impl Proxy {
                 let live = Arc::clone(&live);
                 Box::new(move || current(&live).config.backends.iter().map(|b| b.name.clone()).collect())
             },
+            phase: phase_rx.clone(),
         });
         tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
         tokio::spawn(on_signals(Arc::clone(&live), self.config_path.clone(), phase_rx.clone()));
@@ -194,11 +195,20 @@ impl Proxy {
         if drained.is_err() {
             tracing::info!("grace period over; closing remaining sessions");
             let _ = phase_tx.send(Phase::Closing);
-            let _ = done_rx.recv().await;
+            // Closing sessions say BYE where they can, with short write deadlines; what is still there
+            // after that (a client that reads nothing) is dropped.
+            if tokio::time::timeout(CLOSING, done_rx.recv()).await.is_err() {
+                tracing::info!("aborting sessions that did not close");
+            }
         }
+        let _ = phase_tx.send(Phase::Aborted);
+        let _ = tokio::time::timeout(CLOSING, done_rx.recv()).await;
         tracing::info!("stopped");
     }
 }
+
+/// How long closing sessions get after the grace period before they are aborted.
+const CLOSING: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn accept_loop(
     listener: TcpListener,
@@ -233,7 +243,11 @@ async fn accept_loop(
         let local = tcp.local_addr().ok().or(local).unwrap_or(peer);
         let (phase, done) = (phase.clone(), done.clone());
         tokio::spawn(async move {
-            connection(shared, tcp, peer, local, phase).await;
+            let mut aborted = phase.clone();
+            tokio::select! {
+                () = connection(shared, tcp, peer, local, phase) => {}
+                () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => {}
+            }
             drop(permit);
             drop(done);
         });
@@ -280,10 +294,25 @@ async fn connection(
         }
     };
     shared.metrics.connections_accepted.inc();
-    shared.metrics.connections_active.inc();
-    let metrics = Arc::clone(&shared.metrics);
+    // Counted down however the session ends, aborted included.
+    let _active = Active::new(Arc::clone(&shared.metrics));
     session::run(shared, tcp, endpoints, admitted, phase).await;
-    metrics.connections_active.dec();
+}
+
+/// One open client connection in `imapgate_connections_active`.
+struct Active(Arc<Metrics>);
+
+impl Active {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.connections_active.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.connections_active.dec();
+    }
 }
 
 /// Defence housekeeping every few seconds: lift bans, forget idle entries, prune limiters.

@@ -240,8 +240,12 @@ struct RawServer {
     handshake_timeout_secs: u64,
     #[serde(default = "defaults::preauth_idle_timeout")]
     preauth_idle_timeout_secs: u64,
+    #[serde(default = "defaults::preauth_total_timeout")]
+    preauth_total_timeout_secs: u64,
     #[serde(default = "defaults::relay_idle_timeout")]
     relay_idle_timeout_secs: u64,
+    #[serde(default = "defaults::write_timeout")]
+    write_timeout_secs: u64,
     #[serde(default = "defaults::shutdown_grace")]
     shutdown_grace_secs: u64,
     #[serde(default = "defaults::max_connections")]
@@ -333,6 +337,12 @@ mod defaults {
     pub fn preauth_idle_timeout() -> u64 {
         60
     }
+    pub fn preauth_total_timeout() -> u64 {
+        180
+    }
+    pub fn write_timeout() -> u64 {
+        60
+    }
     pub fn relay_idle_timeout() -> u64 {
         31 * 60
     }
@@ -402,7 +412,11 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     pub handshake_timeout: Duration,
     pub preauth_idle_timeout: Duration,
+    /// The whole phase before login, however active the client is (Dovecot: about three minutes).
+    pub preauth_total_timeout: Duration,
     pub relay_idle_timeout: Duration,
+    /// A write to a client (or, in the relay, to a backend) that makes no progress this long ends the session.
+    pub write_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub proxy_ttl: u32,
@@ -562,7 +576,13 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
             raw.server.preauth_idle_timeout_secs,
             &mut errors,
         ),
+        preauth_total_timeout: secs(
+            "server.preauth_total_timeout_secs",
+            raw.server.preauth_total_timeout_secs,
+            &mut errors,
+        ),
         relay_idle_timeout: secs("server.relay_idle_timeout_secs", raw.server.relay_idle_timeout_secs, &mut errors),
+        write_timeout: secs("server.write_timeout_secs", raw.server.write_timeout_secs, &mut errors),
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
         max_connections: raw.server.max_connections,
         proxy_ttl: raw.server.proxy_ttl,

@@ -78,11 +78,14 @@ fn main() -> ExitCode {
 
 fn run(prepared: Prepared) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let proxy = prepared.bind().await?;
         proxy.serve(shutdown_signal()).await;
         Ok(())
-    })
+    });
+    // Sessions are gone by now; nothing left may hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn shutdown_signal() {

@@ -12,6 +12,12 @@
 //!   inside the relay could guess passwords past the defence, the tarpit and the audit log, and send an
 //!   `ID` with `x-originating-ip` that the backend trusts from the proxy.
 //!
+//! Bytes behind a command that waits for the backend's continuation (a synchronising literal `{n}`, `IDLE`)
+//! are held, not forwarded: until the backend says `+`, nobody knows whether they are literal data or the
+//! next command (a refused literal is answered with a tagged `BAD` or `NO` and the backend reads what follows
+//! as commands). [`Observer::client`] says how many bytes may go; the relay keeps the rest and offers them
+//! again once [`Observer::holding`] is false, so they are read exactly as the backend will read them.
+//!
 //! Memory is bounded: tags and names are truncated, at most [`MAX_IN_FLIGHT`] commands are tracked; beyond
 //! that, or on anything it cannot follow, the observer stops observing (the relay goes on) and says so.
 
@@ -169,6 +175,18 @@ enum ClientState {
     },
 }
 
+/// A command waiting for the backend's continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Awaiting {
+    tag: Vec<u8>,
+    /// Earlier commands in flight with the same tag: their tagged responses come first.
+    earlier_same_tag: usize,
+    /// The in-flight count was lost (too many commands), so a tagged response is ambiguous.
+    blind: bool,
+    /// A literal (refusal: what follows is a command) or IDLE (refusal: nothing changes).
+    literal: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ServerState {
     LineStart,
@@ -189,8 +207,14 @@ pub struct Observer {
     sub: Vec<u8>,
     /// The current command was counted (at the end of its first line).
     registered: bool,
-    /// A synchronising literal was announced and the client waits for `+` (or a tagged refusal).
-    awaiting_continuation: Option<Vec<u8>>,
+    /// A synchronising literal or `IDLE` waits for the backend's `+` (or a tagged refusal); client bytes
+    /// behind it are held.
+    awaiting_continuation: Option<Awaiting>,
+    /// A tagged response could not be told apart from the one a held command waits for (the observer lost
+    /// count of in-flight tags): the guard cannot follow the stream any more and the session must end.
+    guard_lost: bool,
+    logout_sent: bool,
+    bye_seen: bool,
     server: ServerState,
     server_literal: Literal,
     server_tag: Vec<u8>,
@@ -218,6 +242,9 @@ impl Observer {
             sub: Vec::new(),
             registered: false,
             awaiting_continuation: None,
+            guard_lost: false,
+            logout_sent: false,
+            bye_seen: false,
             server: ServerState::LineStart,
             server_literal: Literal::None,
             server_tag: Vec::new(),
@@ -245,6 +272,32 @@ impl Observer {
         self.desynced
     }
 
+    /// Client bytes are held until the backend answers a command that waits for its continuation.
+    pub fn holding(&self) -> bool {
+        self.awaiting_continuation.is_some()
+    }
+
+    /// The guard can no longer tell how the backend reads the client's bytes; the session must end.
+    pub fn guard_lost(&self) -> bool {
+        self.guard_lost
+    }
+
+    /// The client sent `LOGOUT`.
+    pub fn logout_sent(&self) -> bool {
+        self.logout_sent
+    }
+
+    /// The backend sent an untagged `BYE`.
+    pub fn bye_seen(&self) -> bool {
+        self.bye_seen
+    }
+
+    /// The backend's stream is between responses: a line of the proxy's own (`* BYE`) would not land
+    /// inside a response or a literal.
+    pub fn at_response_boundary(&self) -> bool {
+        self.server == ServerState::LineStart
+    }
+
     /// Commands finished since the last call.
     pub fn drain(&mut self) -> std::vec::Drain<'_, Completed> {
         self.completed.drain(..)
@@ -267,10 +320,16 @@ impl Observer {
     }
 
     /// Bytes from the client on their way to the backend; blocked command names are altered in place.
-    /// The neutralising goes on even after the observer lost sync for metrics.
-    pub fn client(&mut self, bytes: &mut [u8], now: Instant) {
+    /// Returns how many of them may be forwarded now: the rest follows a command that waits for the
+    /// backend's continuation and must be offered again (unchanged, from its start) once
+    /// [`Observer::holding`] is false. The neutralising goes on even after the observer lost sync for
+    /// metrics.
+    pub fn client(&mut self, bytes: &mut [u8], now: Instant) -> usize {
         let mut i = 0;
         while i < bytes.len() {
+            if self.awaiting_continuation.is_some() {
+                return i;
+            }
             if let ClientState::Data { remaining } = self.client {
                 let (taken, left) = skip_literal(remaining, bytes.len() - i);
                 i += taken;
@@ -329,19 +388,35 @@ impl Observer {
             };
             i += 1;
         }
+        i
+    }
+
+    /// A command now waits for the backend's continuation: hold what follows.
+    fn await_continuation(&mut self, literal: bool) {
+        let same_tag = self.in_flight.iter().filter(|(tag, _, _)| *tag == self.tag).count();
+        self.awaiting_continuation = Some(Awaiting {
+            tag: self.tag.clone(),
+            // The waiting command itself is in flight once its name was read.
+            earlier_same_tag: same_tag.saturating_sub(usize::from(self.registered)),
+            blind: self.desynced,
+            literal,
+        });
     }
 
     fn client_line_end(&mut self, now: Instant) {
         // A command is counted when its first line ends (lines like IDLE's DONE or SASL answers have no
         // name and are not commands); its latency runs from there to the tagged response.
+        let mut idle = false;
         if !self.registered && !self.name.is_empty() && !matches!(self.client, ClientState::LineStart) {
             self.registered = true;
             self.commands += 1;
+            let label = command_label(&self.name, &self.sub);
+            self.logout_sent |= label == "LOGOUT";
+            idle = label == "IDLE";
             if !self.desynced {
                 if self.in_flight.len() >= MAX_IN_FLIGHT {
                     self.desync();
                 } else {
-                    let label = command_label(&self.name, &self.sub);
                     self.in_flight.push_back((self.tag.clone(), label, now));
                 }
             }
@@ -349,13 +424,17 @@ impl Observer {
         if let Literal::Closed { length, sync } = self.client_literal {
             self.client_literal = Literal::None;
             if sync {
-                self.awaiting_continuation = Some(self.tag.clone());
+                self.await_continuation(true);
             }
             self.client = if length > 0 { ClientState::Data { remaining: length } } else { ClientState::Args };
             return;
         }
         self.client_literal = Literal::None;
         self.client = ClientState::LineStart;
+        if idle {
+            // What follows IDLE is `DONE` once the backend said `+`; if it refuses, a command.
+            self.await_continuation(false);
+        }
     }
 
     /// Bytes from the backend on their way to the client.
@@ -407,11 +486,15 @@ impl Observer {
         self.server_literal = Literal::None;
         self.server = ServerState::LineStart;
         if self.server_tag == b"+" {
-            // The continuation the client waited for: its literal follows.
+            // The continuation the client waited for: its literal (or DONE) follows.
             self.awaiting_continuation = None;
             return;
         }
-        if self.server_tag == b"*" || self.server_tag.is_empty() {
+        if self.server_tag == b"*" {
+            self.bye_seen |= self.server_status.eq_ignore_ascii_case(b"BYE");
+            return;
+        }
+        if self.server_tag.is_empty() {
             return;
         }
         let status = if self.server_status.eq_ignore_ascii_case(b"OK") {
@@ -423,11 +506,22 @@ impl Observer {
         } else {
             return;
         };
-        if self.awaiting_continuation.as_deref() == Some(self.server_tag.as_slice()) {
-            // A synchronising literal was refused: the client will not send it.
-            self.awaiting_continuation = None;
-            self.client = ClientState::LineStart;
-            self.client_literal = Literal::None;
+        if let Some(awaiting) = &mut self.awaiting_continuation {
+            if awaiting.tag == self.server_tag {
+                if awaiting.blind {
+                    // Which command this answers is unknown: the backend may read the held bytes either way.
+                    self.guard_lost = true;
+                } else if awaiting.earlier_same_tag > 0 {
+                    awaiting.earlier_same_tag -= 1;
+                } else {
+                    // Refused: the backend reads what follows as commands, and so does the observer.
+                    if awaiting.literal {
+                        self.client = ClientState::LineStart;
+                        self.client_literal = Literal::None;
+                    }
+                    self.awaiting_continuation = None;
+                }
+            }
         }
         if let Some(pos) = self.in_flight.iter().position(|(tag, _, _)| *tag == self.server_tag) {
             if let Some((_, command, at)) = self.in_flight.remove(pos) {
@@ -454,10 +548,30 @@ fn push_bounded(buf: &mut Vec<u8>, b: u8, max: usize) {
 mod tests {
     use super::*;
 
+    /// Feeds the client's bytes as the relay does: whenever the observer holds, the backend answers one line
+    /// of `server` (or, once that is used up, accepts with `+`). Returns the bytes as forwarded.
+    fn converse(o: &mut Observer, client: &[u8], server: &[u8]) -> Vec<u8> {
+        let t = Instant::now();
+        let mut bytes = client.to_vec();
+        let mut lines = server.split_inclusive(|b| *b == b'\n');
+        let mut pos = 0;
+        for _ in 0..10_000 {
+            pos += o.client(&mut bytes[pos..], t);
+            if pos == bytes.len() {
+                break;
+            }
+            assert!(o.holding(), "stopped at {pos} without holding");
+            o.server(lines.next().unwrap_or(b"+ go\r\n"), t);
+        }
+        for line in lines {
+            o.server(line, t);
+        }
+        bytes
+    }
+
     fn guard(input: &[u8]) -> (String, u64) {
         let mut o = Observer::new();
-        let mut bytes = input.to_vec();
-        o.client(&mut bytes, Instant::now());
+        let bytes = converse(&mut o, input, b"");
         (String::from_utf8_lossy(&bytes).into_owned(), o.neutralised())
     }
 
@@ -509,10 +623,8 @@ mod tests {
 
     fn run(client: &[u8], server: &[u8]) -> Vec<(&'static str, Status)> {
         let mut o = Observer::new();
-        let t = Instant::now();
-        o.client(&mut client.to_vec(), t);
-        o.server(server, t);
-        o.finish(t).into_iter().map(|c| (c.command, c.status)).collect()
+        converse(&mut o, client, server);
+        o.finish(Instant::now()).into_iter().map(|c| (c.command, c.status)).collect()
     }
 
     #[test]
@@ -571,6 +683,87 @@ mod tests {
         let got: Vec<_> = o.finish(t).into_iter().map(|c| (c.command, c.status)).collect();
         assert_eq!(got, vec![("APPEND", Status::No), ("STARTTLS", Status::Bad), ("NOOP", Status::Ok)]);
         assert_eq!(o.neutralised(), 1);
+    }
+
+    #[test]
+    fn bytes_behind_a_refused_literal_are_read_as_commands() {
+        // The backend refuses the literal with BAD and reads the next line as a command: so does the guard.
+        let mut o = Observer::new();
+        let sent = converse(&mut o, b"a1 XYZZY {21}\r\nb1 COMPRESS DEFLATE\r\n", b"a1 BAD Unknown command\r\n");
+        assert_eq!(sent, b"a1 XYZZY {21}\r\nb1 COMPRES_ DEFLATE\r\n");
+        // Accepted with `+`, the same bytes are literal data and pass unchanged.
+        let mut o = Observer::new();
+        let sent = converse(&mut o, b"a1 APPEND INBOX {21}\r\nb1 COMPRESS DEFLATE\r\n", b"+ OK\r\n");
+        assert_eq!(sent, b"a1 APPEND INBOX {21}\r\nb1 COMPRESS DEFLATE\r\n");
+        assert_eq!(o.neutralised(), 0);
+        // Nothing behind the literal is released before the backend has answered.
+        let mut o = Observer::new();
+        let mut bytes = b"a1 XYZZY {9}\r\nb STARTTLS\r\n".to_vec();
+        assert_eq!(o.client(&mut bytes, Instant::now()), 14);
+        assert!(o.holding());
+        o.server(b"* OK still busy\r\n", Instant::now());
+        assert!(o.holding(), "an untagged line is no answer");
+        assert_eq!(o.client(&mut bytes[14..], Instant::now()), 0);
+    }
+
+    #[test]
+    fn an_earlier_command_with_the_same_tag_does_not_release_the_literal() {
+        let mut o = Observer::new();
+        let sent = converse(
+            &mut o,
+            b"a1 NOOP\r\na1 XYZZY {21}\r\nb1 COMPRESS DEFLATE\r\n",
+            b"a1 OK NOOP completed\r\na1 BAD Unknown command\r\n",
+        );
+        assert_eq!(sent, b"a1 NOOP\r\na1 XYZZY {21}\r\nb1 COMPRES_ DEFLATE\r\n");
+        // When the count of tags in flight was lost, an ambiguous answer ends the session.
+        let mut o = Observer::new();
+        let mut flood = Vec::new();
+        for _ in 0..=MAX_IN_FLIGHT {
+            flood.extend_from_slice(b"a1 NOOP\r\n");
+        }
+        flood.extend_from_slice(b"a1 XYZZY {21}\r\nb1 COMPRESS DEFLATE\r\n");
+        let released = o.client(&mut flood, Instant::now());
+        assert!(o.holding() && o.desynced());
+        assert_eq!(released, flood.len() - 21);
+        o.server(b"a1 OK NOOP completed\r\n", Instant::now());
+        assert!(o.guard_lost());
+    }
+
+    #[test]
+    fn bytes_behind_idle_wait_for_its_continuation() {
+        // In IDLE the backend reads `DONE`; a line that is not DONE ends IDLE with a tagged BAD for the IDLE,
+        // not for that line, so its literal is never accepted and what follows stays held.
+        let mut o = Observer::new();
+        let mut bytes = b"a IDLE\r\nb X {21}\r\nc COMPRESS DEFLATE\r\n".to_vec();
+        let t = Instant::now();
+        let first = o.client(&mut bytes, t);
+        assert_eq!(first, 8, "held behind IDLE");
+        o.server(b"+ idling\r\n", t);
+        let second = o.client(&mut bytes[first..], t);
+        assert_eq!(second, 10, "held behind b's literal");
+        o.server(b"a BAD Expected DONE.\r\n", t);
+        assert!(o.holding());
+        assert_eq!(o.client(&mut bytes[first + second..], t), 0);
+        // A refused IDLE releases what follows as commands.
+        let mut o = Observer::new();
+        let sent = converse(&mut o, b"a IDLE\r\nb COMPRESS DEFLATE\r\n", b"a NO [INUSE] no idle\r\n");
+        assert_eq!(sent, b"a IDLE\r\nb COMPRES_ DEFLATE\r\n");
+    }
+
+    #[test]
+    fn boundaries_logout_and_bye_are_known() {
+        let mut o = Observer::new();
+        assert!(o.at_response_boundary());
+        o.server(b"* 1 FETCH (BODY[] {10}\r\nabc", Instant::now());
+        assert!(!o.at_response_boundary(), "inside a literal");
+        o.server(b"defghij)\r\n", Instant::now());
+        assert!(o.at_response_boundary());
+        o.server(b"* OK partial", Instant::now());
+        assert!(!o.at_response_boundary(), "inside a line");
+        o.server(b"\r\n", Instant::now());
+        assert!(!o.bye_seen() && !o.logout_sent());
+        converse(&mut o, b"z LOGOUT\r\n", b"* BYE Logging out\r\nz OK Logout completed.\r\n");
+        assert!(o.bye_seen() && o.logout_sent());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum CloseReason {
     TooManyBadCommands,
     Framing,
     IdleTimeout,
+    /// The time allowed before login ran out, however active the client was.
+    TimeLimit,
 }
 
 /// What the session must do next.
@@ -155,6 +157,11 @@ impl PreAuth {
     /// The session timed out waiting for the client.
     pub fn idle_timeout(&mut self) {
         self.close_with("* BYE Disconnected for inactivity.\r\n".into(), CloseReason::IdleTimeout);
+    }
+
+    /// The time allowed before login is over.
+    pub fn time_limit(&mut self) {
+        self.close_with("* BYE Login time limit reached.\r\n".into(), CloseReason::TimeLimit);
     }
 
     /// After a successful login: the bytes the client sent behind it, to forward to the backend.
@@ -430,5 +437,8 @@ mod tests {
         let mut m = PreAuth::new();
         m.idle_timeout();
         assert_eq!(run(&mut m, b"a NOOP\r\n"), "* BYE Disconnected for inactivity.\r\n[close IdleTimeout]");
+        let mut m = PreAuth::new();
+        m.time_limit();
+        assert_eq!(run(&mut m, b"a NOOP\r\n"), "* BYE Login time limit reached.\r\n[close TimeLimit]");
     }
 }

@@ -1,11 +1,15 @@
-//! After login, "all that is left is the dummy proxying": bytes are copied both ways unchanged.
+//! After login, "all that is left is the dummy proxying": bytes are copied both ways unchanged (but for the
+//! names the observer neutralises).
 //!
 //! Each direction reads into a small inline buffer while idle or interactive, and into a 16 KiB heap buffer
 //! once a read fills the small one (a bulk transfer); the heap buffer is freed as soon as the peer goes
 //! quiet, so an idle session costs little memory and a NOOP costs no allocation.
-//! A direction that reaches end-of-stream shuts down the other side's write half (half-close). The relay
-//! ends when the backend has closed and its last bytes reached the client, on an I/O error, or when
-//! nothing moved for the idle timeout.
+//! Client bytes behind a command that waits for the backend's continuation stay in the buffer until the
+//! backend has answered (see [`Observer::client`]); the client direction reads nothing more meanwhile.
+//! The client's end-of-stream shuts down the backend's write half (half-close). The relay ends when the
+//! backend has closed and its last bytes reached the client (the session then decides about a closing
+//! `BYE`), on an I/O error, when a write makes no progress for the write timeout, when nothing moved for
+//! the idle timeout, or on shutdown.
 
 use std::future::poll_fn;
 use std::io;
@@ -22,21 +26,53 @@ use crate::telemetry::metrics::Metrics;
 
 const IDLE_BUFFER: usize = 512;
 const BURST_BUFFER: usize = 16 * 1024;
+/// No write is blocked (milliseconds-since-start marker).
+const NOT_BLOCKED: u64 = u64::MAX;
 
 /// Why the relay stopped.
 #[derive(Debug)]
 pub enum RelayEnd {
-    /// Both sides closed their sending halves.
-    Closed,
+    /// The backend closed after the client's LOGOUT.
+    ClientLogout,
+    /// The client closed its side first; the backend followed.
+    ClientClosed,
+    /// The backend closed on its own (shut down, crashed, timed the client out).
+    BackendClosed,
     /// Nothing moved in either direction for the idle timeout.
     IdleTimeout,
     /// The proxy is shutting down.
     Shutdown,
-    /// A read or write failed on either side.
-    Error(io::Error),
+    /// The client did not read what the backend sent for the write timeout.
+    ClientWriteTimeout,
+    /// The backend did not read what the client sent for the write timeout.
+    BackendWriteTimeout,
+    /// A read from or a write to the client failed.
+    ClientError(io::Error),
+    /// A read from or a write to the backend failed.
+    BackendError(io::Error),
+    /// The guard could no longer follow the client's stream (see `Observer::guard_lost`).
+    GuardLost,
 }
 
-/// Byte counts and the end reason.
+impl RelayEnd {
+    /// The metric and audit label (one of `SESSION_ENDS`' relay reasons).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RelayEnd::ClientLogout => "client_logout",
+            RelayEnd::ClientClosed => "client_closed",
+            RelayEnd::BackendClosed => "backend_closed",
+            RelayEnd::IdleTimeout => "idle_timeout",
+            RelayEnd::Shutdown => "shutdown",
+            RelayEnd::ClientWriteTimeout => "client_write_timeout",
+            RelayEnd::BackendWriteTimeout => "backend_write_timeout",
+            RelayEnd::ClientError(_) => "client_error",
+            RelayEnd::BackendError(_) => "backend_error",
+            RelayEnd::GuardLost => "guard_lost",
+        }
+    }
+}
+
+/// Byte counts, the end reason and what the session needs to close politely.
 #[derive(Debug)]
 pub struct RelayOutcome {
     pub client_to_backend: u64,
@@ -44,52 +80,119 @@ pub struct RelayOutcome {
     /// Commands the client sent after login (as far as the observer could tell).
     pub commands: u64,
     pub end: RelayEnd,
+    /// Everything the backend sent reached the client and ended at a response boundary: a `* BYE` of the
+    /// proxy's own would not land inside a response.
+    pub client_at_boundary: bool,
+    /// The backend said `* BYE` itself (or the client logged out): no second one is needed.
+    pub bye_sent: bool,
+}
+
+/// The relay's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Nothing moved either way for this long: the session ends.
+    pub idle: Duration,
+    /// A write that makes no progress this long: the session ends.
+    pub write: Duration,
+}
+
+/// Which end of a direction failed.
+enum Failed {
+    Reader(io::Error),
+    Writer(io::Error),
 }
 
 /// One direction of the copy.
 struct Direction {
     idle: [u8; IDLE_BUFFER],
     burst: Option<Box<[u8]>>,
+    /// The data sits in `burst` (else in `idle`).
     in_burst: bool,
+    /// Written up to here.
     pos: usize,
+    /// Released (inspected and allowed) up to here.
     cap: usize,
+    /// Read up to here; `cap..filled` is held.
+    filled: usize,
     read_done: bool,
     need_flush: bool,
     finished: bool,
+    /// Shut the writer down at the reader's end of stream (the client direction half-closes the backend;
+    /// the backend direction leaves the client to the session).
+    shutdown_writer: bool,
     bytes: u64,
+    /// Milliseconds since the relay started at which the writer blocked, or `NOT_BLOCKED`.
+    blocked_since: AtomicU64,
 }
 
 impl Direction {
-    fn new() -> Self {
+    fn new(shutdown_writer: bool) -> Self {
         Self {
             idle: [0; IDLE_BUFFER],
             burst: None,
             in_burst: false,
             pos: 0,
             cap: 0,
+            filled: 0,
             read_done: false,
             need_flush: false,
             finished: false,
+            shutdown_writer,
             bytes: 0,
+            blocked_since: AtomicU64::new(NOT_BLOCKED),
         }
     }
 
-    fn pending(&self) -> &[u8] {
-        match (self.in_burst, self.burst.as_deref()) {
-            (true, Some(burst)) => &burst[self.pos..self.cap],
-            _ => &self.idle[self.pos..self.cap],
+    /// Starts with bytes already read (the client's commands pipelined behind its login), not yet inspected.
+    fn preloaded(shutdown_writer: bool, bytes: &[u8]) -> Self {
+        let mut direction = Self::new(shutdown_writer);
+        if !bytes.is_empty() {
+            let mut burst = vec![0; BURST_BUFFER.max(bytes.len())].into_boxed_slice();
+            burst[..bytes.len()].copy_from_slice(bytes);
+            direction.burst = Some(burst);
+            direction.in_burst = true;
+            direction.filled = bytes.len();
+        }
+        direction
+    }
+
+    fn data(&mut self) -> &mut [u8] {
+        match (self.in_burst, self.burst.as_deref_mut()) {
+            (true, Some(burst)) => burst,
+            _ => &mut self.idle,
         }
     }
 
-    /// Copies until the reader is exhausted (then shuts the writer down) or would block.
+    /// Bytes read but not yet released by the inspector.
+    fn holding(&self) -> bool {
+        self.cap < self.filled
+    }
+
+    /// Everything read was written.
+    fn drained(&self) -> bool {
+        self.pos == self.filled
+    }
+
+    fn blocked(&self, started: Instant) {
+        let now = started.elapsed().as_millis() as u64;
+        let _ = self.blocked_since.compare_exchange(NOT_BLOCKED, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn unblocked(&self) {
+        self.blocked_since.store(NOT_BLOCKED, Ordering::Relaxed);
+    }
+
+    /// Copies until the reader is exhausted (then maybe shuts the writer down), would block, or the
+    /// inspector holds bytes back. `inspect` returns how many of the bytes it was given may be written.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
         w: &mut W,
         moved: &mut bool,
-        inspect: &mut dyn FnMut(&mut [u8]),
-    ) -> Poll<io::Result<()>>
+        started: Instant,
+        inspect: &mut dyn FnMut(&mut [u8]) -> usize,
+    ) -> Poll<Result<(), Failed>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -99,21 +202,42 @@ impl Direction {
         }
         loop {
             while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, self.pending()))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                let (pos, cap) = (self.pos, self.cap);
+                let written = match Pin::new(&mut *w).poll_write(cx, &self.data()[pos..cap]) {
+                    Poll::Pending => {
+                        self.blocked(started);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(result) => result.map_err(Failed::Writer)?,
+                };
+                if written == 0 {
+                    return Poll::Ready(Err(Failed::Writer(io::ErrorKind::WriteZero.into())));
                 }
-                self.pos += n;
-                self.bytes += n as u64;
+                self.unblocked();
+                self.pos += written;
+                self.bytes += written as u64;
+            }
+            if self.holding() {
+                let (cap, filled) = (self.cap, self.filled);
+                let released = inspect(&mut self.data()[cap..filled]);
+                self.cap += released.min(filled - cap);
+                if released > 0 {
+                    continue;
+                }
+                // Held until the other direction brings the backend's answer; the relay polls again then.
+                return self.poll_flush(cx, w, started).map_ok_pending();
             }
             if self.read_done {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                ready!(self.poll_flush(cx, w, started))?;
+                if self.shutdown_writer {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx)).map_err(Failed::Writer)?;
+                }
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
             self.pos = 0;
             self.cap = 0;
+            self.filled = 0;
             let in_burst = self.burst.is_some();
             let buffer: &mut [u8] = match self.burst.as_deref_mut() {
                 Some(burst) => burst,
@@ -122,24 +246,21 @@ impl Direction {
             let mut read_buf = ReadBuf::new(buffer);
             match Pin::new(&mut *r).poll_read(cx, &mut read_buf) {
                 Poll::Pending => {
-                    if self.need_flush {
-                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                        self.need_flush = false;
-                    }
+                    ready!(self.poll_flush(cx, w, started))?;
                     // The peer went quiet: give the burst buffer back.
                     self.burst = None;
+                    self.in_burst = false;
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Reader(e))),
                 Poll::Ready(Ok(())) => {
-                    inspect(read_buf.filled_mut());
                     let n = read_buf.filled().len();
                     if n == 0 {
                         self.read_done = true;
                         continue;
                     }
                     *moved = true;
-                    self.cap = n;
+                    self.filled = n;
                     self.in_burst = in_burst;
                     self.need_flush = true;
                     if !in_burst && n == IDLE_BUFFER {
@@ -150,15 +271,51 @@ impl Direction {
             }
         }
     }
+
+    fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        started: Instant,
+    ) -> Poll<Result<(), Failed>> {
+        if self.need_flush {
+            match Pin::new(&mut *w).poll_flush(cx) {
+                Poll::Pending => {
+                    self.blocked(started);
+                    return Poll::Pending;
+                }
+                Poll::Ready(result) => result.map_err(Failed::Writer)?,
+            }
+            self.unblocked();
+            self.need_flush = false;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
-/// Relays between `client` and `backend` until both close, an error, the idle timeout, or `stop` resolves.
-/// The observer sees both directions (and neutralises STARTTLS/COMPRESS); finished commands, bytes and
+/// A finished flush while holding is still a wait (for the backend's answer).
+trait OkPending {
+    fn map_ok_pending(self) -> Self;
+}
+
+impl OkPending for Poll<Result<(), Failed>> {
+    fn map_ok_pending(self) -> Self {
+        match self {
+            Poll::Ready(Ok(())) => Poll::Pending,
+            other => other,
+        }
+    }
+}
+
+/// Relays between `client` and `backend` until the backend closes, an error, a stalled write, the idle
+/// timeout, or `stop` resolves. `pipelined` are client bytes read before the relay began (behind the login).
+/// The observer sees both directions (and neutralises what must not pass); finished commands, bytes and
 /// the observer's health go to `metrics` as they happen.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
-    idle_timeout: Duration,
+    limits: Limits,
+    pipelined: Vec<u8>,
     mut observer: Observer,
     metrics: &Metrics,
     stop: impl std::future::Future<Output = ()>,
@@ -167,19 +324,31 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction::new();
-    let mut down = Direction::new();
+    let mut up = Direction::preloaded(true, &pipelined);
+    drop(pipelined);
+    let mut down = Direction::new(false);
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved; shared with the copy closure.
     let last_activity = AtomicU64::new(0);
     let up_bytes = metrics.bytes.with_label_values(&["client_to_backend"]);
     let down_bytes = metrics.bytes.with_label_values(&["backend_to_client"]);
+    // The write-stall markers, read by the loop below while the copy owns the directions.
+    let stalls = Stalls::default();
     let mut copy = poll_fn(|cx| {
         let mut moved = false;
         let now = std::time::Instant::now();
         let (up_before, down_before) = (up.bytes, down.bytes);
-        let up_state = up.poll_copy(cx, client, backend, &mut moved, &mut |b| observer.client(b, now));
-        let down_state = down.poll_copy(cx, backend, client, &mut moved, &mut |b| observer.server(b, now));
+        let mut up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
+        let down_state = down.poll_copy(cx, backend, client, &mut moved, started, &mut |b| {
+            observer.server(b, now);
+            b.len()
+        });
+        if up.holding() && !observer.holding() {
+            // The backend's answer just arrived: the held bytes can be read as it reads them.
+            up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
+        }
+        stalls.up.store(up.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
+        stalls.down.store(down.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
         if moved {
             last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             up_bytes.inc_by(up.bytes - up_before);
@@ -188,39 +357,91 @@ where
                 record(metrics, completed);
             }
         }
+        if observer.guard_lost() {
+            return Poll::Ready(Err(RelayEnd::GuardLost));
+        }
         match (up_state, down_state) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            (Poll::Ready(Err(Failed::Reader(e))), _) | (_, Poll::Ready(Err(Failed::Writer(e)))) => {
+                Poll::Ready(Err(RelayEnd::ClientError(e)))
+            }
+            (Poll::Ready(Err(Failed::Writer(e))), _) | (_, Poll::Ready(Err(Failed::Reader(e)))) => {
+                Poll::Ready(Err(RelayEnd::BackendError(e)))
+            }
             // Once the backend has closed (and what it sent has reached the client), the session is
             // over: nothing the client still sends would be answered.
-            (_, Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            (_, Poll::Ready(Ok(()))) => Poll::Ready(Ok(up.read_done)),
             _ => Poll::Pending,
         }
     });
     tokio::pin!(stop);
     let end = loop {
-        let deadline = started + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle_timeout;
+        let at = |ms: u64| started + Duration::from_millis(ms);
+        let idle_deadline = at(last_activity.load(Ordering::Relaxed)) + limits.idle;
+        let stall = stalls.earliest().map(|(ms, _)| at(ms) + limits.write);
+        let deadline = stall.map_or(idle_deadline, |s| s.min(idle_deadline));
         tokio::select! {
             result = &mut copy => break match result {
-                Ok(()) => RelayEnd::Closed,
-                Err(e) => RelayEnd::Error(e),
+                Ok(true) => RelayEnd::ClientClosed,
+                Ok(false) => RelayEnd::BackendClosed,
+                Err(end) => end,
             },
             () = &mut stop => break RelayEnd::Shutdown,
             () = tokio::time::sleep_until(deadline) => {
-                let last = started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                if last.elapsed() >= idle_timeout {
+                if let Some((ms, up_side)) = stalls.earliest() {
+                    if at(ms).elapsed() >= limits.write {
+                        break if up_side { RelayEnd::BackendWriteTimeout } else { RelayEnd::ClientWriteTimeout };
+                    }
+                }
+                if at(last_activity.load(Ordering::Relaxed)).elapsed() >= limits.idle {
                     break RelayEnd::IdleTimeout;
                 }
             }
         }
     };
     drop(copy);
+    let end = match end {
+        RelayEnd::BackendClosed | RelayEnd::ClientClosed if observer.logout_sent() => RelayEnd::ClientLogout,
+        end => end,
+    };
     for completed in observer.finish(std::time::Instant::now()) {
         record(metrics, completed);
     }
     if observer.desynced() {
         metrics.observer_desync.inc();
     }
-    RelayOutcome { client_to_backend: up.bytes, backend_to_client: down.bytes, commands: observer.commands(), end }
+    RelayOutcome {
+        client_to_backend: up.bytes,
+        backend_to_client: down.bytes,
+        commands: observer.commands(),
+        client_at_boundary: down.drained() && observer.at_response_boundary(),
+        bye_sent: observer.bye_seen() || observer.logout_sent(),
+        end,
+    }
+}
+
+/// The write-stall markers of both directions, copied out of the copy future on every poll.
+struct Stalls {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Default for Stalls {
+    fn default() -> Self {
+        Self { up: AtomicU64::new(NOT_BLOCKED), down: AtomicU64::new(NOT_BLOCKED) }
+    }
+}
+
+impl Stalls {
+    /// The earliest blocked write: milliseconds since the start, and whether it is the backend's (client
+    /// bytes waiting to be written to it).
+    fn earliest(&self) -> Option<(u64, bool)> {
+        let (up, down) = (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed));
+        match (up, down) {
+            (NOT_BLOCKED, NOT_BLOCKED) => None,
+            (up, down) if up <= down => Some((up, true)),
+            (_, down) => Some((down, false)),
+        }
+    }
 }
 
 fn record(metrics: &Metrics, completed: Completed) {
@@ -238,6 +459,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    const LIMITS: Limits = Limits { idle: Duration::from_secs(5), write: Duration::from_secs(5) };
+
     #[tokio::test]
     async fn copies_both_ways_and_half_closes() {
         let (mut client_far, mut client_near) = duplex(1024);
@@ -246,7 +469,8 @@ mod tests {
             relay(
                 &mut client_near,
                 &mut backend_near,
-                Duration::from_secs(5),
+                LIMITS,
+                Vec::new(),
                 Observer::new(),
                 &Metrics::new(&[]),
                 std::future::pending(),
@@ -269,7 +493,7 @@ mod tests {
         backend_far.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"* BYE\r\n");
         let outcome = task.await.unwrap();
-        assert!(matches!(outcome.end, RelayEnd::Closed), "{outcome:?}");
+        assert!(matches!(outcome.end, RelayEnd::ClientClosed), "{outcome:?}");
         assert_eq!(outcome.client_to_backend, 100_000);
         assert_eq!(outcome.backend_to_client, 7);
     }
@@ -281,7 +505,8 @@ mod tests {
         let outcome = relay(
             &mut client_near,
             &mut backend_near,
-            Duration::from_secs(1860),
+            Limits { idle: Duration::from_secs(1860), write: Duration::from_secs(60) },
+            Vec::new(),
             Observer::new(),
             &Metrics::new(&[]),
             std::future::pending(),

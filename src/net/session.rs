@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,13 +46,18 @@ pub async fn run(
     async move {
         let started = Instant::now();
         let end = serve(&shared, tcp, endpoints, &mut admitted, &id, phase).await;
-        tracing::info!(duration_ms = started.elapsed().as_millis() as u64, end = %end, "session end");
+        let (stage, reason) = end.label();
+        shared.metrics.session_ends.with_label_values(&[stage, reason]).inc();
+        tracing::info!(duration_ms = started.elapsed().as_millis() as u64, stage, reason, end = %end, "session end");
     }
     .instrument(span)
     .await
 }
 
-/// How a session ended, for the closing log line.
+/// Writes to a client that is being left (BYE, TLS close) wait at most this long.
+const FAREWELL: Duration = Duration::from_secs(2);
+
+/// How a session ended, for the closing log line, the audit log and the metric.
 enum End {
     HandshakeFailed(String),
     ClientClosed,
@@ -60,6 +65,30 @@ enum End {
     PreAuthClosed(CloseReason),
     Shutdown,
     Relayed { up: u64, down: u64, commands: u64, end: RelayEnd },
+}
+
+impl End {
+    /// Stage and reason, from `metrics::SESSION_ENDS`.
+    fn label(&self) -> (&'static str, &'static str) {
+        match self {
+            End::HandshakeFailed(_) => ("tls", "handshake_failed"),
+            End::ClientClosed => ("preauth", "client_closed"),
+            End::ClientError(e) if e.kind() == std::io::ErrorKind::TimedOut => ("preauth", "write_timeout"),
+            End::ClientError(_) => ("preauth", "client_error"),
+            End::PreAuthClosed(reason) => (
+                "preauth",
+                match reason {
+                    CloseReason::Logout => "logout",
+                    CloseReason::TooManyBadCommands => "bad_commands",
+                    CloseReason::Framing => "framing",
+                    CloseReason::IdleTimeout => "idle_timeout",
+                    CloseReason::TimeLimit => "time_limit",
+                },
+            ),
+            End::Shutdown => ("preauth", "shutdown"),
+            End::Relayed { end, .. } => ("relay", end.label()),
+        }
+    }
 }
 
 impl std::fmt::Display for End {
@@ -154,6 +183,7 @@ async fn serve(
     shared.audit(&AuditEvent {
         user,
         backend,
+        result: Some(end.label().1),
         reason: Some(end.to_string()),
         duration_ms: Some(started.elapsed().as_millis() as u64),
         bytes_from_client,
@@ -194,14 +224,17 @@ async fn pre_auth(
     let id = id.as_str();
     let forwarding_trusted = prefix::contains(&shared.config.server.id_forwarded_from, peer.ip());
     let mut machine = PreAuth::new();
-    write(client, &machine.greeting()).await.map_err(End::ClientError)?;
+    let write_limit = shared.config.server.write_timeout;
+    // However active the client is, the phase before login has an end.
+    let time_limit = tokio::time::Instant::now() + shared.config.server.preauth_total_timeout;
+    send(client, &machine.greeting(), write_limit).await.map_err(End::ClientError)?;
     let mut buf = vec![0u8; 4096];
     loop {
         while let Some(action) = machine.next_action() {
             match action {
-                Action::Send(bytes) => write(client, &bytes).await.map_err(End::ClientError)?,
+                Action::Send(bytes) => send(client, &bytes, write_limit).await.map_err(End::ClientError)?,
                 Action::Close(reason) => {
-                    let _ = client.shutdown().await;
+                    let _ = timeout(FAREWELL, client.shutdown()).await;
                     return Err(End::PreAuthClosed(reason));
                 }
                 Action::Login(request) => {
@@ -225,7 +258,12 @@ async fn pre_auth(
                     let user = &request.credentials.username;
                     let attempt = tracing::info_span!("login", user = %user, mechanism = request.mechanism.as_str());
                     let begun = shared.defence.begin_login(peer.ip(), user, &request.credentials.password);
-                    let permit = match begun.instrument(attempt.clone()).await {
+                    // Waiting for a login place or out an account delay ends on shutdown.
+                    let begun = tokio::select! {
+                        begun = begun.instrument(attempt.clone()) => begun,
+                        () = crate::lifecycle::stopping(phase) => return Err(farewell(client).await),
+                    };
+                    let permit = match begun {
                         Ok(permit) => permit,
                         Err(refusal) => {
                             // Logged by the defence; no backend is contacted. The answer waits out the
@@ -241,7 +279,11 @@ async fn pre_auth(
                             continue;
                         }
                     };
-                    match login(shared, &request, &machine, peer, local, id).instrument(attempt.clone()).await {
+                    let logged_in = tokio::select! {
+                        result = login(shared, &request, &machine, peer, local, id).instrument(attempt.clone()) => result,
+                        () = crate::lifecycle::stopping(phase) => return Err(farewell(client).await),
+                    };
+                    match logged_in {
                         Ok((upstream, backend)) => {
                             // The session's user, recorded once: only a successful login names it.
                             session_span.record("user", user.as_str());
@@ -277,18 +319,28 @@ async fn pre_auth(
                 Ok(Ok(n)) => machine.feed(&buf[..n]),
                 Ok(Err(e)) => return Err(End::ClientError(e)),
             },
-            () = crate::lifecycle::phase_reached(phase, |p| *p != Phase::Running) => {
-                let _ = write(client, b"* BYE Server shutting down.\r\n").await;
-                let _ = client.shutdown().await;
-                return Err(End::Shutdown);
-            }
+            () = tokio::time::sleep_until(time_limit) => machine.time_limit(),
+            () = crate::lifecycle::stopping(phase) => return Err(farewell(client).await),
         }
     }
 }
 
-async fn write<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(bytes).await?;
-    stream.flush().await
+/// Before login, on shutdown: BYE and close, each with a short deadline.
+async fn farewell(client: &mut TlsStream<TcpStream>) -> End {
+    let _ = send(client, b"* BYE Server shutting down.\r\n", FAREWELL).await;
+    let _ = timeout(FAREWELL, client.shutdown()).await;
+    End::Shutdown
+}
+
+/// Writes and flushes within `limit`; a peer that does not read in time gets `TimedOut`.
+async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    let written = timeout(limit, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    });
+    written.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out: the peer does not read"))
+    })
 }
 
 async fn login(
@@ -382,11 +434,11 @@ fn record_attempt(shared: &Shared, facts: &SessionFacts, request: &LoginRequest,
 }
 
 /// Waits out a tarpit delay (cut short by shutdown) and records it.
-async fn wait_tarpit(shared: &Shared, delay: std::time::Duration, phase: &mut watch::Receiver<Phase>) {
+async fn wait_tarpit(shared: &Shared, delay: Duration, phase: &mut watch::Receiver<Phase>) {
     shared.metrics.tarpit_seconds.observe(delay.as_secs_f64());
     tokio::select! {
         () = tokio::time::sleep(delay) => {}
-        () = crate::lifecycle::phase_reached(phase, |p| *p != Phase::Running) => {}
+        () = crate::lifecycle::stopping(phase) => {}
     }
 }
 
@@ -417,57 +469,67 @@ fn log_failure(request: &LoginRequest, failure: &Failure) {
     }
 }
 
-/// Answers the client's login, forwards what it pipelined, then relays until the session ends. Only the
-/// opening reply is built from the login's data; credentials and capability lists are gone by the relay.
+/// Answers the client's login, then relays (starting with what the client pipelined behind its login) until
+/// the session ends, and closes with a `* BYE` of the proxy's own where one is due and fits at a response
+/// boundary. Only the opening reply is built from the login's data; credentials and capability lists are
+/// gone by the relay.
 async fn relay_session(
     shared: &Shared,
     mut client: Box<TlsStream<TcpStream>>,
     logged_in: LoggedIn,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
-    let LoggedIn { tag, upstream, mut pipelined, backend: backend_name, .. } = logged_in;
+    let LoggedIn { tag, upstream, pipelined, backend: backend_name, .. } = logged_in;
     let Upstream { stream: mut backend, pending, capabilities } = upstream;
-    // Commands pipelined behind the login, and what the backend sent behind its reply, are the first the
-    // observer sees.
+    // What the backend sent behind its reply is the first the observer sees from it.
     let mut observer = Observer::new();
-    let now = std::time::Instant::now();
-    observer.client(&mut pipelined, now);
-    observer.server(&pending, now);
+    observer.server(&pending, std::time::Instant::now());
     let mut opening =
         format!("{} OK [CAPABILITY {}] Logged in\r\n", tag.as_str(), response::client_capabilities(&capabilities))
             .into_bytes();
     drop(capabilities);
     opening.extend_from_slice(&pending);
-    let (early_up, early_down) = (pipelined.len() as u64, pending.len() as u64);
+    let early_down = pending.len() as u64;
     drop(pending);
-    if let Err(e) = write(&mut client, &opening).await {
+    let limits =
+        relay::Limits { idle: shared.config.server.relay_idle_timeout, write: shared.config.server.write_timeout };
+    if let Err(e) = send(&mut client, &opening, limits.write).await {
         return End::ClientError(e);
     }
     drop(opening);
-    if !pipelined.is_empty() {
-        if let Err(e) = write(&mut backend, &pipelined).await {
-            return End::Relayed { up: 0, down: early_down, commands: 0, end: RelayEnd::Error(e) };
-        }
-    }
-    drop(pipelined);
     let stop = async move {
-        crate::lifecycle::phase_reached(&mut phase, |p| *p == Phase::Closing).await;
+        crate::lifecycle::phase_reached(&mut phase, |p| *p >= Phase::Closing).await;
     };
     let metrics = &shared.metrics;
     let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);
     sessions.inc();
     let started = Instant::now();
-    let idle = shared.config.server.relay_idle_timeout;
-    let outcome = relay::relay(&mut client, &mut backend, idle, observer, metrics, stop).await;
+    let outcome = relay::relay(&mut client, &mut backend, limits, pipelined, observer, metrics, stop).await;
     sessions.dec();
     metrics.session_seconds.observe(started.elapsed().as_secs_f64());
-    metrics.bytes.with_label_values(&["client_to_backend"]).inc_by(early_up);
     metrics.bytes.with_label_values(&["backend_to_client"]).inc_by(early_down);
-    if matches!(outcome.end, RelayEnd::Shutdown | RelayEnd::IdleTimeout) {
-        let _ = write(&mut client, b"* BYE Connection closed by proxy.\r\n").await;
+    drop(backend);
+    let bye: Option<&[u8]> = match &outcome.end {
+        RelayEnd::ClientLogout | RelayEnd::ClientClosed | RelayEnd::ClientError(_) | RelayEnd::ClientWriteTimeout => {
+            None
+        }
+        RelayEnd::BackendClosed | RelayEnd::BackendError(_) if outcome.bye_sent => None,
+        RelayEnd::BackendClosed | RelayEnd::BackendError(_) => Some(b"* BYE Backend connection closed.\r\n"),
+        RelayEnd::IdleTimeout => Some(b"* BYE Disconnected for inactivity.\r\n"),
+        RelayEnd::Shutdown => Some(b"* BYE Server shutting down.\r\n"),
+        RelayEnd::BackendWriteTimeout => Some(b"* BYE Backend not responding.\r\n"),
+        RelayEnd::GuardLost => Some(b"* BYE Connection closed by proxy.\r\n"),
+    };
+    let client_gone = matches!(outcome.end, RelayEnd::ClientError(_) | RelayEnd::ClientWriteTimeout);
+    if !client_gone {
+        // Inside a response (a FETCH literal on its way) a BYE would corrupt it: close without one then.
+        if let (Some(bye), true) = (bye, outcome.client_at_boundary) {
+            let _ = send(&mut client, bye, FAREWELL).await;
+        }
+        let _ = timeout(FAREWELL, client.shutdown()).await;
     }
     End::Relayed {
-        up: outcome.client_to_backend + early_up,
+        up: outcome.client_to_backend,
         down: outcome.backend_to_client + early_down,
         commands: outcome.commands,
         end: outcome.end,

@@ -1,5 +1,7 @@
 //! The admin HTTP server (hyper): `GET /metrics` (Prometheus text), `GET /healthz` (process alive),
-//! `GET /readyz` (listeners bound and at least one backend reachable). Loopback by default.
+//! `GET /readyz` (listeners bound, not shutting down, and at least one backend reachable). Loopback by
+//! default. It keeps serving while the proxy drains, so that a balancer sees "not ready" (503) and
+//! Prometheus still scrapes the last figures, and stops when what is left is aborted.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,11 +26,14 @@ pub struct AdminState {
     pub listening: AtomicBool,
     /// The names of the backends configured now (a reload may change them).
     pub backends: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// The proxy's phase: anything but running is not ready.
+    pub phase: watch::Receiver<Phase>,
 }
 
 impl AdminState {
     fn ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
+            && *self.phase.borrow() == Phase::Running
             && (self.backends)().iter().any(|b| self.metrics.backend_up.with_label_values(&[b]).get() == 1)
     }
 }
@@ -55,12 +60,12 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
     })
 }
 
-/// Serves until the proxy starts shutting down.
+/// Serves until the proxy aborts what is left of its sessions.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut phase: watch::Receiver<Phase>) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::phase_reached(&mut phase, |p| *p == Phase::Aborted) => return,
         };
         let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub session_seconds: Histogram,
     pub observer_desync: IntCounter,
+    pub session_ends: IntCounterVec,
+    pub audit_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
@@ -61,6 +63,29 @@ const AUTH_RESULTS: &[&str] = &[
     "repeated_failure",
     "unfamiliar_closed",
     "busy",
+];
+/// How sessions end, by stage (see `net::session` and `net::relay`).
+pub const SESSION_ENDS: &[(&str, &str)] = &[
+    ("tls", "handshake_failed"),
+    ("preauth", "client_closed"),
+    ("preauth", "client_error"),
+    ("preauth", "write_timeout"),
+    ("preauth", "logout"),
+    ("preauth", "bad_commands"),
+    ("preauth", "framing"),
+    ("preauth", "idle_timeout"),
+    ("preauth", "time_limit"),
+    ("preauth", "shutdown"),
+    ("relay", "client_logout"),
+    ("relay", "client_closed"),
+    ("relay", "backend_closed"),
+    ("relay", "idle_timeout"),
+    ("relay", "shutdown"),
+    ("relay", "client_write_timeout"),
+    ("relay", "backend_write_timeout"),
+    ("relay", "client_error"),
+    ("relay", "backend_error"),
+    ("relay", "guard_lost"),
 ];
 const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail"];
 
@@ -219,6 +244,17 @@ impl Metrics {
                 "imapgate_observer_desync_total",
                 "Sessions whose command observer lost track of the stream (the relay went on).",
             ),
+            session_ends: counter_vec(
+                &r,
+                "imapgate_session_ends_total",
+                "Client sessions ended, by stage (tls, preauth, relay) and reason.",
+                &["stage", "reason"],
+            ),
+            audit_dropped: counter(
+                &r,
+                "imapgate_audit_dropped_total",
+                "Audit lines dropped because the writer fell behind (its queue was full).",
+            ),
             config_reloads: counter_vec(
                 &r,
                 "imapgate_config_reloads_total",
@@ -243,6 +279,9 @@ impl Metrics {
             for result in AUTH_RESULTS {
                 m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
             }
+        }
+        for (stage, reason) in SESSION_ENDS {
+            m.session_ends.with_label_values(&[stage, reason]).inc_by(0);
         }
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]).inc_by(0);
@@ -293,6 +332,6 @@ mod tests {
         assert!(text.contains("imapgate_backend_sessions_active{backend=\"mbox1\"} 0"), "{text}");
         // Every metric registered once: each family appears exactly once with its HELP line.
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
-        assert_eq!(families, 22, "{text}");
+        assert_eq!(families, 24, "{text}");
     }
 }
