@@ -347,8 +347,11 @@ where
             // The backend's answer just arrived: the held bytes can be read as it reads them.
             up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
         }
+        let before = stalls.earliest();
         stalls.up.store(up.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
         stalls.down.store(down.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
+        // A write that just blocked moves the deadline: the loop below re-arms its timer.
+        let rearm = stalls.earliest() != before;
         if moved {
             last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             up_bytes.inc_by(up.bytes - up_before);
@@ -358,18 +361,19 @@ where
             }
         }
         if observer.guard_lost() {
-            return Poll::Ready(Err(RelayEnd::GuardLost));
+            return Poll::Ready(Step::Done(Err(RelayEnd::GuardLost)));
         }
         match (up_state, down_state) {
             (Poll::Ready(Err(Failed::Reader(e))), _) | (_, Poll::Ready(Err(Failed::Writer(e)))) => {
-                Poll::Ready(Err(RelayEnd::ClientError(e)))
+                Poll::Ready(Step::Done(Err(RelayEnd::ClientError(e))))
             }
             (Poll::Ready(Err(Failed::Writer(e))), _) | (_, Poll::Ready(Err(Failed::Reader(e)))) => {
-                Poll::Ready(Err(RelayEnd::BackendError(e)))
+                Poll::Ready(Step::Done(Err(RelayEnd::BackendError(e))))
             }
             // Once the backend has closed (and what it sent has reached the client), the session is
             // over: nothing the client still sends would be answered.
-            (_, Poll::Ready(Ok(()))) => Poll::Ready(Ok(up.read_done)),
+            (_, Poll::Ready(Ok(()))) => Poll::Ready(Step::Done(Ok(up.read_done))),
+            _ if rearm => Poll::Ready(Step::Rearm),
             _ => Poll::Pending,
         }
     });
@@ -380,10 +384,11 @@ where
         let stall = stalls.earliest().map(|(ms, _)| at(ms) + limits.write);
         let deadline = stall.map_or(idle_deadline, |s| s.min(idle_deadline));
         tokio::select! {
-            result = &mut copy => break match result {
-                Ok(true) => RelayEnd::ClientClosed,
-                Ok(false) => RelayEnd::BackendClosed,
-                Err(end) => end,
+            step = &mut copy => match step {
+                Step::Done(Ok(true)) => break RelayEnd::ClientClosed,
+                Step::Done(Ok(false)) => break RelayEnd::BackendClosed,
+                Step::Done(Err(end)) => break end,
+                Step::Rearm => {}
             },
             () = &mut stop => break RelayEnd::Shutdown,
             () = tokio::time::sleep_until(deadline) => {
@@ -417,6 +422,14 @@ where
         bye_sent: observer.bye_seen() || observer.logout_sent(),
         end,
     }
+}
+
+/// What one poll of the copy came to.
+enum Step {
+    /// The copy is over: `Ok(client closed first)` or why it failed.
+    Done(Result<bool, RelayEnd>),
+    /// A write started blocking: the deadline changed. Poll again.
+    Rearm,
 }
 
 /// The write-stall markers of both directions, copied out of the copy future on every poll.

@@ -137,6 +137,13 @@ service imap-login {{
 service imap {{
   process_limit = 2000
 }}
+# COMPRESS=DEFLATE after login, so that tests of the post-login guard can fail: a backend without it
+# would refuse a smuggled COMPRESS by itself.
+protocol imap {{
+  mail_plugins = $mail_plugins zlib imap_zlib
+}}
+# Process titles name the user, so that a test can kill the imap process of one session.
+verbose_proctitle = yes
 default_process_limit = 2000
 default_client_limit = 4000
 # Dovecot's own per-IP auth penalty is switched off: every test connects from 127.0.0.1, and imapgate's
@@ -183,6 +190,21 @@ service anvil {{
             panic!("dovecot {name} did not start: {out}\n{}", dovecot.log());
         }
         dovecot
+    }
+
+    /// Kills (SIGKILL) the imap processes serving `user`, as a crash would; returns how many.
+    pub fn kill_sessions_of(&self, user: &str) -> usize {
+        let needle = format!("/imap [{user} ");
+        let mut killed = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+                killed += 1;
+            }
+        }
+        killed
     }
 
     /// Puts a message into `user`'s INBOX (seen by Dovecot at the next SELECT).
