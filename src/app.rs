@@ -91,7 +91,7 @@ impl Prepared {
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
         let audit = match &config.audit {
-            Some(target) => Some(Arc::new(AuditLog::open(target.clone())?)),
+            Some(audit) => Some(Arc::new(AuditLog::open(audit.clone(), metrics.audit_dropped.clone())?)),
             None => None,
         };
         if let Some(audit) = &audit {
@@ -203,6 +203,13 @@ impl Proxy {
         }
         let _ = phase_tx.send(Phase::Aborted);
         let _ = tokio::time::timeout(CLOSING, done_rx.recv()).await;
+        if let Some(audit) = current(&live).audit.clone() {
+            // The last lines (session ends, summaries) reach the file before the process exits.
+            let flushed = tokio::task::spawn_blocking(move || audit.flush(std::time::Duration::from_secs(2))).await;
+            if !matches!(flushed, Ok(true)) {
+                tracing::warn!("audit log not flushed within 2 s");
+            }
+        }
         tracing::info!("stopped");
     }
 }
@@ -288,6 +295,8 @@ async fn connection(
                 listener: Some(endpoints.local.to_string()),
                 result: Some("refused_before_tls"),
                 reason: Some(refusal.reason().to_owned()),
+                // Refusals are summed per prefix and reason in the audit log.
+                prefix: Some(shared.defence.prefix_of(client.ip()).to_string()),
                 ..AuditEvent::default()
             });
             return;

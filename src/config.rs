@@ -70,17 +70,22 @@ impl OtelConfig {
 struct RawAudit {
     #[serde(default = "RawAudit::default_path")]
     path: String,
+    #[serde(default = "RawAudit::default_queue_lines")]
+    queue_lines: usize,
 }
 
 impl RawAudit {
     fn default_path() -> String {
         "stdout".into()
     }
+    fn default_queue_lines() -> usize {
+        10_000
+    }
 }
 
 impl Default for RawAudit {
     fn default() -> Self {
-        Self { path: Self::default_path() }
+        Self { path: Self::default_path(), queue_lines: Self::default_queue_lines() }
     }
 }
 
@@ -487,8 +492,17 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Trace export, when `[otel]` is present.
     pub otel: Option<OtelConfig>,
-    /// Where the audit log goes: `None` when switched off (`path = "off"`).
-    pub audit: Option<AuditTarget>,
+    /// The audit log: `None` when switched off (`path = "off"`).
+    pub audit: Option<AuditConfig>,
+}
+
+/// The audit log's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub target: AuditTarget,
+    /// Lines waiting for the writer thread at most; beyond that lines are dropped (and counted), never
+    /// waited for.
+    pub queue_lines: usize,
 }
 
 /// Where audit lines go.
@@ -684,7 +698,11 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         "off" => None,
         "stdout" | "-" => Some(AuditTarget::Stdout),
         path => Some(AuditTarget::File(resolve(base, PathBuf::from(path)))),
-    };
+    }
+    .map(|target| AuditConfig { target, queue_lines: raw.audit.queue_lines });
+    if raw.audit.queue_lines == 0 {
+        errors.push(err("audit.queue_lines", "must be at least 1"));
+    }
     if let Some(otel) = &raw.otel {
         if !(otel.endpoint.starts_with("http://") || otel.endpoint.starts_with("https://")) {
             errors.push(err("otel.endpoint", format!("{:?} is not an http:// or https:// URL", otel.endpoint)));

@@ -116,3 +116,52 @@ async fn audit_records_success_failure_ban_and_end_without_secrets() {
         assert!(!everything.contains(secret), "{secret} in the audit log");
     }
 }
+
+/// A FIFO nobody reads, already full: every write to it blocks.
+fn stalled_fifo(dir: &std::path::Path) -> (std::path::PathBuf, std::fs::File, std::fs::File) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const O_NONBLOCK: i32 = 0o4000;
+    let path = dir.join("audit.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&path).status().unwrap().success());
+    let reader = std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(&path).unwrap();
+    let mut writer = std::fs::OpenOptions::new().write(true).custom_flags(O_NONBLOCK).open(&path).unwrap();
+    let chunk = [b'x'; 4096];
+    for _ in 0..10_000 {
+        if writer.write(&chunk).is_err() {
+            break;
+        }
+    }
+    (path, reader, writer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_writer_never_stalls_a_session() {
+    let dir = support::scratch_dir("imapgate-audit-stall-");
+    let pki = Pki::generate(&dir);
+    let dovecot = Dovecot::start("audit-stall", &pki, &[]);
+    let (fifo, _reader, _writer) = stalled_fifo(&dir);
+    let rest = format!(
+        "{}\n[route]\ndefault = \"mbox\"\n[audit]\npath = \"{}\"\nqueue_lines = 4\n",
+        backend("mbox", dovecot.imap_port),
+        fifo.display()
+    );
+    let proxy = TestProxy::start(&config_text(&pki, &rest)).await;
+    let sessions = async {
+        for i in 0..5 {
+            let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
+            let ok = c.command(&format!("a{i}"), "LOGIN bob@example.com bob-pw").await.unwrap();
+            assert!(ok.tagged.starts_with(&format!("a{i} OK")), "{ok:?}");
+            c.command("z", "LOGOUT").await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), sessions).await.expect("sessions stalled behind the audit log");
+    let (_, metrics) = support::admin_get(proxy.admin, "/metrics").await;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("imapgate_audit_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(dropped >= 1.0, "nothing counted as dropped:\n{metrics}");
+    tokio::time::timeout(Duration::from_secs(10), proxy.stop()).await.expect("shutdown stalled behind the audit log");
+}

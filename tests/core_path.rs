@@ -359,3 +359,36 @@ async fn starttls_and_compress_after_login_are_never_forwarded() {
     assert!(reply.tagged.starts_with("g5 OK"), "{reply:?}");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_literal_cannot_smuggle_compress_or_starttls_past_the_guard() {
+    let env = env();
+    // A user of its own, with a home (delivery creates it) for the APPEND below.
+    env.dovecot.deliver("fetcher@example.org", "1.fetcher", &message("guard", "x"));
+    // The test can fail: this Dovecot compresses after login when asked.
+    let mut direct = TlsClient::connect(([127, 0, 0, 1], env.dovecot.imaps_port).into(), &env.pki.ca).await.unwrap();
+    direct.line().await.unwrap();
+    let caps = direct.command("d1", "LOGIN fetcher@example.org fetch-pw").await.unwrap();
+    assert!(caps.tagged.contains("COMPRESS=DEFLATE"), "{caps:?}");
+
+    let proxy = proxy().await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    assert!(c.command("s0", "LOGIN fetcher@example.org fetch-pw").await.unwrap().tagged.starts_with("s0 OK"));
+    // One write: Dovecot answers s1 BAD without '+' and reads the bytes "inside the literal" as commands.
+    c.send(b"s1 XYZZY {21}\r\ns2 COMPRESS DEFLATE\r\ns3 NOOP\r\n").await.unwrap();
+    assert!(c.until_tagged("s1").await.unwrap().tagged.starts_with("s1 BAD"));
+    let compress = c.until_tagged("s2").await.unwrap();
+    assert!(compress.tagged.starts_with("s2 BAD"), "COMPRESS reached the backend: {compress:?}");
+    assert!(c.until_tagged("s3").await.unwrap().tagged.starts_with("s3 OK"), "the stream is no longer plain");
+    c.send(b"t1 XYZZY {13}\r\nt2 STARTTLS\r\n").await.unwrap();
+    assert!(c.until_tagged("t1").await.unwrap().tagged.starts_with("t1 BAD"));
+    let starttls = c.until_tagged("t2").await.unwrap();
+    assert!(starttls.tagged.starts_with("t2 BAD") && starttls.tagged.contains("STARTTL_"), "{starttls:?}");
+    // A literal the backend accepts is data, whatever it looks like.
+    c.send(b"u1 APPEND INBOX {21}\r\n").await.unwrap();
+    assert!(c.line().await.unwrap().starts_with("+ "));
+    c.send(b"u2 COMPRESS DEFLATE\r\n\r\n").await.unwrap();
+    assert!(c.until_tagged("u1").await.unwrap().tagged.starts_with("u1 OK"));
+    assert!(c.command("u3", "NOOP").await.unwrap().tagged.starts_with("u3 OK"));
+    proxy.stop().await;
+}

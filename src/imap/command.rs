@@ -35,7 +35,7 @@ impl Tag {
 pub type IdParams = Vec<(String, Option<String>)>;
 
 /// A parsed pre-authentication command.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum CommandBody {
     Capability,
     Noop,
@@ -51,6 +51,26 @@ pub enum CommandBody {
     },
     /// A command that is not allowed before authentication (upper-cased name, bounded to an atom).
     NotAllowed(String),
+}
+
+impl std::fmt::Debug for CommandBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandBody::Capability => f.write_str("Capability"),
+            CommandBody::Noop => f.write_str("Noop"),
+            CommandBody::Logout => f.write_str("Logout"),
+            CommandBody::StartTls => f.write_str("StartTls"),
+            CommandBody::Id(params) => f.debug_tuple("Id").field(params).finish(),
+            CommandBody::Login(credentials) => f.debug_tuple("Login").field(credentials).finish(),
+            // The initial response is base64 of the password: its size only.
+            CommandBody::Authenticate { mechanism, initial_response } => f
+                .debug_struct("Authenticate")
+                .field("mechanism", mechanism)
+                .field("initial_response", &initial_response.as_ref().map(|r| format!("{} bytes", r.len())))
+                .finish(),
+            CommandBody::NotAllowed(name) => f.debug_tuple("NotAllowed").field(name).finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

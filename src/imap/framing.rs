@@ -21,6 +21,9 @@ pub struct Limits {
     pub max_message: usize,
     /// Most literals in one message.
     pub max_literals: usize,
+    /// Longest line, and largest message, of an `ID` command: RFC 2971 allows 30 field/value pairs with
+    /// values of 1024 octets, about 32 KiB on one line. Only `ID` gets this much.
+    pub max_id: usize,
 }
 
 impl Limits {
@@ -31,6 +34,7 @@ impl Limits {
         max_nonsync_literal: 4096,
         max_message: 32 * 1024,
         max_literals: 8,
+        max_id: 40 * 1024,
     };
 
     /// Bounds for a backend's responses while the proxy logs in (greeting, CAPABILITY, ID, login replies).
@@ -40,6 +44,7 @@ impl Limits {
         max_nonsync_literal: 64 * 1024,
         max_message: 256 * 1024,
         max_literals: 64,
+        max_id: 64 * 1024,
     };
 }
 
@@ -54,9 +59,9 @@ pub enum Fragment {
 
 impl std::fmt::Debug for Fragment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Literals may carry passwords: show their size only.
+        // Lines (LOGIN user pass, SASL answers) and literals may carry passwords: show their size only.
         match self {
-            Fragment::Line(l) => write!(f, "Line({:?})", String::from_utf8_lossy(l)),
+            Fragment::Line(l) => write!(f, "Line({} bytes)", l.len()),
             Fragment::Literal(l) => write!(f, "Literal({} bytes)", l.len()),
         }
     }
@@ -143,15 +148,33 @@ fn announcement(line: &[u8]) -> Announcement {
     }
 }
 
-#[derive(Debug)]
 enum State {
     Line,
     Literal { remaining: usize, data: Vec<u8> },
     Failed,
 }
 
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Line => f.write_str("Line"),
+            State::Literal { remaining, data } => write!(f, "Literal({} read, {remaining} to go)", data.len()),
+            State::Failed => f.write_str("Failed"),
+        }
+    }
+}
+
+/// How much of a line is looked at to tell an `ID` command: a tag of up to 64 characters and ` ID `.
+const MAX_TAG_PEEK: usize = 64 + 4;
+
+/// `tag SP "ID" (SP / "(")`, case-insensitive, at the start of `line`.
+fn is_id_command(line: &[u8]) -> bool {
+    let Some(space) = line.iter().position(|&b| b == b' ') else { return false };
+    let rest = &line[space + 1..];
+    space > 0 && rest.len() >= 3 && rest[..2].eq_ignore_ascii_case(b"ID") && matches!(rest[2], b' ' | b'(')
+}
+
 /// Splits a byte stream into [`Frame`]s under [`Limits`].
-#[derive(Debug)]
 pub struct Framer {
     limits: Limits,
     input: VecDeque<u8>,
@@ -160,6 +183,19 @@ pub struct Framer {
     current_size: usize,
     literals: usize,
     raw_line_next: bool,
+}
+
+impl std::fmt::Debug for Framer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The buffer holds raw client bytes (passwords among them): sizes only.
+        f.debug_struct("Framer")
+            .field("limits", &self.limits)
+            .field("input", &format_args!("{} bytes", self.input.len()))
+            .field("state", &self.state)
+            .field("current", &self.current)
+            .field("raw_line_next", &self.raw_line_next)
+            .finish()
+    }
 }
 
 impl Framer {
@@ -218,10 +254,11 @@ impl Framer {
                     self.state = State::Line;
                 }
                 State::Line => {
-                    let scan = self.input.len().min(self.limits.max_line + 2);
+                    let (max_line, max_message) = self.bounds();
+                    let scan = self.input.len().min(max_line + 2);
                     let Some(lf) = self.input.range(..scan).position(|&b| b == b'\n') else {
-                        if self.input.len() > self.limits.max_line + 1 {
-                            return Some(Err(self.fail(FramingError::LineTooLong { max: self.limits.max_line })));
+                        if self.input.len() > max_line + 1 {
+                            return Some(Err(self.fail(FramingError::LineTooLong { max: max_line })));
                         }
                         return None;
                     };
@@ -230,12 +267,12 @@ impl Framer {
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
-                    if line.len() > self.limits.max_line {
-                        return Some(Err(self.fail(FramingError::LineTooLong { max: self.limits.max_line })));
+                    if line.len() > max_line {
+                        return Some(Err(self.fail(FramingError::LineTooLong { max: max_line })));
                     }
                     self.current_size += line.len();
-                    if self.current_size > self.limits.max_message {
-                        return Some(Err(self.fail(FramingError::MessageTooLong { max: self.limits.max_message })));
+                    if self.current_size > max_message {
+                        return Some(Err(self.fail(FramingError::MessageTooLong { max: max_message })));
                     }
                     if std::mem::take(&mut self.raw_line_next) {
                         self.current.push(Fragment::Line(line));
@@ -254,8 +291,7 @@ impl Framer {
                         Announcement::Literal { length, nonsync } => {
                             let max =
                                 if nonsync { self.limits.max_nonsync_literal } else { self.limits.max_sync_literal };
-                            let fits_message =
-                                (self.current_size as u64).saturating_add(length) <= self.limits.max_message as u64;
+                            let fits_message = (self.current_size as u64).saturating_add(length) <= max_message as u64;
                             if length > max || !fits_message {
                                 return Some(Err(self.too_big(line, nonsync)));
                             }
@@ -277,6 +313,19 @@ impl Framer {
                     }
                 }
             }
+        }
+    }
+
+    /// Line and message bounds for the message being framed: wider for an `ID` command.
+    fn bounds(&self) -> (usize, usize) {
+        let first: Vec<u8> = match self.current.first() {
+            Some(Fragment::Line(line)) => line.iter().take(MAX_TAG_PEEK).copied().collect(),
+            _ => self.input.iter().take(MAX_TAG_PEEK).copied().collect(),
+        };
+        if !self.raw_line_next && is_id_command(&first) {
+            (self.limits.max_id.max(self.limits.max_line), self.limits.max_id.max(self.limits.max_message))
+        } else {
+            (self.limits.max_line, self.limits.max_message)
         }
     }
 
@@ -353,6 +402,45 @@ mod tests {
                 fragments: vec![line("a LOGIN {12+}"), Fragment::Literal(b"x\r\nb LOGOUT ".to_vec()), line("y"),]
             }))]
         );
+    }
+
+    #[test]
+    fn an_id_of_rfc_size_fits_and_nothing_else_gets_as_much() {
+        let mut id = b"a1 ID (".to_vec();
+        for i in 0..30 {
+            id.extend_from_slice(format!("\"field-{i:02}\" \"{}\" ", "v".repeat(1024)).as_bytes());
+        }
+        id.pop();
+        id.extend_from_slice(b")\r\n");
+        assert!(id.len() > 31_000, "{}", id.len());
+        let out = frames(Limits::CLIENT_PREAUTH, &id);
+        assert!(matches!(out.as_slice(), [Ok(Event::Frame(_))]), "{out:?}");
+        let out = frames(Limits::CLIENT_PREAUTH, &[b"A1 id".as_slice(), &id[5..]].concat());
+        assert!(matches!(out.as_slice(), [Ok(Event::Frame(_))]), "case-insensitive: {out:?}");
+        let mut noop = b"a1 NOOP ".to_vec();
+        noop.extend_from_slice(&id[7..]);
+        let out = frames(Limits::CLIENT_PREAUTH, &noop);
+        assert_eq!(out, vec![Err(FramingError::LineTooLong { max: 8192 })]);
+        let mut huge = id[..id.len() - 3].to_vec();
+        huge.extend_from_slice(&[b'v'; 10_000]);
+        let out = frames(Limits::CLIENT_PREAUTH, &huge);
+        assert_eq!(out, vec![Err(FramingError::LineTooLong { max: 40 * 1024 })], "still bounded");
+    }
+
+    #[test]
+    fn debug_output_never_shows_client_bytes() {
+        let mut framer = Framer::new(Limits::CLIENT_PREAUTH);
+        framer.push(b"a LOGIN alice {6}\r\nsecret\r\nb LOGIN bob hunter2");
+        let frame = framer.next_event();
+        let shown = format!("{framer:?} {frame:?}");
+        for secret in ["secret", "hunter2", "alice", "bob"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let command = crate::imap::command::CommandBody::Authenticate {
+            mechanism: "PLAIN".into(),
+            initial_response: Some(b"AGFsaWNlAHNlY3JldA==".to_vec()),
+        };
+        assert!(!format!("{command:?}").contains("AGFsaWNl"), "{command:?}");
     }
 
     #[test]

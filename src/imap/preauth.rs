@@ -246,14 +246,14 @@ impl PreAuth {
     }
 
     fn plain_response(&mut self, tag: Tag, line: &[u8]) {
-        match sasl::decode_response(line).and_then(|m| sasl::parse_plain(&m)) {
+        match sasl::decode_response(line).and_then(|m| sasl::parse_plain(m.expose())) {
             Ok(credentials) => self.login(tag, credentials, Mechanism::Plain),
             Err(error) => self.sasl_error(&tag, &error),
         }
     }
 
     fn login_username(&mut self, tag: Tag, line: &[u8]) {
-        let username = sasl::decode_response(line).and_then(|u| Username::parse(&u).map_err(SaslError::from));
+        let username = sasl::decode_response(line).and_then(|u| Username::parse(u.expose()).map_err(SaslError::from));
         match username {
             Ok(username) => {
                 self.send(format!("+ {}\r\n", sasl::LOGIN_PASSWORD_PROMPT));
@@ -265,8 +265,8 @@ impl PreAuth {
     }
 
     fn login_password(&mut self, tag: Tag, username: Username, line: &[u8]) {
-        let password =
-            sasl::decode_response(line).and_then(|p| super::credentials::password(p).map_err(SaslError::from));
+        let password = sasl::decode_response(line)
+            .and_then(|p| super::credentials::password(p.expose().clone()).map_err(SaslError::from));
         match password {
             Ok(password) => self.login(tag, Credentials { username, password }, Mechanism::SaslLogin),
             Err(error) => self.sasl_error(&tag, &error),
@@ -280,6 +280,9 @@ impl PreAuth {
                 "{} NO [AUTHORIZATIONFAILED] Authorization identity must match the user.\r\n",
                 tag.as_str()
             )),
+            SaslError::Empty => {
+                self.send(format!("{} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n", tag.as_str()))
+            }
             SaslError::InvalidBase64 => self.bad(Some(tag), "Invalid base64 data."),
             SaslError::MalformedPlain | SaslError::Credentials(_) => self.bad(Some(tag), "Malformed SASL response."),
         }
@@ -388,6 +391,24 @@ mod tests {
         );
         assert_eq!(run(&mut m, b"c AUTHENTICATE PLAIN AHU=\r\n"), "c BAD Malformed SASL response.\r\n");
         assert_eq!(run(&mut m, b"d AUTHENTICATE CRAM-MD5\r\n"), "d NO Unsupported authentication mechanism.\r\n");
+        // An empty initial response, or an empty answer, is a failed authentication (Dovecot: NO).
+        let failed = "e NO [AUTHENTICATIONFAILED] Authentication failed.\r\n";
+        assert_eq!(run(&mut m, b"e AUTHENTICATE PLAIN =\r\n"), failed);
+        assert_eq!(run(&mut m, b"e AUTHENTICATE PLAIN\r\n=\r\n"), format!("+ \r\n{failed}"));
+    }
+
+    #[test]
+    fn an_id_of_rfc_size_is_answered_ok() {
+        let mut m = PreAuth::new();
+        let mut id = b"i ID (".to_vec();
+        for i in 0..30 {
+            id.extend_from_slice(format!("\"f{i:02}\" \"{}\" ", "v".repeat(1024)).as_bytes());
+        }
+        id.pop();
+        id.extend_from_slice(b")\r\n");
+        assert_eq!(run(&mut m, &id), "* ID NIL\r\ni OK ID completed.\r\n");
+        assert_eq!(m.client_id().len(), 30);
+        assert_eq!(run(&mut m, b"n NOOP\r\n"), "n OK NOOP completed.\r\n");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub enum SaslError {
     /// PLAIN without exactly two NUL separators, or with an empty authentication identity.
     #[error("malformed PLAIN message")]
     MalformedPlain,
+    /// An empty response (`=`): no credentials at all, a failed authentication (as Dovecot answers it).
+    #[error("empty response")]
+    Empty,
     /// PLAIN asking to act as another user; the proxy does not do master-user logins.
     #[error("authorization identity differs from authentication identity")]
     AuthzidMismatch,
@@ -34,18 +37,22 @@ pub enum SaslError {
     Credentials(#[from] CredentialsError),
 }
 
-/// Decodes one client response line (initial response or continuation answer).
-pub fn decode_response(line: &[u8]) -> Result<Vec<u8>, SaslError> {
+/// Decodes one client response line (initial response or continuation answer). The decoded bytes may
+/// hold a password: they are wiped when dropped.
+pub fn decode_response(line: &[u8]) -> Result<credentials::Secret<Vec<u8>>, SaslError> {
     match line {
         b"*" => Err(SaslError::Cancelled),
-        b"=" => Ok(Vec::new()),
+        b"=" => Ok(credentials::Secret::new(Vec::new())),
         _ if line.len() > MAX_RESPONSE => Err(SaslError::InvalidBase64),
-        _ => STANDARD.decode(line).map_err(|_| SaslError::InvalidBase64),
+        _ => STANDARD.decode(line).map(credentials::Secret::new).map_err(|_| SaslError::InvalidBase64),
     }
 }
 
 /// `[authzid] NUL authcid NUL passwd`.
 pub fn parse_plain(message: &[u8]) -> Result<Credentials, SaslError> {
+    if message.is_empty() {
+        return Err(SaslError::Empty);
+    }
     let mut parts = message.split(|&b| b == 0);
     let (Some(authzid), Some(authcid), Some(passwd), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -78,12 +85,12 @@ mod tests {
     #[test]
     fn rfc4616_examples() {
         // RFC 4616 section 4: "\0tim\0tanstaaftanstaaf".
-        let decoded = decode_response(b"AHRpbQB0YW5zdGFhZnRhbnN0YWFm").unwrap();
+        let decoded = decode_response(b"AHRpbQB0YW5zdGFhZnRhbnN0YWFm").unwrap().expose().clone();
         let creds = parse_plain(&decoded).unwrap();
         assert_eq!(creds.username.as_str(), "tim");
         assert_eq!(creds.password.expose(), b"tanstaaftanstaaf");
         // "Ursel\0Kurt\0xipj3plmq": authzid differs.
-        let decoded = decode_response(b"VXJzZWwAS3VydAB4aXBqM3BsbXE=").unwrap();
+        let decoded = decode_response(b"VXJzZWwAS3VydAB4aXBqM3BsbXE=").unwrap().expose().clone();
         assert_eq!(parse_plain(&decoded).unwrap_err(), SaslError::AuthzidMismatch);
     }
 
@@ -98,7 +105,8 @@ mod tests {
 
     #[test]
     fn strict_base64() {
-        assert_eq!(decode_response(b"=").unwrap(), b"");
+        assert_eq!(decode_response(b"=").unwrap().expose(), b"");
+        assert_eq!(parse_plain(b"").unwrap_err(), SaslError::Empty);
         assert_eq!(decode_response(b"*").unwrap_err(), SaslError::Cancelled);
         for bad in [&b"AHRpbQ"[..], b"AHRp bQ==", b"AHRpbQ=", b"AHRpbR==", b"!!!!", b"AHRpbQ==\r"] {
             assert_eq!(decode_response(bad).unwrap_err(), SaslError::InvalidBase64, "{bad:?}");
@@ -111,7 +119,7 @@ mod tests {
         let user = Username::parse(b"alice").unwrap();
         let pass = credentials::password(b"p w".to_vec()).unwrap();
         let encoded = encode_plain(&user, &pass);
-        let creds = parse_plain(&decode_response(encoded.expose()).unwrap()).unwrap();
+        let creds = parse_plain(decode_response(encoded.expose()).unwrap().expose()).unwrap();
         assert_eq!(creds.username, user);
         assert_eq!(creds.password, pass);
     }

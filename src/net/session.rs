@@ -297,10 +297,11 @@ async fn pre_auth(
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
                             let tarpit = attempt.in_scope(|| {
-                                log_failure(&request, &failure);
-                                failure
+                                let tarpit = failure
                                     .is_auth_failure()
-                                    .then(|| shared.defence.login_failed(permit, user, &request.credentials.password))
+                                    .then(|| shared.defence.login_failed(permit, user, &request.credentials.password));
+                                log_failure(&request, &failure, tarpit);
+                                tarpit
                             });
                             record_attempt(shared, facts, &request, Attempt::Failed(&failure));
                             if let Some(delay) = tarpit {
@@ -458,14 +459,16 @@ fn tls_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-fn log_failure(request: &LoginRequest, failure: &Failure) {
+/// The one log line of a failed login, with the tarpit delay it costs.
+fn log_failure(request: &LoginRequest, failure: &Failure, tarpit: Option<Duration>) {
     let user = request.credentials.username.as_str();
     let mechanism = request.mechanism.as_str();
     let (side, kind) = (failure.side.as_str(), failure.kind.as_str());
+    let tarpit_ms = tarpit.map_or(0, |d| d.as_millis() as u64);
     if failure.is_auth_failure() {
-        tracing::info!(user, mechanism, side, kind, detail = %failure.detail, "login failed");
+        tracing::info!(user, mechanism, side, kind, tarpit_ms, detail = %failure.detail, "login failed");
     } else {
-        tracing::warn!(user, mechanism, side, kind, detail = %failure.detail, "login failed");
+        tracing::warn!(user, mechanism, side, kind, tarpit_ms, detail = %failure.detail, "login failed");
     }
 }
 

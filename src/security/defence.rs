@@ -147,6 +147,11 @@ impl Defence {
     }
 
     /// Connection admission, before the TLS handshake.
+    /// The prefix an address is counted under (`/24`, `/64` by default): for logs and audit summaries.
+    pub fn prefix_of(&self, ip: IpAddr) -> ipnet::IpNet {
+        self.policy.key(ip)
+    }
+
     pub fn admit(&self, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
         let state = Arc::clone(&self.state);
         if !self.config.enabled {
@@ -258,7 +263,8 @@ impl Defence {
             );
             self.emit(DefenceEvent::Closed { prefix: *key, user: user.to_string(), duration: *duration });
         }
-        tracing::info!(
+        // The session's "login failed" line carries the delay: one line per failed login.
+        tracing::debug!(
             event = "tarpit",
             prefix = %ticket.keys.prefix,
             user = %user,

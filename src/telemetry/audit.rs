@@ -2,16 +2,17 @@
 //! is reopened on SIGHUP or SIGUSR1 so that logrotate can move it. Never a password, a token or message
 //! content: events carry only the fields below.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus::IntCounter;
 use serde::Serialize;
 
-pub use crate::config::AuditTarget;
+pub use crate::config::{AuditConfig, AuditTarget};
 
 /// One audit record. Absent fields are left out of the JSON.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -59,6 +60,11 @@ pub struct AuditEvent {
     pub bytes_to_client: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commands: Option<u64>,
+    /// A summary line: this many more events like it in the last `window_secs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeated: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_secs: Option<u64>,
 }
 
 /// The connection facts every session event repeats.
@@ -97,38 +103,163 @@ enum Sink {
     File(File),
 }
 
-/// The audit log writer.
+/// Refusals before TLS are summed per prefix and reason over this window: the first is written in full,
+/// the rest as one line with `repeated` at the window's end (a flood must not write a line each).
+const AGGREGATE_WINDOW: Duration = Duration::from_secs(10);
+/// Prefix/reason pairs summed at once; refusals beyond are written one by one.
+const AGGREGATE_KEYS: usize = 4096;
+
+enum Message {
+    Event(Box<AuditEvent>, SystemTime),
+    Reopen,
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The audit log: a bounded queue to a writer thread of its own, so that a slow disk or a full pipe never
+/// stalls a session. Lines the queue has no room for are dropped and counted.
 pub struct AuditLog {
-    target: AuditTarget,
-    sink: Mutex<Sink>,
+    queue: std::sync::mpsc::SyncSender<Message>,
+    dropped: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("audit.path: cannot open {path}: {source}")]
-pub struct AuditError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum AuditError {
+    #[error("audit.path: cannot open {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("audit: cannot start the writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 fn open(path: &Path) -> Result<File, AuditError> {
-    OpenOptions::new().create(true).append(true).open(path).map_err(|source| AuditError { path: path.into(), source })
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| AuditError::Open { path: path.into(), source })
 }
 
 impl AuditLog {
-    pub fn open(target: AuditTarget) -> Result<AuditLog, AuditError> {
-        let sink = match &target {
+    /// Opens the target and starts the writer; `dropped` counts lines lost to a full queue.
+    pub fn open(config: AuditConfig, dropped: IntCounter) -> Result<AuditLog, AuditError> {
+        let sink = match &config.target {
             AuditTarget::Stdout => Sink::Stdout,
             AuditTarget::File(path) => Sink::File(open(path)?),
         };
-        Ok(AuditLog { target, sink: Mutex::new(sink) })
+        let (queue, receiver) = std::sync::mpsc::sync_channel(config.queue_lines);
+        let writer = Writer { target: config.target, sink, summaries: HashMap::new(), window_start: Instant::now() };
+        std::thread::Builder::new()
+            .name("imapgate-audit".into())
+            .spawn(move || writer.run(&receiver))
+            .map_err(AuditError::Thread)?;
+        Ok(AuditLog { queue, dropped })
     }
 
     /// Reopens the file (after logrotate moved it). Errors keep the old file and are logged.
     pub fn reopen(&self) {
+        if self.queue.try_send(Message::Reopen).is_err() {
+            tracing::warn!("audit log reopen not queued: the writer is behind");
+        }
+    }
+
+    /// Queues one event, stamped now; never waits. A full queue drops it and counts it.
+    pub fn record(&self, event: &AuditEvent) {
+        let message = Message::Event(Box::new(event.clone()), SystemTime::now());
+        if self.queue.try_send(message).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Waits up to `limit` for everything queued so far to be written (at shutdown; blocking, so call it
+    /// off the async workers). Pending summaries are written too.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        let deadline = Instant::now() + limit;
+        let mut message = Message::Flush(ack);
+        loop {
+            match self.queue.try_send(message) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
+        }
+        done.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    target: AuditTarget,
+    sink: Sink,
+    /// Refusals before TLS in this window, by (prefix, reason): (count beyond the first, last event).
+    summaries: HashMap<(String, String), (u64, AuditEvent)>,
+    window_start: Instant,
+}
+
+impl Writer {
+    fn run(mut self, receiver: &std::sync::mpsc::Receiver<Message>) {
+        loop {
+            let wait = AGGREGATE_WINDOW.saturating_sub(self.window_start.elapsed());
+            match receiver.recv_timeout(wait) {
+                Ok(Message::Event(event, at)) => self.event(*event, at),
+                Ok(Message::Reopen) => self.reopen(),
+                Ok(Message::Flush(ack)) => {
+                    self.close_window();
+                    let _ = ack.try_send(());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.close_window();
+                    return;
+                }
+            }
+            if self.window_start.elapsed() >= AGGREGATE_WINDOW {
+                self.close_window();
+            }
+        }
+    }
+
+    fn event(&mut self, event: AuditEvent, at: SystemTime) {
+        let summed = event.event == "rate_limited" && event.result == Some("refused_before_tls");
+        if let (true, Some(prefix), Some(reason)) = (summed, &event.prefix, &event.reason) {
+            let key = (prefix.clone(), reason.clone());
+            if let Some((count, last)) = self.summaries.get_mut(&key) {
+                *count += 1;
+                *last = event;
+                return;
+            }
+            if self.summaries.len() < AGGREGATE_KEYS {
+                self.summaries.insert(key, (0, event.clone()));
+            }
+        }
+        self.write(&event, at);
+    }
+
+    /// Writes one line per prefix and reason refused more than once in the window.
+    fn close_window(&mut self) {
+        let now = SystemTime::now();
+        for (_, (count, last)) in std::mem::take(&mut self.summaries) {
+            if count > 0 {
+                let summary = AuditEvent {
+                    repeated: Some(count),
+                    window_secs: Some(AGGREGATE_WINDOW.as_secs()),
+                    session: None,
+                    client_port: None,
+                    ..last
+                };
+                self.write(&summary, now);
+            }
+        }
+        self.window_start = Instant::now();
+    }
+
+    fn reopen(&mut self) {
         if let AuditTarget::File(path) = &self.target {
             match open(path) {
                 Ok(file) => {
-                    *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Sink::File(file);
+                    self.sink = Sink::File(file);
                     tracing::info!(path = %path.display(), "audit log reopened");
                 }
                 Err(e) => tracing::error!(error = %e, "audit log reopen failed; still writing to the old file"),
@@ -136,20 +267,19 @@ impl AuditLog {
         }
     }
 
-    /// Writes one event as a JSON line with an RFC 3339 UTC timestamp.
-    pub fn record(&self, event: &AuditEvent) {
+    /// One JSON line with an RFC 3339 UTC timestamp first.
+    fn write(&mut self, event: &AuditEvent, at: SystemTime) {
         let mut line = match serde_json::to_value(event) {
             Ok(serde_json::Value::Object(fields)) => {
                 let mut object = serde_json::Map::new();
-                object.insert("timestamp".into(), serde_json::Value::String(rfc3339(SystemTime::now())));
+                object.insert("timestamp".into(), serde_json::Value::String(rfc3339(at)));
                 object.extend(fields);
                 serde_json::Value::Object(object).to_string()
             }
             _ => return,
         };
         line.push('\n');
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let written = match &mut *sink {
+        let written = match &mut self.sink {
             Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
             Sink::File(file) => file.write_all(line.as_bytes()),
         };
@@ -195,15 +325,47 @@ mod tests {
     }
 
     #[test]
+    fn refusals_before_tls_are_summed_and_a_full_queue_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let dropped = IntCounter::new("dropped", "dropped").unwrap();
+        let config = AuditConfig { target: AuditTarget::File(path.clone()), queue_lines: 1000 };
+        let log = AuditLog::open(config, dropped.clone()).unwrap();
+        let refusal = |prefix: &str, reason: &str| AuditEvent {
+            event: "rate_limited",
+            result: Some("refused_before_tls"),
+            prefix: Some(prefix.into()),
+            reason: Some(reason.into()),
+            ..AuditEvent::default()
+        };
+        for _ in 0..5 {
+            log.record(&refusal("192.0.2.0/24", "connection_rate"));
+        }
+        log.record(&refusal("198.51.100.0/24", "banned"));
+        assert!(log.flush(Duration::from_secs(5)));
+        let lines: Vec<serde_json::Value> =
+            std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let summary = lines.iter().find(|l| l.get("repeated").is_some()).unwrap();
+        assert_eq!(summary["repeated"], 4);
+        assert_eq!(summary["prefix"], "192.0.2.0/24");
+        assert_eq!(summary["window_secs"], 10);
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
     fn events_are_json_lines_with_only_set_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = AuditLog::open(AuditTarget::File(path.clone())).unwrap();
+        let config = AuditConfig { target: AuditTarget::File(path.clone()), queue_lines: 100 };
+        let log = AuditLog::open(config, IntCounter::new("dropped", "dropped").unwrap()).unwrap();
         let facts = SessionFacts { session: "abc".into(), client: "192.0.2.1:5555".parse().ok(), ..Default::default() };
         log.record(&AuditEvent { user: Some("alice".into()), result: Some("success"), ..facts.event("auth_success") });
+        assert!(log.flush(Duration::from_secs(5)));
         std::fs::rename(&path, dir.path().join("audit.log.1")).unwrap();
         log.reopen();
         log.record(&facts.event("session_end"));
+        assert!(log.flush(Duration::from_secs(5)));
         let old = std::fs::read_to_string(dir.path().join("audit.log.1")).unwrap();
         assert!(old.starts_with("{\"timestamp\":\""), "timestamp first, then the event: {old}");
         assert!(old.contains("Z\",\"event\":\"auth_success\""), "{old}");

@@ -84,12 +84,28 @@ fn otlp_provider(otel: &OtelConfig) -> Result<SdkTracerProvider, String> {
         .build())
 }
 
+/// Dependencies' warnings about what clients send (rustls: "Illegal SNI extension: ignoring IP address
+/// presented as hostname", common and harmless) are noise at a front door: they show only when the
+/// configured level asks for debug output, or names the dependency itself.
+fn with_quiet_dependencies(level: &str) -> String {
+    const NOISY: &[&str] = &["rustls", "h2", "hyper", "tonic"];
+    let lower = level.to_ascii_lowercase();
+    if lower.contains("debug") || lower.contains("trace") {
+        return level.to_owned();
+    }
+    let mut directives = level.to_owned();
+    for dependency in NOISY.iter().filter(|d| !lower.contains(*d)) {
+        directives.push_str(&format!(",{dependency}=error"));
+    }
+    directives
+}
+
 /// Installs the global subscriber: the log output, and with `otel` an OpenTelemetry layer exporting spans.
 /// Returns an error if the filter or the endpoint is invalid, or a subscriber is already set.
 pub fn init(log: &LogConfig, otel: Option<&OtelConfig>) -> Result<TelemetryGuard, String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(from_env) if !from_env.is_empty() => EnvFilter::try_new(from_env),
-        _ => EnvFilter::try_new(&log.level),
+        _ => EnvFilter::try_new(with_quiet_dependencies(&log.level)),
     }
     .map_err(|e| format!("log.level: {e}"))?;
     let output = match log.format {
@@ -111,4 +127,17 @@ pub fn init(log: &LogConfig, otel: Option<&OtelConfig>) -> Result<TelemetryGuard
         .try_init()
         .map_err(|e| e.to_string())?;
     Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_quiet_dependencies;
+
+    #[test]
+    fn dependency_noise_is_kept_for_debug() {
+        assert_eq!(with_quiet_dependencies("info"), "info,rustls=error,h2=error,hyper=error,tonic=error");
+        assert_eq!(with_quiet_dependencies("debug"), "debug");
+        assert_eq!(with_quiet_dependencies("info,rustls=warn"), "info,rustls=warn,h2=error,hyper=error,tonic=error");
+        assert!(tracing_subscriber::EnvFilter::try_new(with_quiet_dependencies("warn,imapgate=info")).is_ok());
+    }
 }
