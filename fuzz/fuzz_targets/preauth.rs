@@ -17,8 +17,7 @@ fuzz_target!(|data: &[u8]| {
                 Action::Send(bytes) => assert!(bytes.len() < 64 * 1024),
                 Action::Login(req) => {
                     assert!(!req.credentials.username.as_str().chars().any(char::is_control));
-                    let rejection =
-                        if i % 2 == 0 { Rejection::AUTHENTICATION_FAILED } else { Rejection::UNAVAILABLE };
+                    let rejection = if i % 2 == 0 { Rejection::AUTHENTICATION_FAILED } else { Rejection::UNAVAILABLE };
                     machine.login_failed(&req.tag, rejection);
                 }
                 Action::Close(_) => closed = true,
