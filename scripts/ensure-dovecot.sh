@@ -2,7 +2,8 @@
 # Installs what the tests and the demo need from Debian when it is missing: dovecot-imapd (only its
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
-# load balancer in front of imapgate, run from a private configuration) and prometheus (for promtool).
+# load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
+# (a TLS client that sends an IP address as SNI).
 set -euo pipefail
 packages=()
 if ! [ -x /usr/sbin/dovecot ] && ! [ -x /usr/local/sbin/dovecot ]; then
@@ -11,6 +12,7 @@ fi
 if [ "${1:-}" = "--test-tools" ]; then
   command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
   [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
+  command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

@@ -87,3 +87,64 @@ fn plaintext_backends_are_warned_about_at_start_up() {
     let line = warned.expect("a warning line");
     assert!(line.contains("unencrypted"), "{line}");
 }
+
+/// Runs the binary with `config` and the given RUST_LOG (none: the configured level), lets `client` talk
+/// to its listener, then stops it (SIGTERM) and returns its stderr.
+fn stderr_around(config: &std::path::Path, port: u16, rust_log: Option<&str>, client: impl FnOnce()) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_imapgate"));
+    command.arg("--config").arg(config).env_remove("RUST_LOG").stderr(std::process::Stdio::piped());
+    if let Some(filter) = rust_log {
+        command.env("RUST_LOG", filter);
+    }
+    /// Stops the child however the test ends, so that no process outlives it.
+    struct Stop(Option<std::process::Child>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(child) = &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut child = Stop(Some(command.spawn().unwrap()));
+    let up = support::wait_until(std::time::Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    });
+    assert!(up.is_some(), "imapgate did not listen");
+    client();
+    let running = child.0.take().unwrap();
+    let _ = Command::new("kill").arg("-TERM").arg(running.id().to_string()).status();
+    let out = running.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_ip_address_as_sni_is_not_a_warning_at_the_default_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let port = support::free_port();
+    let text = valid(&pki).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        + "[admin]\nlisten = \"127.0.0.1:0\"\n[audit]\npath = \"off\"\n";
+    let config = write_config(dir.path(), &text);
+    // openssl sends an IP literal as SNI when asked to (rustls clients never do).
+    let ip_sni = || {
+        use std::io::Write;
+        let mut openssl = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "127.0.0.1"])
+            .args(["-crlf", "-ign_eof", "-quiet"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl");
+        // LOGOUT: the proxy says BYE and closes, and openssl ends.
+        openssl.stdin.take().unwrap().write_all(b"a LOGOUT\n").unwrap();
+        let out = openssl.wait_with_output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("a OK Logout"), "{out:?}");
+    };
+    let noisy = stderr_around(&config, port, Some("info"), ip_sni);
+    assert!(noisy.contains("Illegal SNI"), "the dependency does warn (the test can fail): {noisy}");
+    let quiet = stderr_around(&config, port, None, ip_sni);
+    assert!(!quiet.contains("Illegal SNI"), "{quiet}");
+    assert!(quiet.contains("session end"), "the session was logged: {quiet}");
+}

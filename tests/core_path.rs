@@ -392,3 +392,19 @@ async fn a_refused_literal_cannot_smuggle_compress_or_starttls_past_the_guard() 
     assert!(c.command("u3", "NOOP").await.unwrap().tagged.starts_with("u3 OK"));
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_of_rfc_size_before_login_is_answered_and_the_login_goes_on() {
+    let env = env();
+    let proxy = proxy().await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    let pairs: Vec<String> = (0..30).map(|i| format!("\"field-{i:02}\" \"{}\"", "v".repeat(1024))).collect();
+    let id = c.command("r1", &format!("ID ({})", pairs.join(" "))).await.unwrap();
+    assert_eq!(id.tagged, "r1 OK ID completed.", "{:?}", id.lines);
+    let client_port = c.local_port();
+    assert!(c.command("r2", "LOGIN bob@example.com bob-pw").await.unwrap().tagged.starts_with("r2 OK"));
+    // The backend took the proxy's ID (with as many of the client's fields as fit): it logs the client.
+    let logged = env.dovecot.wait_for_log_line(&["Login: user=<bob@example.com>", &format!("rport={client_port},")]);
+    assert!(logged.is_some(), "{}", env.dovecot.log());
+    proxy.stop().await;
+}

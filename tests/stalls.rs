@@ -215,3 +215,29 @@ async fn a_backend_that_dies_mid_fetch_closes_without_a_bye_inside_the_message()
     assert!(!rest.contains("* BYE"), "a BYE inside the literal: ...{}", &rest[rest.len().saturating_sub(200)..]);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_login_waiting_for_a_silent_backend() {
+    // A broken backend: it accepts and never says a word (the login timeout is 10 s in the tests).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
+    let held = tokio::spawn(async move {
+        let (tcp, _) = silent.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        std::future::pending::<()>().await;
+        drop(tcp);
+    });
+    let env = env();
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", port));
+    let proxy = TestProxy::start(&config_text(&env.pki, &rest)).await;
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &env.pki.ca).await;
+    c.send(b"w1 LOGIN alice@example.org alice-pw\r\n").await.unwrap();
+    // The login is under way once the backend has the connection.
+    tokio::time::timeout(Duration::from_secs(5), accepted).await.unwrap().unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), proxy.stop()).await.expect("shutdown waited for the backend login");
+    assert_eq!(c.line().await.unwrap(), "* BYE Server shutting down.");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    held.abort();
+}

@@ -121,8 +121,12 @@ pub fn encode_string(value: &[u8], non_sync: bool) -> Encoded {
     }
 }
 
+/// Field/value pairs an `ID` may carry (RFC 2971).
+const ID_MAX_PAIRS: usize = 30;
+
 /// The `ID` command the proxy sends: its own `x-` fields first, then the client's fields without any `x-`
-/// field (a client must not be able to claim another address). Values that cannot be quoted are dropped.
+/// field (a client must not be able to claim another address), 30 pairs in all. Values that cannot be
+/// quoted are dropped.
 pub fn id_command(tag: &str, proxy_fields: &[(&str, String)], client: &IdParams) -> Vec<u8> {
     let mut parts: Vec<String> = Vec::new();
     let mut push = |key: &str, value: Option<&str>| {
@@ -142,10 +146,10 @@ pub fn id_command(tag: &str, proxy_fields: &[(&str, String)], client: &IdParams)
     for (key, value) in proxy_fields {
         push(key, Some(value));
     }
-    for (key, value) in client {
-        if !key.to_ascii_lowercase().starts_with("x-") {
-            push(key, value.as_deref());
-        }
+    // RFC 2971 allows 30 pairs in all: the proxy's come first, the client's fill what is left.
+    let room = ID_MAX_PAIRS.saturating_sub(proxy_fields.len());
+    for (key, value) in client.iter().filter(|(key, _)| !key.to_ascii_lowercase().starts_with("x-")).take(room) {
+        push(key, value.as_deref());
     }
     format!("{tag} ID ({})\r\n", parts.join(" ")).into_bytes()
 }
@@ -238,6 +242,15 @@ mod tests {
             String::from_utf8(cmd).unwrap(),
             "I ID (\"x-originating-ip\" \"192.0.2.1\" \"name\" \"Thunderbird\" \"os\" NIL)\r\n"
         );
+    }
+
+    #[test]
+    fn id_keeps_to_thirty_pairs() {
+        let client: IdParams = (0..30).map(|i| (format!("f{i:02}"), Some("v".repeat(1024)))).collect();
+        let proxy: Vec<(&str, String)> = vec![("x-session-id", "s".into()), ("x-originating-ip", "192.0.2.1".into())];
+        let cmd = String::from_utf8(id_command("I", &proxy, &client)).unwrap();
+        assert_eq!(cmd.matches(" \"v").count(), 28, "{}", &cmd[..200]);
+        assert!(cmd.contains("\"f27\"") && !cmd.contains("\"f28\""));
     }
 
     #[test]
