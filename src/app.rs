@@ -15,6 +15,7 @@ use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Shared, session};
 use crate::route::Router;
+use crate::route::health::Circuits;
 use crate::security::{Defence, DefenceEvent};
 use crate::telemetry::admin::{self, AdminState};
 use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
@@ -59,14 +60,30 @@ fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
     }
 }
 
-/// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts
-/// (defence, metrics, audit log) that survive a reload.
-fn build_shared(
-    config: Config,
+/// What survives a reload: the defence's state, the metrics, the audit log and the backends' circuits.
+#[derive(Clone)]
+struct Lasting {
     defence: Arc<Defence>,
     metrics: Arc<Metrics>,
     audit: Option<Arc<AuditLog>>,
-) -> Result<Shared, StartError> {
+    circuits: Arc<Circuits>,
+}
+
+impl Lasting {
+    fn of(shared: &Shared) -> Self {
+        Self {
+            defence: Arc::clone(&shared.defence),
+            metrics: Arc::clone(&shared.metrics),
+            audit: shared.audit.clone(),
+            circuits: Arc::clone(&shared.circuits),
+        }
+    }
+}
+
+/// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
+fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
+    let Lasting { defence, metrics, audit, circuits } = lasting;
+    circuits.reconfigure(config.health.clone());
     let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
     let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
     if config.backend_tls.mode == BackendMode::Plain {
@@ -74,7 +91,7 @@ fn build_shared(
     }
     let router = Router::new(&config);
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    Ok(Shared { config, router, acceptor, backend_tls, defence, metrics, audit })
+    Ok(Shared { config, router, acceptor, backend_tls, defence, circuits, metrics, audit })
 }
 
 /// Everything validated and loaded, nothing bound yet.
@@ -98,7 +115,8 @@ impl Prepared {
             let audit = Arc::clone(audit);
             defence.set_event_sink(move |event| audit.record(&defence_audit_event(event)));
         }
-        let shared = build_shared(config, defence, metrics, audit)?;
+        let circuits = Arc::new(Circuits::new(config.health.clone()));
+        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits })?;
         Ok(Self { shared: Arc::new(shared), config_path: None })
     }
 
@@ -161,13 +179,16 @@ impl Proxy {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let live: Current = Arc::new(RwLock::new(Arc::clone(&self.shared)));
         tokio::spawn(sweep_loop(Arc::clone(&self.shared), phase_rx.clone()));
-        tokio::spawn(probe_loop(Arc::clone(&live), phase_rx.clone()));
+        {
+            let live = Arc::clone(&live);
+            tokio::spawn(crate::net::health::run(move || current(&live), phase_rx.clone()));
+        }
         let admin_state = Arc::new(AdminState {
             metrics: Arc::clone(&self.shared.metrics),
             listening: AtomicBool::new(false),
-            backends: {
+            usable: {
                 let live = Arc::clone(&live);
-                Box::new(move || current(&live).config.backends.iter().map(|b| b.name.clone()).collect())
+                Box::new(move || crate::net::health::ready(&current(&live)))
             },
             phase: phase_rx.clone(),
         });
@@ -358,30 +379,6 @@ fn log_defence_stats(defence: &Defence) {
     );
 }
 
-/// Backend reachability for `imapgate_backend_up` and `/readyz`: a TCP connect to each backend every
-/// five seconds (logins update the gauge too).
-async fn probe_loop(live: Current, mut phase: watch::Receiver<Phase>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
-        }
-        let shared = current(&live);
-        for backend in &shared.config.backends {
-            let target = (backend.host.as_str(), backend.port);
-            let timeout = shared.config.backend_tls.connect_timeout;
-            let up = matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await, Ok(Ok(_)));
-            let gauge = shared.metrics.backend_up.with_label_values(&[&backend.name]);
-            if gauge.get() == 1 && !up {
-                tracing::warn!(backend = %backend.name, "backend unreachable");
-            }
-            gauge.set(i64::from(up));
-        }
-    }
-}
-
 /// SIGHUP reloads the configuration (when it came from a file) and reopens the audit log; SIGUSR1 only
 /// reopens the audit log (logrotate).
 async fn on_signals(live: Current, config_path: Option<PathBuf>, mut phase: watch::Receiver<Phase>) {
@@ -421,9 +418,7 @@ fn reload_config(live: &Current, path: &Path) {
         if config.audit != old.config.audit {
             notes.push("[audit]");
         }
-        let defence = Arc::clone(&old.defence);
-        let fresh =
-            build_shared(config, defence, Arc::clone(&old.metrics), old.audit.clone()).map_err(|e| e.to_string())?;
+        let fresh = build_shared(config, Lasting::of(&old)).map_err(|e| e.to_string())?;
         *live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         Ok(notes)
     });

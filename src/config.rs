@@ -37,7 +37,11 @@ struct RawConfig {
     #[serde(default)]
     backend: Vec<RawBackend>,
     #[serde(default)]
+    pool: Vec<RawPool>,
+    #[serde(default)]
     route: RawRoute,
+    #[serde(default)]
+    health: RawHealth,
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
@@ -332,7 +336,96 @@ struct RawRoute {
 struct RawRule {
     domain: Option<String>,
     user: Option<String>,
+    backend: Option<String>,
+    pool: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    members: Vec<RawMember>,
+    #[serde(default)]
+    failover: Failover,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
     backend: String,
+    #[serde(default = "RawMember::default_weight")]
+    weight: u32,
+    #[serde(default)]
+    drain: bool,
+}
+
+impl RawMember {
+    fn default_weight() -> u32 {
+        1
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    interval_secs: u64,
+    failures: u32,
+    backoff_secs: u64,
+    backoff_max_secs: u64,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        Self { interval_secs: 5, failures: 3, backoff_secs: 5, backoff_max_secs: 60 }
+    }
+}
+
+/// What a pool does when a user's member is unusable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failover {
+    /// Each user's mailbox lives on one member: if it is down, the user gets `NO [UNAVAILABLE]` at once.
+    #[default]
+    None,
+    /// Shared storage: the next member in that user's order.
+    Next,
+}
+
+/// A group of backends; each user is placed on one by weighted rendezvous hashing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    pub members: Vec<Member>,
+    pub failover: Failover,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+    /// Share of new users; 0 (or `drain = true`): none, open sessions stay.
+    pub weight: u32,
+}
+
+/// Where a rule (or the default) sends users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Index into [`Config::backends`].
+    Backend(usize),
+    /// Index into [`Config::pools`].
+    Pool(usize),
+}
+
+/// Active health checks and circuit breaking, per backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Between checks (each gets up to 20% jitter).
+    pub interval: Duration,
+    /// Consecutive failures (checks or logins) that open a backend's circuit.
+    pub failures: u32,
+    /// First wait before an open circuit lets a probe through; doubles up to `backoff_max`.
+    pub backoff: Duration,
+    pub backoff_max: Duration,
 }
 
 mod defaults {
@@ -469,13 +562,12 @@ pub enum RuleMatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteRule {
     pub matches: RuleMatch,
-    /// Index into [`Config::backends`].
-    pub backend: usize,
+    pub target: Target,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
-    pub default: Option<usize>,
+    pub default: Option<Target>,
     pub rules: Vec<RouteRule>,
 }
 
@@ -486,7 +578,9 @@ pub struct Config {
     pub tls: TlsConfig,
     pub backend_tls: BackendTlsConfig,
     pub backends: Vec<Backend>,
+    pub pools: Vec<Pool>,
     pub route: RouteConfig,
+    pub health: HealthConfig,
     pub log: LogConfig,
     pub defence: DefenceConfig,
     pub admin: AdminConfig,
@@ -656,34 +750,14 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         backends.push(Backend { name: b.name, host, port, tls_name });
     }
 
-    let lookup = |key: String, name: &str, errors: &mut Vec<ConfigError>| {
-        let found = backends.iter().position(|b| b.name == name);
-        if found.is_none() {
-            errors.push(err(key, format!("no [[backend]] is named {name:?}")));
-        }
-        found
+    let pools = validate_pools(raw.pool, &backends, &mut errors);
+    let route = validate_route(raw.route, &backends, &pools, &mut errors);
+    let health = HealthConfig {
+        interval: secs("health.interval_secs", raw.health.interval_secs, &mut errors),
+        failures: raw.health.failures.max(1),
+        backoff: secs("health.backoff_secs", raw.health.backoff_secs, &mut errors),
+        backoff_max: Duration::from_secs(raw.health.backoff_max_secs.max(raw.health.backoff_secs)),
     };
-    let default = raw.route.default.as_deref().and_then(|d| lookup("route.default".into(), d, &mut errors));
-    let mut rules = Vec::new();
-    for (i, rule) in raw.route.rule.iter().enumerate() {
-        let key = format!("route.rule[{i}]");
-        let matches = match (&rule.user, &rule.domain) {
-            (Some(user), None) if !user.is_empty() => RuleMatch::User(user.to_lowercase()),
-            (None, Some(domain)) if !domain.is_empty() => {
-                RuleMatch::Domain(domain.trim_start_matches('@').to_ascii_lowercase())
-            }
-            _ => {
-                errors.push(err(key, "needs exactly one of `user` or `domain`"));
-                continue;
-            }
-        };
-        if let Some(backend) = lookup(format!("{key}.backend"), &rule.backend, &mut errors) {
-            rules.push(RouteRule { matches, backend });
-        }
-    }
-    if default.is_none() && raw.route.default.is_none() && rules.is_empty() {
-        errors.push(err("route", "set route.default or at least one [[route.rule]]"));
-    }
 
     let defence = validate_defence(raw.defence, &mut errors);
     let admin_listen = raw.admin.listen.parse::<SocketAddr>().unwrap_or_else(|_| {
@@ -720,9 +794,99 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         tls,
         backend_tls,
         backends,
-        route: RouteConfig { default, rules },
+        pools,
+        route,
+        health,
         log: raw.log,
     })
+}
+
+/// Pools: unique names (backends' included), known members, at least one member that takes users.
+fn validate_pools(raw: Vec<RawPool>, backends: &[Backend], errors: &mut Vec<ConfigError>) -> Vec<Pool> {
+    let mut pools = Vec::new();
+    let mut names: HashSet<String> = backends.iter().map(|b| b.name.clone()).collect();
+    for (i, pool) in raw.into_iter().enumerate() {
+        if pool.name.is_empty() || !names.insert(pool.name.clone()) {
+            errors.push(err(
+                format!("pool[{i}].name"),
+                format!("{:?} is empty or names a backend or pool already", pool.name),
+            ));
+        }
+        let mut members = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, member) in pool.members.iter().enumerate() {
+            let key = format!("pool[{i}].members[{j}].backend");
+            match backends.iter().position(|b| b.name == member.backend) {
+                Some(_) if !seen.insert(member.backend.clone()) => {
+                    errors.push(err(key, format!("{:?} is a member twice", member.backend)))
+                }
+                Some(backend) => members.push(Member { backend, weight: if member.drain { 0 } else { member.weight } }),
+                None => errors.push(err(key, format!("no [[backend]] is named {:?}", member.backend))),
+            }
+        }
+        if !members.is_empty() && members.iter().all(|m| m.weight == 0) {
+            errors.push(err(
+                format!("pool[{i}].members"),
+                "every member is drained or has weight 0: nobody could log in",
+            ));
+        }
+        if pool.members.is_empty() {
+            errors.push(err(format!("pool[{i}].members"), "needs at least one member"));
+        }
+        pools.push(Pool { name: pool.name, members, failover: pool.failover });
+    }
+    pools
+}
+
+/// Rules and the default: each names a backend or a pool.
+fn validate_route(raw: RawRoute, backends: &[Backend], pools: &[Pool], errors: &mut Vec<ConfigError>) -> RouteConfig {
+    let find = |key: String, name: &str, errors: &mut Vec<ConfigError>| {
+        let found = backends
+            .iter()
+            .position(|b| b.name == name)
+            .map(Target::Backend)
+            .or_else(|| pools.iter().position(|p| p.name == name).map(Target::Pool));
+        if found.is_none() {
+            errors.push(err(key, format!("no [[backend]] or [[pool]] is named {name:?}")));
+        }
+        found
+    };
+    let default = raw.default.as_deref().and_then(|d| find("route.default".into(), d, errors));
+    let mut rules = Vec::new();
+    for (i, rule) in raw.rule.iter().enumerate() {
+        let key = format!("route.rule[{i}]");
+        let matches = match (&rule.user, &rule.domain) {
+            (Some(user), None) if !user.is_empty() => RuleMatch::User(user.to_lowercase()),
+            (None, Some(domain)) if !domain.is_empty() => {
+                RuleMatch::Domain(domain.trim_start_matches('@').to_ascii_lowercase())
+            }
+            _ => {
+                errors.push(err(key, "needs exactly one of `user` or `domain`"));
+                continue;
+            }
+        };
+        let target = match (&rule.backend, &rule.pool) {
+            (Some(name), None) => find(format!("{key}.backend"), name, errors),
+            (None, Some(name)) => {
+                let found = pools.iter().position(|p| &p.name == name).map(Target::Pool);
+                if found.is_none() {
+                    errors.push(err(format!("{key}.pool"), format!("no [[pool]] is named {name:?}")));
+                }
+                found
+            }
+            _ => {
+                errors.push(err(key, "needs exactly one of `backend` or `pool`"));
+                continue;
+            }
+        };
+        if let Some(target) = target {
+            rules.push(RouteRule { matches, target });
+        }
+    }
+    if default.is_none() && raw.default.is_none() && rules.is_empty() {
+        errors.push(err("route", "set route.default or at least one [[route.rule]]"));
+    }
+    RouteConfig { default, rules }
 }
 
 fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceConfig {

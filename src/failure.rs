@@ -35,6 +35,8 @@ pub enum Kind {
     TempFail,
     /// No backend is routed for this user.
     NoRoute,
+    /// The backend's circuit is open: it was not dialled.
+    CircuitOpen,
 }
 
 impl Kind {
@@ -48,6 +50,7 @@ impl Kind {
             Kind::AuthFailed => "auth_failed",
             Kind::TempFail => "tempfail",
             Kind::NoRoute => "no_route",
+            Kind::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -88,6 +91,13 @@ impl Failure {
     /// so that an unknown user is answered no faster than a known one.
     pub fn is_auth_failure(&self) -> bool {
         matches!(self.kind, Kind::AuthFailed | Kind::NoRoute)
+    }
+
+    /// A sign that the backend is unusable (its circuit counts it): unreachable, slow, bad TLS, broken
+    /// protocol. Wrong credentials and temporary refusals come from a backend that works.
+    pub fn counts_against_backend(&self) -> bool {
+        self.side == Side::Backend
+            && matches!(self.kind, Kind::Connect | Kind::Timeout | Kind::Tls | Kind::Starttls | Kind::Protocol)
     }
 
     /// The `result` label of `imapgate_auth_attempts_total` and of the audit log.

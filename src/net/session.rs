@@ -344,6 +344,8 @@ async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], li
     })
 }
 
+/// Logs in at the user's backend: the route's candidates in order (one, unless its pool fails over),
+/// skipping those whose circuit is open; a backend that proves unusable counts against its circuit.
 async fn login(
     shared: &Shared,
     request: &LoginRequest,
@@ -353,19 +355,48 @@ async fn login(
     id: &str,
 ) -> Result<(Upstream, String), Failure> {
     let user = &request.credentials.username;
-    let backend = shared.router.route(user).ok_or_else(|| Failure {
+    let route = shared.router.route(user).ok_or_else(|| Failure {
         side: Side::Proxy,
         kind: Kind::NoRoute,
         detail: "no route and no default backend".into(),
     })?;
+    let mut last = None;
+    for (attempt, backend) in route.candidates.iter().filter_map(|&i| shared.router.backend(i)).enumerate() {
+        let name = backend.name.as_str();
+        let (allowed, transition) = shared.circuits.allow(name, std::time::Instant::now());
+        crate::net::health::record(shared, transition);
+        if !allowed {
+            shared.metrics.backend_errors.with_label_values(&[name, Kind::CircuitOpen.as_str()]).inc();
+            last = Some(Failure::backend(Kind::CircuitOpen, format!("circuit open (backend {name})")));
+            continue;
+        }
+        if attempt > 0 {
+            tracing::info!(user = %user, backend = name, pool = route.pool.as_deref().unwrap_or("-"), "failing over");
+        }
+        match login_at(shared, backend, request, machine, peer, local, id).await {
+            Ok(upstream) => return Ok((upstream, backend.name.clone())),
+            // Another member may serve the user (shared storage) when the pool fails over.
+            Err(failure) if failure.side == Side::Backend => last = Some(failure),
+            Err(failure) => return Err(failure),
+        }
+    }
+    Err(last.unwrap_or_else(|| Failure::backend(Kind::CircuitOpen, "no usable backend in the route")))
+}
+
+/// One login attempt at one backend, recorded in its metrics and its circuit.
+async fn login_at(
+    shared: &Shared,
+    backend: &crate::config::Backend,
+    request: &LoginRequest,
+    machine: &PreAuth,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: &str,
+) -> Result<Upstream, Failure> {
     let config = &shared.config;
     let started = Instant::now();
     let result = upstream::login(LoginContext {
-        backend,
-        mode: config.backend_tls.mode,
-        tls: &shared.backend_tls,
-        connect_timeout: config.backend_tls.connect_timeout,
-        login_timeout: config.backend_tls.login_timeout,
+        leg: upstream::Leg::new(backend, config, &shared.backend_tls),
         credentials: &request.credentials,
         id_fields: vec![
             ("x-session-id", id.to_owned()),
@@ -381,21 +412,23 @@ async fn login(
     let metrics = &shared.metrics;
     let name = backend.name.as_str();
     metrics.backend_connect_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
+    let now = std::time::Instant::now();
     match result {
         Ok(upstream) => {
-            metrics.backend_up.with_label_values(&[name]).set(1);
-            tracing::info!(user = %user, backend = name, mechanism = request.mechanism.as_str(), "login");
-            Ok((upstream, backend.name.clone()))
+            crate::net::health::record(shared, shared.circuits.success(name, now));
+            tracing::info!(user = %request.credentials.username, backend = name, mechanism = request.mechanism.as_str(), "login");
+            Ok(upstream)
         }
         Err(failure) => {
             if failure.side == Side::Backend {
                 metrics.backend_errors.with_label_values(&[name, failure.kind.as_str()]).inc();
-                if matches!(failure.kind, Kind::Connect | Kind::Timeout | Kind::Tls) {
-                    metrics.backend_up.with_label_values(&[name]).set(0);
-                }
-            } else {
-                metrics.backend_up.with_label_values(&[name]).set(1);
             }
+            let transition = if failure.counts_against_backend() {
+                shared.circuits.failure(name, now)
+            } else {
+                shared.circuits.success(name, now)
+            };
+            crate::net::health::record(shared, transition);
             Err(Failure { detail: format!("{} (backend {name})", failure.detail), ..failure })
         }
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::route::Router;
+use crate::route::health::Circuits;
 use crate::security::Defence;
 use crate::telemetry::audit::{AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
@@ -16,6 +17,8 @@ pub struct Shared {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<Defence>,
+    /// Backend circuits; kept across reloads.
+    pub circuits: Arc<Circuits>,
     pub metrics: Arc<Metrics>,
     /// The audit log, unless switched off.
     pub audit: Option<Arc<AuditLog>>,

@@ -63,13 +63,31 @@ impl AsyncWrite for BackendStream {
     }
 }
 
-/// Everything a backend login needs.
-pub struct LoginContext<'a> {
+/// How to reach one backend: address, mode, TLS context and timeouts. A login and a health check take the
+/// same leg, up to the credentials.
+pub struct Leg<'a> {
     pub backend: &'a Backend,
     pub mode: BackendMode,
     pub tls: &'a Arc<ClientConfig>,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
+}
+
+impl<'a> Leg<'a> {
+    pub fn new(backend: &'a Backend, config: &crate::config::Config, tls: &'a Arc<ClientConfig>) -> Self {
+        Self {
+            backend,
+            mode: config.backend_tls.mode,
+            tls,
+            connect_timeout: config.backend_tls.connect_timeout,
+            login_timeout: config.backend_tls.login_timeout,
+        }
+    }
+}
+
+/// Everything a backend login needs.
+pub struct LoginContext<'a> {
+    pub leg: Leg<'a>,
     pub credentials: &'a Credentials,
     /// The proxy's own `x-` ID fields (session id, client address, ...).
     pub id_fields: Vec<(&'static str, String)>,
@@ -86,11 +104,10 @@ pub struct Upstream {
     pub capabilities: Vec<String>,
 }
 
-/// Connects to the backend and logs in as the client.
-pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
-    let backend = ctx.backend;
+async fn connect(leg: &Leg<'_>) -> Result<TcpStream, Failure> {
+    let backend = leg.backend;
     let target = (backend.host.as_str(), backend.port);
-    let tcp = timeout(ctx.connect_timeout, TcpStream::connect(target))
+    let tcp = timeout(leg.connect_timeout, TcpStream::connect(target))
         .instrument(tracing::info_span!("backend_connect", backend = %backend.name))
         .await
         .map_err(|_| {
@@ -99,15 +116,37 @@ pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
         .map_err(|e| Failure::backend(Kind::Connect, format!("connect to {}:{}: {e}", backend.host, backend.port)))?;
     // Latency matters more than packet count for an interactive protocol.
     let _ = tcp.set_nodelay(true);
-    timeout(ctx.login_timeout, sequence(tcp, &ctx))
+    Ok(tcp)
+}
+
+/// Connects to the backend and logs in as the client.
+pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
+    let tcp = connect(&ctx.leg).await?;
+    timeout(ctx.leg.login_timeout, sequence(tcp, &ctx))
         .await
         .map_err(|_| Failure::backend(Kind::Timeout, "backend login timed out"))?
 }
 
-async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Failure> {
-    let mut conn = match ctx.mode {
+/// A health check: the login's path up to the credentials (connect, greeting, STARTTLS and a verified TLS
+/// handshake in `starttls` mode, CAPABILITY), then LOGOUT. An expired certificate or a refused STARTTLS
+/// fails it as it would fail a login.
+pub async fn check(leg: &Leg<'_>) -> Result<(), Failure> {
+    let tcp = connect(leg).await?;
+    timeout(leg.login_timeout, async {
+        let mut conn = secure(tcp, leg).await?;
+        conn.send(b"C CAPABILITY\r\nL LOGOUT\r\n").await?;
+        conn.capability_reply().await?;
+        Ok(())
+    })
+    .await
+    .map_err(|_| Failure::backend(Kind::Timeout, "backend check timed out"))?
+}
+
+/// Greeting and transport security as the mode asks.
+async fn secure(tcp: TcpStream, leg: &Leg<'_>) -> Result<Conn, Failure> {
+    Ok(match leg.mode {
         BackendMode::Tls => {
-            let mut conn = Conn::new(BackendStream::Tls(Box::new(handshake(tcp, ctx).await?)));
+            let mut conn = Conn::new(BackendStream::Tls(Box::new(handshake(tcp, leg).await?)));
             conn.greeting().await?;
             conn
         }
@@ -116,8 +155,12 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
             conn.greeting().await?;
             conn
         }
-        BackendMode::Starttls => starttls(tcp, ctx).instrument(tracing::info_span!("starttls")).await?,
-    };
+        BackendMode::Starttls => starttls(tcp, leg).instrument(tracing::info_span!("starttls")).await?,
+    })
+}
+
+async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Failure> {
+    let mut conn = secure(tcp, &ctx.leg).await?;
 
     // Capabilities may change after TLS: ask again. ID goes in the same write (one round trip less); a
     // backend without ID answers it with BAD, which only costs the client address in its log.
@@ -126,7 +169,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
     let capabilities = conn.capability_reply().await?;
     let reply = conn.tagged("I", &mut None).await?;
     if reply.status != Status::Ok {
-        tracing::warn!(backend = %ctx.backend.name, reply = %reply.describe(), "backend refused ID; client address not passed on");
+        tracing::warn!(backend = %ctx.leg.backend.name, reply = %reply.describe(), "backend refused ID; client address not passed on");
     }
 
     let mut collected = None;
@@ -159,7 +202,7 @@ async fn sequence(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Upstream, Fa
 }
 
 /// Greeting, STARTTLS advertised, tagged OK with no byte behind it, then the verified TLS handshake.
-async fn starttls(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Conn, Failure> {
+async fn starttls(tcp: TcpStream, ctx: &Leg<'_>) -> Result<Conn, Failure> {
     let mut plain = Conn::new(BackendStream::Plain(tcp));
     let mut capabilities = plain.greeting().await?;
     if capabilities.is_none() {
@@ -185,7 +228,7 @@ async fn starttls(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<Conn, Failur
     Ok(Conn::new(BackendStream::Tls(Box::new(handshake(tcp, ctx).await?))))
 }
 
-async fn handshake(tcp: TcpStream, ctx: &LoginContext<'_>) -> Result<TlsStream<TcpStream>, Failure> {
+async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<TcpStream>, Failure> {
     let name = ServerName::try_from(ctx.backend.tls_name.clone())
         .map_err(|e| Failure::backend(Kind::Tls, format!("invalid tls_name: {e}")))?;
     let tls = TlsConnector::from(Arc::clone(ctx.tls))

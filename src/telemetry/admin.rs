@@ -1,5 +1,6 @@
 //! The admin HTTP server (hyper): `GET /metrics` (Prometheus text), `GET /healthz` (process alive),
-//! `GET /readyz` (listeners bound, not shutting down, and at least one backend reachable). Loopback by
+//! `GET /readyz` (listeners bound, not shutting down, and every pool with a usable member, or without pools
+//! a backend whose circuit is closed). Loopback by
 //! default. It keeps serving while the proxy drains, so that a balancer sees "not ready" (503) and
 //! Prometheus still scrapes the last figures, and stops when what is left is aborted.
 
@@ -24,17 +25,15 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once every listener is bound.
     pub listening: AtomicBool,
-    /// The names of the backends configured now (a reload may change them).
-    pub backends: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Whether the backends in force can serve (every pool has a usable member; see `net::health`).
+    pub usable: Box<dyn Fn() -> bool + Send + Sync>,
     /// The proxy's phase: anything but running is not ready.
     pub phase: watch::Receiver<Phase>,
 }
 
 impl AdminState {
     fn ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed)
-            && *self.phase.borrow() == Phase::Running
-            && (self.backends)().iter().any(|b| self.metrics.backend_up.with_label_values(&[b]).get() == 1)
+        self.listening.load(Ordering::Relaxed) && *self.phase.borrow() == Phase::Running && (self.usable)()
     }
 }
 

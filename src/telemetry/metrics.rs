@@ -31,6 +31,9 @@ pub struct Metrics {
     pub session_seconds: Histogram,
     pub observer_desync: IntCounter,
     pub session_ends: IntCounterVec,
+    pub circuit_transitions: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub pool_members_usable: IntGaugeVec,
     pub audit_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -87,7 +90,9 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("relay", "backend_error"),
     ("relay", "guard_lost"),
 ];
-const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail"];
+const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail", "circuit_open"];
+/// Circuit states (see `route::health::State`).
+pub const CIRCUIT_STATES: &[&str] = &["closed", "open", "half_open"];
 
 /// Latency buckets from 1 ms to 60 s.
 const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -250,6 +255,24 @@ impl Metrics {
                 "Client sessions ended, by stage (tls, preauth, relay) and reason.",
                 &["stage", "reason"],
             ),
+            circuit_transitions: counter_vec(
+                &r,
+                "imapgate_circuit_transitions_total",
+                "Backend circuit breaker transitions, by backend and the state entered.",
+                &["backend", "state"],
+            ),
+            health_checks: counter_vec(
+                &r,
+                "imapgate_health_checks_total",
+                "Active backend health checks (connect, greeting, STARTTLS, verified TLS, CAPABILITY), by result.",
+                &["backend", "result"],
+            ),
+            pool_members_usable: gauge_vec(
+                &r,
+                "imapgate_pool_members_usable",
+                "Members of a pool that take users and whose circuit is closed.",
+                &["pool"],
+            ),
             audit_dropped: counter(
                 &r,
                 "imapgate_audit_dropped_total",
@@ -292,6 +315,12 @@ impl Metrics {
         for backend in backends {
             m.backend_sessions.with_label_values(&[backend]).set(0);
             m.backend_up.with_label_values(&[backend]).set(0);
+            for state in CIRCUIT_STATES {
+                m.circuit_transitions.with_label_values(&[backend.as_str(), state]).inc_by(0);
+            }
+            for result in ["success", "failure"] {
+                m.health_checks.with_label_values(&[backend.as_str(), result]).inc_by(0);
+            }
             for kind in BACKEND_ERRORS {
                 m.backend_errors.with_label_values(&[backend.as_str(), kind]).inc_by(0);
             }
@@ -332,6 +361,7 @@ mod tests {
         assert!(text.contains("imapgate_backend_sessions_active{backend=\"mbox1\"} 0"), "{text}");
         // Every metric registered once: each family appears exactly once with its HELP line.
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
-        assert_eq!(families, 24, "{text}");
+        // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names).
+        assert_eq!(families, 26, "{text}");
     }
 }

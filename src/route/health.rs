@@ -1,0 +1,202 @@
+//! A circuit per backend, fed by active health checks and by real logins: after `failures` consecutive
+//! failures it opens (no dialling: logins routed there fail in milliseconds or fail over), and after a
+//! back-off that doubles up to a ceiling it half-opens and lets one probe through (a check or a login);
+//! a success closes it. State is keyed by backend name, so that a reload keeps it. Sans-IO: the caller
+//! passes the time.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::HealthConfig;
+
+/// A circuit's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Used; counts consecutive failures.
+    Closed,
+    /// Not dialled until the back-off is over.
+    Open,
+    /// One probe is allowed; its outcome closes or reopens the circuit.
+    HalfOpen,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Breaker {
+    state: State,
+    /// A check or a login succeeded since the last failure: known good, not only "not failed yet".
+    verified: bool,
+    failures: u32,
+    backoff: Duration,
+    /// Open: when the probe may go. Half-open: when the probe in flight is given up on.
+    until: Instant,
+}
+
+/// A change of state, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub backend: String,
+    pub to: State,
+    /// Open: how long until the next probe.
+    pub backoff: Duration,
+}
+
+/// All backends' circuits.
+#[derive(Debug)]
+pub struct Circuits {
+    config: Mutex<HealthConfig>,
+    breakers: Mutex<HashMap<String, Breaker>>,
+}
+
+/// How long a half-open probe may take before another is allowed.
+const PROBE_LIMIT: Duration = Duration::from_secs(30);
+
+impl Circuits {
+    pub fn new(config: HealthConfig) -> Self {
+        Self { config: Mutex::new(config), breakers: Mutex::new(HashMap::new()) }
+    }
+
+    /// New settings (reload); states stay.
+    pub fn reconfigure(&self, config: HealthConfig) {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+
+    fn with<T>(&self, backend: &str, now: Instant, f: impl FnOnce(&mut Breaker, &HealthConfig) -> T) -> T {
+        let config = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        let breaker = breakers.entry(backend.to_owned()).or_insert_with(|| Breaker {
+            state: State::Closed,
+            verified: false,
+            failures: 0,
+            backoff: config.backoff,
+            until: now,
+        });
+        f(breaker, &config)
+    }
+
+    /// The state now, without changing it.
+    pub fn state(&self, backend: &str) -> State {
+        let breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        breakers.get(backend).map_or(State::Closed, |b| b.state)
+    }
+
+    /// Closed and proven by a success since the last failure: what readiness and `imapgate_backend_up`
+    /// report (a backend never reached yet is not up, though logins may still try it).
+    pub fn healthy(&self, backend: &str) -> bool {
+        let breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        breakers.get(backend).is_some_and(|b| b.state == State::Closed && b.verified)
+    }
+
+    /// Whether a login (or a check) may dial `backend` now. An open circuit whose back-off is over
+    /// half-opens and lets this one attempt through as its probe.
+    pub fn allow(&self, backend: &str, now: Instant) -> (bool, Option<Transition>) {
+        self.with(backend, now, |b, _| match b.state {
+            State::Closed => (true, None),
+            State::Open | State::HalfOpen if now >= b.until => {
+                let changed = b.state != State::HalfOpen;
+                b.state = State::HalfOpen;
+                b.until = now + PROBE_LIMIT;
+                let transition = changed.then(|| Transition {
+                    backend: backend.to_owned(),
+                    to: State::HalfOpen,
+                    backoff: Duration::ZERO,
+                });
+                (true, transition)
+            }
+            State::Open | State::HalfOpen => (false, None),
+        })
+    }
+
+    /// A login or a check reached the backend and it behaved.
+    pub fn success(&self, backend: &str, now: Instant) -> Option<Transition> {
+        self.with(backend, now, |b, config| {
+            let changed = b.state != State::Closed;
+            *b = Breaker { state: State::Closed, verified: true, failures: 0, backoff: config.backoff, until: now };
+            changed.then(|| Transition { backend: backend.to_owned(), to: State::Closed, backoff: Duration::ZERO })
+        })
+    }
+
+    /// A connect, TLS, timeout or protocol failure of a login or a check.
+    pub fn failure(&self, backend: &str, now: Instant) -> Option<Transition> {
+        self.with(backend, now, |b, config| {
+            b.failures = b.failures.saturating_add(1);
+            b.verified = false;
+            let open = match b.state {
+                State::Closed => b.failures >= config.failures,
+                // The probe failed: open again, waiting twice as long.
+                State::HalfOpen => {
+                    b.backoff = (b.backoff * 2).min(config.backoff_max);
+                    true
+                }
+                State::Open => false,
+            };
+            if !open {
+                return None;
+            }
+            b.state = State::Open;
+            b.until = now + b.backoff;
+            Some(Transition { backend: backend.to_owned(), to: State::Open, backoff: b.backoff })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn circuits() -> Circuits {
+        Circuits::new(HealthConfig {
+            interval: Duration::from_secs(5),
+            failures: 3,
+            backoff: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(20),
+        })
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_half_opens_after_the_backoff() {
+        let c = circuits();
+        let t = Instant::now();
+        assert!(!c.healthy("a"), "not proven yet");
+        assert_eq!(c.failure("a", t), None);
+        assert_eq!(c.success("a", t), None, "a success resets the count");
+        assert!(c.healthy("a"));
+        assert_eq!(c.failure("a", t), None);
+        assert_eq!(c.failure("a", t), None);
+        let opened = c.failure("a", t).unwrap();
+        assert_eq!((opened.to, opened.backoff), (State::Open, Duration::from_secs(5)));
+        assert_eq!(c.allow("a", t + Duration::from_secs(4)), (false, None));
+        assert!(c.allow("b", t).0, "other backends are not affected");
+        // The back-off is over: one probe goes, the next waits for its outcome.
+        let (allowed, transition) = c.allow("a", t + Duration::from_secs(5));
+        assert!(allowed);
+        assert_eq!(transition.unwrap().to, State::HalfOpen);
+        assert!(!c.allow("a", t + Duration::from_secs(6)).0);
+        // The probe fails: open for twice as long, then up to the ceiling.
+        let t2 = t + Duration::from_secs(6);
+        assert_eq!(c.failure("a", t2).unwrap().backoff, Duration::from_secs(10));
+        assert!(!c.allow("a", t2 + Duration::from_secs(9)).0);
+        assert!(c.allow("a", t2 + Duration::from_secs(10)).0);
+        assert_eq!(c.failure("a", t2 + Duration::from_secs(10)).unwrap().backoff, Duration::from_secs(20));
+        assert!(c.allow("a", t2 + Duration::from_secs(30)).0);
+        assert_eq!(c.failure("a", t2 + Duration::from_secs(30)).unwrap().backoff, Duration::from_secs(20));
+        // A success closes it and resets the back-off.
+        assert!(c.allow("a", t2 + Duration::from_secs(50)).0);
+        assert_eq!(c.success("a", t2 + Duration::from_secs(50)).unwrap().to, State::Closed);
+        assert_eq!(c.state("a"), State::Closed);
+        for _ in 0..2 {
+            c.failure("a", t2 + Duration::from_secs(51));
+        }
+        assert_eq!(c.failure("a", t2 + Duration::from_secs(51)).unwrap().backoff, Duration::from_secs(5));
+    }
+}
