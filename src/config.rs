@@ -991,6 +991,33 @@ mod tests {
     }
 
     #[test]
+    fn pools_are_checked_member_by_member() {
+        let base = MINIMAL.replace("[route]\n        default = \"mbox1\"", "");
+        let with = |extra: &str| format!("{base}\n[[backend]]\nname = \"mbox2\"\naddress = \"b:143\"\n{extra}");
+        let ok = Config::from_toml(
+            &with("[[pool]]\nname = \"p\"\nfailover = \"next\"\nmembers = [{ backend = \"mbox1\", weight = 3 }, { backend = \"mbox2\", drain = true }]\n[route]\ndefault = \"p\"\n[[route.rule]]\ndomain = \"x.org\"\npool = \"p\"\n"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(ok.pools[0].members, vec![Member { backend: 0, weight: 3 }, Member { backend: 1, weight: 0 }]);
+        assert_eq!(ok.pools[0].failover, Failover::Next);
+        assert_eq!(ok.route.default, Some(Target::Pool(0)));
+        assert_eq!(ok.route.rules[0].target, Target::Pool(0));
+        assert_eq!(
+            keys(&with(
+                "[[pool]]\nname = \"mbox1\"\nmembers = [{ backend = \"nope\" }, { backend = \"mbox2\" }, { backend = \"mbox2\" }]\n[route]\ndefault = \"mbox1\"\n"
+            )),
+            ["pool[0].name", "pool[0].members[0].backend", "pool[0].members[2].backend"]
+        );
+        assert_eq!(
+            keys(&with(
+                "[[pool]]\nname = \"p\"\nmembers = [{ backend = \"mbox1\", weight = 0 }]\n[route]\ndefault = \"q\"\n[[route.rule]]\nuser = \"a\"\nbackend = \"mbox1\"\npool = \"p\"\n"
+            )),
+            ["pool[0].members", "route.default", "route.rule[0]"]
+        );
+    }
+
+    #[test]
     fn shipped_proxy_toml_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
         let text = std::fs::read_to_string(&path).unwrap();

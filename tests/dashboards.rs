@@ -78,7 +78,11 @@ async fn dashboard_and_alerts_use_valid_promql_over_exported_metrics() {
     let dir = support::scratch_dir("imapgate-dashboards-");
     let pki = Pki::generate(&dir);
     let dovecot = Dovecot::start("dashboards", &pki, &[]);
-    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", dovecot.imap_port));
+    // A pool, so that the pool families are exported too.
+    let rest = format!(
+        "{}\n[[pool]]\nname = \"cluster\"\nmembers = [{{ backend = \"mbox\" }}]\n[route]\ndefault = \"cluster\"\n",
+        backend("mbox", dovecot.imap_port)
+    );
     let proxy = TestProxy::start(&config_text(&pki, &rest)).await;
     let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
     assert!(c.command("a", "LOGIN bob@example.com bob-pw").await.unwrap().tagged.starts_with("a OK"));

@@ -40,3 +40,160 @@ async fn users_and_domains_reach_their_backends() {
     }
     proxy.stop().await;
 }
+
+/// Two Dovecots shared by the pool tests of this binary.
+fn cluster() -> &'static (Pki, Dovecot, Dovecot) {
+    static CLUSTER: std::sync::OnceLock<(Pki, Dovecot, Dovecot)> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let pki = Pki::generate(&support::scratch_dir("imapgate-pools-"));
+        let north = Dovecot::start("north", &pki, &[]);
+        let south = Dovecot::start("south", &pki, &[]);
+        (pki, north, south)
+    })
+}
+
+const USERS: &[&str] = &[
+    "alice@example.org",
+    "bob@example.com",
+    "carol@example.org",
+    "ceo@example.org",
+    "big@example.org",
+    "pipeline@example.org",
+    "fetcher@example.org",
+];
+
+async fn login(proxy: &TestProxy, pki: &Pki, user: &str) -> String {
+    let (mut c, _) = TlsClient::greeted(proxy.addr, &pki.ca).await;
+    let quoted = password(user).replace('\\', "\\\\").replace('"', "\\\"");
+    let reply = c.command("p1", &format!("LOGIN {user} \"{quoted}\"")).await.unwrap();
+    if reply.tagged.starts_with("p1 OK") {
+        c.command("p2", "LOGOUT").await.unwrap();
+    }
+    reply.tagged
+}
+
+async fn metrics(proxy: &TestProxy) -> String {
+    support::admin_get(proxy.admin, "/metrics").await.1
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_places_each_user_alike_on_every_instance() {
+    let (pki, north, south) = cluster();
+    let pool = |members: &str| {
+        format!(
+            "{}{}\n[[pool]]\nname = \"mail\"\nmembers = [{members}]\n[route]\ndefault = \"mail\"\n",
+            backend("north", north.imap_port),
+            backend("south", south.imap_port)
+        )
+    };
+    // Two instances; the second lists the members the other way round.
+    let first = TestProxy::start(&config_text(pki, &pool("{ backend = \"north\" }, { backend = \"south\" }"))).await;
+    let second = TestProxy::start(&config_text(pki, &pool("{ backend = \"south\" }, { backend = \"north\" }"))).await;
+    let mut placed = Vec::new();
+    for user in USERS {
+        let (n0, s0) = (north.logins_of(user), south.logins_of(user));
+        assert!(login(&first, pki, user).await.starts_with("p1 OK"), "{user}");
+        assert!(login(&second, pki, user).await.starts_with("p1 OK"), "{user}");
+        let logged = support::wait_until(std::time::Duration::from_secs(5), || {
+            let (n, s) = (north.logins_of(user) - n0, south.logins_of(user) - s0);
+            (n + s >= 2).then_some((n, s))
+        });
+        let (n, s) = logged.unwrap_or_else(|| panic!("{user}: logins not seen in the Dovecot logs"));
+        assert!((n, s) == (2, 0) || (n, s) == (0, 2), "{user} split across members: north {n}, south {s}");
+        placed.push(n == 2);
+    }
+    assert!(placed.contains(&true) && placed.contains(&false), "every user on one member: {placed:?}");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_fails_its_users_at_once_or_fails_them_over() {
+    let (pki, north, _) = cluster();
+    let dead = support::free_port();
+    let config = |failover: &str| {
+        config_text(
+            pki,
+            &format!(
+                "{}{}\n[[pool]]\nname = \"mail\"\nfailover = \"{failover}\"\n\
+                 members = [{{ backend = \"north\" }}, {{ backend = \"dead\" }}]\n[route]\ndefault = \"mail\"\n\
+                 [health]\ninterval_secs = 1\nfailures = 2\nbackoff_secs = 30\n",
+                backend("north", north.imap_port),
+                backend("dead", dead)
+            ),
+        )
+    };
+    let strict = TestProxy::start(&config("none")).await;
+    let mut on_dead = Vec::new();
+    for user in USERS {
+        let reply = login(&strict, pki, user).await;
+        if reply.starts_with("p1 NO") {
+            assert!(reply.contains("[UNAVAILABLE]"), "{user}: {reply}");
+            on_dead.push(*user);
+        } else {
+            assert!(reply.starts_with("p1 OK"), "{user}: {reply}");
+        }
+    }
+    assert!(!on_dead.is_empty() && on_dead.len() < USERS.len(), "{on_dead:?}");
+    // Checks and failed logins open the dead member's circuit; the pool stays ready through north.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = metrics(&strict).await;
+    while sample(&text, "imapgate_circuit_transitions_total{backend=\"dead\",state=\"open\"}") < 1.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        text = metrics(&strict).await;
+    }
+    assert!(sample(&text, "imapgate_circuit_transitions_total{backend=\"dead\",state=\"open\"}") >= 1.0, "{text}");
+    assert_eq!(sample(&text, "imapgate_backend_up{backend=\"dead\"}"), 0.0);
+    assert_eq!(sample(&text, "imapgate_backend_up{backend=\"north\"}"), 1.0);
+    assert_eq!(sample(&text, "imapgate_pool_members_usable{pool=\"mail\"}"), 1.0);
+    assert_eq!(support::admin_get(strict.admin, "/readyz").await.0, 200);
+    // With the circuit open, its users are refused without dialling.
+    let started = std::time::Instant::now();
+    assert!(login(&strict, pki, on_dead[0]).await.contains("[UNAVAILABLE]"));
+    assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        sample(&metrics(&strict).await, "imapgate_backend_errors_total{backend=\"dead\",kind=\"circuit_open\"}") >= 1.0
+    );
+    strict.stop().await;
+
+    // Shared storage: the same users fail over to north.
+    let shared = TestProxy::start(&config("next")).await;
+    for user in &on_dead {
+        let before = north.logins_of(user);
+        assert!(login(&shared, pki, user).await.starts_with("p1 OK"), "{user}");
+        assert!(
+            support::wait_until(std::time::Duration::from_secs(5), || (north.logins_of(user) > before).then_some(()))
+                .is_some()
+        );
+    }
+    shared.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_whose_certificate_does_not_verify_is_checked_down() {
+    let (pki, north, _) = cluster();
+    let rest = format!(
+        "[[backend]]\nname = \"north\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"wrong.example\"\n\
+         [route]\ndefault = \"north\"\n[health]\ninterval_secs = 1\nfailures = 2\n",
+        north.imap_port
+    );
+    let proxy = TestProxy::start(&config_text(pki, &rest)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut text = metrics(&proxy).await;
+    while sample(&text, "imapgate_circuit_transitions_total{backend=\"north\",state=\"open\"}") < 1.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        text = metrics(&proxy).await;
+    }
+    assert!(sample(&text, "imapgate_health_checks_total{backend=\"north\",result=\"failure\"}") >= 2.0, "{text}");
+    assert!(sample(&text, "imapgate_circuit_transitions_total{backend=\"north\",state=\"open\"}") >= 1.0, "{text}");
+    assert_eq!(support::admin_get(proxy.admin, "/readyz").await.0, 503);
+    proxy.stop().await;
+}
