@@ -3,7 +3,7 @@
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
-# (a TLS client that sends an IP address as SNI).
+# (a TLS client that sends an IP address as SNI) and python3 (the tests' user lookup service).
 set -euo pipefail
 packages=()
 if ! [ -x /usr/sbin/dovecot ] && ! [ -x /usr/local/sbin/dovecot ]; then
@@ -13,6 +13,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
   [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
   command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+  command -v python3 >/dev/null 2>&1 || packages+=(python3)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

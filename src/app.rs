@@ -31,6 +31,8 @@ pub enum StartError {
     Tls(#[from] TlsConfigError),
     #[error(transparent)]
     Audit(#[from] AuditError),
+    #[error("{0}")]
+    Lookup(String),
 }
 
 fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
@@ -91,7 +93,11 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
     }
     let router = Router::new(&config);
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
-    Ok(Shared { config, router, acceptor, backend_tls, defence, circuits, metrics, audit })
+    let lookup = match &config.route.lookup {
+        Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
+        None => None,
+    };
+    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit })
 }
 
 /// Everything validated and loaded, nothing bound yet.

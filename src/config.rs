@@ -329,6 +329,72 @@ struct RawRoute {
     default: Option<String>,
     #[serde(default)]
     rule: Vec<RawRule>,
+    lookup: Option<RawLookup>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLookup {
+    url: String,
+    #[serde(default = "RawLookup::default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "RawLookup::default_cache_secs")]
+    cache_secs: u64,
+    #[serde(default = "RawLookup::default_negative_cache_secs")]
+    negative_cache_secs: u64,
+    #[serde(default = "RawLookup::default_max_entries")]
+    max_entries: usize,
+    #[serde(default)]
+    send_password: bool,
+    #[serde(default)]
+    on_error: OnError,
+    #[serde(default)]
+    allowed_servers: Vec<ipnet::IpNet>,
+}
+
+impl RawLookup {
+    fn default_timeout_ms() -> u64 {
+        1000
+    }
+    fn default_cache_secs() -> u64 {
+        60
+    }
+    fn default_negative_cache_secs() -> u64 {
+        10
+    }
+    fn default_max_entries() -> usize {
+        100_000
+    }
+}
+
+/// What a login does when the lookup service fails (down, slow, answering nonsense).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Route by the static rules instead.
+    #[default]
+    Static,
+    /// Answer `NO [UNAVAILABLE]`.
+    Fail,
+}
+
+/// An HTTP service asked where each user lives (nginx's `auth_http` protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupConfig {
+    /// `http://host:port/path`.
+    pub url: String,
+    pub timeout: Duration,
+    /// How long an answer naming a server is reused.
+    pub cache: Duration,
+    /// How long a refusal is reused.
+    pub negative_cache: Duration,
+    pub max_entries: usize,
+    /// Send the password (`Auth-Pass`); off: imapgate's backends check passwords, and answers are cached.
+    pub send_password: bool,
+    pub on_error: OnError,
+    /// Addresses an answer may name besides the configured backends' (a lookup service must not be able
+    /// to send credentials anywhere).
+    pub allowed_servers: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -569,6 +635,7 @@ pub struct RouteRule {
 pub struct RouteConfig {
     pub default: Option<Target>,
     pub rules: Vec<RouteRule>,
+    pub lookup: Option<LookupConfig>,
 }
 
 /// The validated configuration.
@@ -883,10 +950,28 @@ fn validate_route(raw: RawRoute, backends: &[Backend], pools: &[Pool], errors: &
             rules.push(RouteRule { matches, target });
         }
     }
-    if default.is_none() && raw.default.is_none() && rules.is_empty() {
-        errors.push(err("route", "set route.default or at least one [[route.rule]]"));
+    let lookup = raw.lookup.map(|l| {
+        if !l.url.starts_with("http://") || l.url.len() <= "http://".len() {
+            errors.push(err("route.lookup.url", format!("{:?} is not an http:// URL", l.url)));
+        }
+        if l.timeout_ms == 0 || l.max_entries == 0 {
+            errors.push(err("route.lookup", "timeout_ms and max_entries must be at least 1"));
+        }
+        LookupConfig {
+            url: l.url,
+            timeout: Duration::from_millis(l.timeout_ms),
+            cache: Duration::from_secs(l.cache_secs),
+            negative_cache: Duration::from_secs(l.negative_cache_secs),
+            max_entries: l.max_entries,
+            send_password: l.send_password,
+            on_error: l.on_error,
+            allowed_servers: l.allowed_servers,
+        }
+    });
+    if default.is_none() && raw.default.is_none() && rules.is_empty() && lookup.is_none() {
+        errors.push(err("route", "set route.default, a [[route.rule]] or [route.lookup]"));
     }
-    RouteConfig { default, rules }
+    RouteConfig { default, rules, lookup }
 }
 
 fn validate_defence(raw: RawDefence, errors: &mut Vec<ConfigError>) -> DefenceConfig {

@@ -37,6 +37,8 @@ pub enum Kind {
     NoRoute,
     /// The backend's circuit is open: it was not dialled.
     CircuitOpen,
+    /// The user lookup failed (service down or slow, or an answer naming a server not allowed).
+    Lookup,
 }
 
 impl Kind {
@@ -51,6 +53,7 @@ impl Kind {
             Kind::TempFail => "tempfail",
             Kind::NoRoute => "no_route",
             Kind::CircuitOpen => "circuit_open",
+            Kind::Lookup => "lookup",
         }
     }
 }

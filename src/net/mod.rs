@@ -2,6 +2,7 @@
 //! the backend leg, its health checks, and the relay. Knows sockets, not IMAP grammar (that lives in `imap`).
 
 pub mod health;
+pub mod lookup;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod session;

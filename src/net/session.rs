@@ -224,6 +224,8 @@ async fn pre_auth(
     let id = id.as_str();
     let forwarding_trusted = prefix::contains(&shared.config.server.id_forwarded_from, peer.ip());
     let mut machine = PreAuth::new();
+    // Logins tried on this connection (the lookup's Auth-Login-Attempt).
+    let mut attempts = 0u32;
     let write_limit = shared.config.server.write_timeout;
     // However active the client is, the phase before login has an end.
     let time_limit = tokio::time::Instant::now() + shared.config.server.preauth_total_timeout;
@@ -238,6 +240,7 @@ async fn pre_auth(
                     return Err(End::PreAuthClosed(reason));
                 }
                 Action::Login(request) => {
+                    attempts = attempts.saturating_add(1);
                     if forwarding_trusted {
                         // A webmail server's user: its address replaces the server's, before any decision.
                         if let Some(forwarded) = command::forwarded_client(machine.client_id(), peer.port()) {
@@ -280,7 +283,7 @@ async fn pre_auth(
                         }
                     };
                     let logged_in = tokio::select! {
-                        result = login(shared, &request, &machine, peer, local, id).instrument(attempt.clone()) => result,
+                        result = login(shared, &request, &machine, peer, local, id, attempts).instrument(attempt.clone()) => result,
                         () = crate::lifecycle::stopping(phase) => return Err(farewell(client).await),
                     };
                     match logged_in {
@@ -344,8 +347,86 @@ async fn send<S: tokio::io::AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8], li
     })
 }
 
-/// Logs in at the user's backend: the route's candidates in order (one, unless its pool fails over),
+/// Where a login goes: backends to try in order, and the name to log in with.
+struct Plan {
+    /// Each with whether its circuit is kept (configured backends; not servers a lookup named by address).
+    backends: Vec<(crate::config::Backend, bool)>,
+    pool: Option<String>,
+    login_as: Option<crate::imap::credentials::Username>,
+}
+
+/// The static rules' plan for `user`.
+fn rules_plan(shared: &Shared, user: &crate::imap::credentials::Username) -> Result<Plan, Failure> {
+    let route = shared.router.route(user).ok_or_else(|| Failure {
+        side: Side::Proxy,
+        kind: Kind::NoRoute,
+        detail: "no route and no default backend".into(),
+    })?;
+    let backends =
+        route.candidates.iter().filter_map(|&i| shared.router.backend(i)).map(|b| (b.clone(), true)).collect();
+    Ok(Plan { backends, pool: route.pool, login_as: None })
+}
+
+/// The lookup service's plan (nginx `auth_http`), or the rules' when there is no lookup or it failed
+/// with `on_error = "static"`.
+async fn plan(shared: &Shared, request: &LoginRequest, peer: SocketAddr, attempt: u32) -> Result<Plan, Failure> {
+    use crate::route::lookup::{Answer, Question};
+    let user = &request.credentials.username;
+    let Some(lookup) = &shared.lookup else { return rules_plan(shared, user) };
+    let question = Question {
+        method: if request.mechanism == crate::imap::preauth::Mechanism::SaslLogin { "login" } else { "plain" },
+        user: user.as_str(),
+        password: lookup.config.send_password.then(|| request.credentials.password.expose().as_slice()),
+        attempt,
+        client: peer.ip(),
+    };
+    let lookup_failure = |detail: String| Failure { side: Side::Proxy, kind: Kind::Lookup, detail };
+    match lookup.find(&question, &shared.metrics).await {
+        Ok(Answer::Server { ip, port, user: login_as }) => {
+            let configured = shared.config.backends.iter().find(|b| {
+                b.port == port
+                    && b.host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() == Ok(ip)
+            });
+            let backend = match configured {
+                Some(b) => (b.clone(), true),
+                None if crate::security::prefix::contains(&lookup.config.allowed_servers, ip) => {
+                    let host = ip.to_string();
+                    (crate::config::Backend { name: "lookup".into(), host: host.clone(), port, tls_name: host }, false)
+                }
+                None => {
+                    return Err(lookup_failure(format!(
+                        "lookup named {ip}:{port}, neither a configured backend nor in route.lookup.allowed_servers"
+                    )));
+                }
+            };
+            let login_as = match login_as {
+                Some(name) => Some(
+                    crate::imap::credentials::Username::parse(name.as_bytes())
+                        .map_err(|e| lookup_failure(format!("lookup answered an invalid Auth-User: {e}")))?,
+                ),
+                None => None,
+            };
+            Ok(Plan { backends: vec![backend], pool: None, login_as })
+        }
+        Ok(Answer::Refused { status, wait }) => {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            Err(Failure { side: Side::Client, kind: Kind::AuthFailed, detail: format!("lookup refused: {status}") })
+        }
+        Err(error) => match lookup.config.on_error {
+            crate::config::OnError::Static => {
+                tracing::warn!(user = %user, error = %error, "user lookup failed; routing by the static rules");
+                rules_plan(shared, user)
+            }
+            crate::config::OnError::Fail => Err(lookup_failure(error.to_string())),
+        },
+    }
+}
+
+/// Logs in at the user's backend: the plan's candidates in order (one, unless its pool fails over),
 /// skipping those whose circuit is open; a backend that proves unusable counts against its circuit.
+#[allow(clippy::too_many_arguments)]
 async fn login(
     shared: &Shared,
     request: &LoginRequest,
@@ -353,27 +434,38 @@ async fn login(
     peer: SocketAddr,
     local: SocketAddr,
     id: &str,
+    attempts: u32,
 ) -> Result<(Upstream, String), Failure> {
     let user = &request.credentials.username;
-    let route = shared.router.route(user).ok_or_else(|| Failure {
-        side: Side::Proxy,
-        kind: Kind::NoRoute,
-        detail: "no route and no default backend".into(),
-    })?;
+    let plan = plan(shared, request, peer, attempts).await?;
+    let renamed;
+    let credentials = match &plan.login_as {
+        Some(name) => {
+            renamed = crate::imap::credentials::Credentials {
+                username: name.clone(),
+                password: request.credentials.password.clone(),
+            };
+            &renamed
+        }
+        None => &request.credentials,
+    };
     let mut last = None;
-    for (attempt, backend) in route.candidates.iter().filter_map(|&i| shared.router.backend(i)).enumerate() {
+    for (attempt, (backend, tracked)) in plan.backends.iter().enumerate() {
         let name = backend.name.as_str();
-        let (allowed, transition) = shared.circuits.allow(name, std::time::Instant::now());
-        crate::net::health::record(shared, transition);
-        if !allowed {
-            shared.metrics.backend_errors.with_label_values(&[name, Kind::CircuitOpen.as_str()]).inc();
-            last = Some(Failure::backend(Kind::CircuitOpen, format!("circuit open (backend {name})")));
-            continue;
+        if *tracked {
+            let (allowed, transition) = shared.circuits.allow(name, std::time::Instant::now());
+            crate::net::health::record(shared, transition);
+            if !allowed {
+                shared.metrics.backend_errors.with_label_values(&[name, Kind::CircuitOpen.as_str()]).inc();
+                last = Some(Failure::backend(Kind::CircuitOpen, format!("circuit open (backend {name})")));
+                continue;
+            }
         }
         if attempt > 0 {
-            tracing::info!(user = %user, backend = name, pool = route.pool.as_deref().unwrap_or("-"), "failing over");
+            tracing::info!(user = %user, backend = name, pool = plan.pool.as_deref().unwrap_or("-"), "failing over");
         }
-        match login_at(shared, backend, request, machine, peer, local, id).await {
+        let target = Target { backend, tracked: *tracked, credentials };
+        match login_at(shared, target, request, machine, peer, local, id).await {
             Ok(upstream) => return Ok((upstream, backend.name.clone())),
             // Another member may serve the user (shared storage) when the pool fails over.
             Err(failure) if failure.side == Side::Backend => last = Some(failure),
@@ -383,21 +475,30 @@ async fn login(
     Err(last.unwrap_or_else(|| Failure::backend(Kind::CircuitOpen, "no usable backend in the route")))
 }
 
+/// One backend to log in at, as whom.
+struct Target<'a> {
+    backend: &'a crate::config::Backend,
+    /// Its circuit is kept (a configured backend).
+    tracked: bool,
+    credentials: &'a crate::imap::credentials::Credentials,
+}
+
 /// One login attempt at one backend, recorded in its metrics and its circuit.
 async fn login_at(
     shared: &Shared,
-    backend: &crate::config::Backend,
+    target: Target<'_>,
     request: &LoginRequest,
     machine: &PreAuth,
     peer: SocketAddr,
     local: SocketAddr,
     id: &str,
 ) -> Result<Upstream, Failure> {
+    let Target { backend, tracked, credentials } = target;
     let config = &shared.config;
     let started = Instant::now();
     let result = upstream::login(LoginContext {
         leg: upstream::Leg::new(backend, config, &shared.backend_tls),
-        credentials: &request.credentials,
+        credentials,
         id_fields: vec![
             ("x-session-id", id.to_owned()),
             ("x-originating-ip", peer.ip().to_string()),
@@ -415,7 +516,9 @@ async fn login_at(
     let now = std::time::Instant::now();
     match result {
         Ok(upstream) => {
-            crate::net::health::record(shared, shared.circuits.success(name, now));
+            if tracked {
+                crate::net::health::record(shared, shared.circuits.success(name, now));
+            }
             tracing::info!(user = %request.credentials.username, backend = name, mechanism = request.mechanism.as_str(), "login");
             Ok(upstream)
         }
@@ -423,12 +526,14 @@ async fn login_at(
             if failure.side == Side::Backend {
                 metrics.backend_errors.with_label_values(&[name, failure.kind.as_str()]).inc();
             }
-            let transition = if failure.counts_against_backend() {
-                shared.circuits.failure(name, now)
-            } else {
-                shared.circuits.success(name, now)
-            };
-            crate::net::health::record(shared, transition);
+            if tracked {
+                let transition = if failure.counts_against_backend() {
+                    shared.circuits.failure(name, now)
+                } else {
+                    shared.circuits.success(name, now)
+                };
+                crate::net::health::record(shared, transition);
+            }
             Err(Failure { detail: format!("{} (backend {name})", failure.detail), ..failure })
         }
     }

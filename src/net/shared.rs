@@ -17,6 +17,8 @@ pub struct Shared {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<Defence>,
+    /// The user lookup over HTTP, when `[route.lookup]` is set.
+    pub lookup: Option<crate::net::lookup::Lookup>,
     /// Backend circuits; kept across reloads.
     pub circuits: Arc<Circuits>,
     pub metrics: Arc<Metrics>,

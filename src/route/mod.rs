@@ -1,8 +1,10 @@
 //! Decides which backends may serve a user, in order: rules name a backend or a pool ([`rules`]), a pool
 //! places the user on its members by rendezvous hashing ([`pool`]), and each backend's circuit
-//! ([`health`]) says whether it may be dialled now.
+//! ([`health`]) says whether it may be dialled now. An HTTP lookup service ([`lookup`], nginx's
+//! `auth_http`) may name the backend instead of the rules.
 
 pub mod health;
+pub mod lookup;
 pub mod pool;
 pub mod rules;
 

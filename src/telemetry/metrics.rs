@@ -34,6 +34,8 @@ pub struct Metrics {
     pub circuit_transitions: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub pool_members_usable: IntGaugeVec,
+    pub lookups: IntCounterVec,
+    pub lookup_seconds: Histogram,
     pub audit_dropped: IntCounter,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
@@ -273,6 +275,18 @@ impl Metrics {
                 "Members of a pool that take users and whose circuit is closed.",
                 &["pool"],
             ),
+            lookups: counter_vec(
+                &r,
+                "imapgate_lookups_total",
+                "User lookups over HTTP (route.lookup), by result: ok, refused, error, cache_hit.",
+                &["result"],
+            ),
+            lookup_seconds: histogram(
+                &r,
+                "imapgate_lookup_duration_seconds",
+                "Duration of user lookups over HTTP (cache hits excluded).",
+                LATENCY,
+            ),
             audit_dropped: counter(
                 &r,
                 "imapgate_audit_dropped_total",
@@ -302,6 +316,9 @@ impl Metrics {
             for result in AUTH_RESULTS {
                 m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
             }
+        }
+        for result in ["ok", "refused", "error", "cache_hit"] {
+            m.lookups.with_label_values(&[result]).inc_by(0);
         }
         for (stage, reason) in SESSION_ENDS {
             m.session_ends.with_label_values(&[stage, reason]).inc_by(0);
@@ -362,6 +379,6 @@ mod tests {
         // Every metric registered once: each family appears exactly once with its HELP line.
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names).
-        assert_eq!(families, 26, "{text}");
+        assert_eq!(families, 28, "{text}");
     }
 }

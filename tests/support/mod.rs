@@ -7,6 +7,7 @@ pub mod client;
 pub mod dovecot;
 pub mod gate;
 pub mod haproxy;
+pub mod lookup;
 pub mod pki;
 pub mod proxy;
 
