@@ -1,6 +1,7 @@
 //! IMAP, sans-IO: framing, pre-auth commands, SASL, the pre-auth state machine, the proxy's rejections and the backend's responses.
 //! Nothing here touches a socket; everything takes bytes and returns values.
 
+pub mod backend_login;
 pub mod command;
 pub mod credentials;
 pub mod framing;
