@@ -4,16 +4,19 @@
 //! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`] (audit target included); no I/O
 //!   beyond reading files.
 //! - [`imap`]: sans-IO protocol logic: framing, pre-auth commands and state machine, SASL, the proxy's
-//!   rejections, the backend's login responses, the post-login observer and guard.
+//!   rejections, the backend's login responses and the backend login machine, the post-login observer
+//!   and guard.
 //! - [`lifecycle`]: the proxy's phases (running, draining, closing, aborted) that every task follows.
 //! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
-//! - [`route`]: which backend serves a user.
+//! - [`route`]: which backends may serve a user: rules, pools (rendezvous hashing), circuits, and the
+//!   `auth_http` lookup protocol and cache.
 //! - [`security`]: brute-force defence with limits that follow evidence: standing per prefix, accounts, bans,
 //!   bounded tables, behind a state interface; admission before TLS.
 //! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers)
 //!   and the admin HTTP server.
 //! - [`net`]: sockets: PROXY protocol header, TLS listener, what sessions share, the per-connection session
-//!   (deadlines on every wait), the backend leg (STARTTLS + ID + login), the relay.
+//!   (deadlines on every wait), the backend leg (I/O of the login machine), health checks, the HTTP lookup
+//!   client, the relay.
 //! - [`app`]: builds the shared parts, binds the listeners, accepts, reloads and drains.
 
 pub mod app;
