@@ -197,3 +197,74 @@ async fn a_backend_whose_certificate_does_not_verify_is_checked_down() {
     assert_eq!(support::admin_get(proxy.admin, "/readyz").await.0, 503);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_drains_a_member_for_new_logins_and_open_sessions_stay() {
+    let (pki, north, south) = cluster();
+    let dir = support::scratch_dir("imapgate-pool-reload-");
+    let path = dir.join("proxy.toml");
+    let with = |north_member: &str| {
+        config_text(
+            pki,
+            &format!(
+                "{}{}\n[[pool]]\nname = \"mail\"\nmembers = [{north_member}, {{ backend = \"south\" }}]\n[route]\ndefault = \"mail\"\n",
+                backend("north", north.imap_port),
+                backend("south", south.imap_port)
+            ),
+        )
+    };
+    std::fs::write(&path, with("{ backend = \"north\" }")).unwrap();
+    let proxy = imapgate::app::Prepared::new(imapgate::config::Config::load(&path).unwrap())
+        .unwrap()
+        .with_config_path(path.clone())
+        .bind()
+        .await
+        .unwrap();
+    let addr = proxy.local_addrs()[0];
+    let admin = proxy.admin_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.serve(async {
+        let _ = stopped.await;
+    }));
+    // A user that lives on north, with a session open there.
+    let mut open = None;
+    for user in USERS {
+        let (n0, s0) = (north.logins_of(user), south.logins_of(user));
+        let (mut c, _) = TlsClient::greeted(addr, &pki.ca).await;
+        let quoted = password(user).replace('\\', "\\\\").replace('"', "\\\"");
+        assert!(c.command("o1", &format!("LOGIN {user} \"{quoted}\"")).await.unwrap().tagged.starts_with("o1 OK"));
+        let on_north = support::wait_until(std::time::Duration::from_secs(5), || {
+            if north.logins_of(user) > n0 { Some(true) } else { (south.logins_of(user) > s0).then_some(false) }
+        });
+        if on_north == Some(true) {
+            open = Some((user, quoted, c));
+            break;
+        }
+    }
+    let (user, quoted, mut session) = open.expect("a user on north");
+    std::fs::write(&path, with("{ backend = \"north\", drain = true }")).unwrap();
+    assert!(
+        std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap().success()
+    );
+    let reloaded = support::wait_until(std::time::Duration::from_secs(5), || {
+        let text = block_on(support::admin_get(admin, "/metrics"));
+        text.1.contains("imapgate_config_reloads_total{result=\"success\"} 1").then_some(())
+    });
+    assert!(reloaded.is_some(), "no reload");
+    let before = south.logins_of(user);
+    let (mut c, _) = TlsClient::greeted(addr, &pki.ca).await;
+    assert!(c.command("n1", &format!("LOGIN {user} \"{quoted}\"")).await.unwrap().tagged.starts_with("n1 OK"));
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(5), || (south.logins_of(user) > before).then_some(()))
+            .is_some(),
+        "the drained member still took the user"
+    );
+    assert!(session.command("o2", "NOOP").await.unwrap().tagged.starts_with("o2 OK"), "the open session was touched");
+    let _ = stop.send(());
+    let _ = task.await;
+}
+
+/// Runs a future to completion from a blocking poll loop (the admin GET in `wait_until`).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}

@@ -37,7 +37,7 @@ pub fn record(shared: &Shared, transition: Option<Transition>) {
 /// `imapgate_backend_up` (closed and proven) and `imapgate_pool_members_usable`.
 fn update_gauges(shared: &Shared) {
     for backend in &shared.config.backends {
-        let up = shared.circuits.healthy(&backend.name);
+        let up = shared.circuits.healthy(backend);
         shared.metrics.backend_up.with_label_values(&[&backend.name]).set(i64::from(up));
     }
     for pool in shared.router.pools() {
@@ -46,7 +46,7 @@ fn update_gauges(shared: &Shared) {
             .iter()
             .filter(|m| m.weight > 0)
             .filter_map(|m| shared.router.backend(m.backend))
-            .filter(|b| shared.circuits.healthy(&b.name))
+            .filter(|b| shared.circuits.healthy(b))
             .count();
         shared.metrics.pool_members_usable.with_label_values(&[&pool.name]).set(usable as i64);
     }
@@ -54,7 +54,7 @@ fn update_gauges(shared: &Shared) {
 
 /// Ready when every pool has a usable member and, without pools, when any backend's circuit is closed.
 pub fn ready(shared: &Shared) -> bool {
-    let closed = |index: usize| shared.router.backend(index).is_some_and(|b| shared.circuits.healthy(&b.name));
+    let closed = |index: usize| shared.router.backend(index).is_some_and(|b| shared.circuits.healthy(b));
     let pools = shared.router.pools();
     if pools.is_empty() {
         return (0..shared.config.backends.len()).any(closed);
@@ -70,7 +70,7 @@ pub async fn check_all(shared: &Arc<Shared>) {
         checks.spawn(async move {
             let Some(backend) = shared.router.backend(index) else { return };
             let name = backend.name.as_str();
-            let (allowed, transition) = shared.circuits.allow(name, Instant::now());
+            let (allowed, transition) = shared.circuits.allow(backend, Instant::now());
             record(&shared, transition);
             if !allowed {
                 return;
@@ -78,10 +78,10 @@ pub async fn check_all(shared: &Arc<Shared>) {
             let result = upstream::check(&Leg::new(backend, &shared.config, &shared.backend_tls)).await;
             let now = Instant::now();
             let (label, transition) = match &result {
-                Ok(()) => ("success", shared.circuits.success(name, now)),
+                Ok(()) => ("success", shared.circuits.success(backend, now)),
                 Err(failure) => {
                     tracing::debug!(backend = name, error = %failure, "health check failed");
-                    ("failure", shared.circuits.failure(name, now))
+                    ("failure", shared.circuits.failure(backend, now))
                 }
             };
             shared.metrics.health_checks.with_label_values(&[name, label]).inc();

@@ -453,7 +453,7 @@ async fn login(
     for (attempt, (backend, tracked)) in plan.backends.iter().enumerate() {
         let name = backend.name.as_str();
         if *tracked {
-            let (allowed, transition) = shared.circuits.allow(name, std::time::Instant::now());
+            let (allowed, transition) = shared.circuits.allow(backend, std::time::Instant::now());
             crate::net::health::record(shared, transition);
             if !allowed {
                 shared.metrics.backend_errors.with_label_values(&[name, Kind::CircuitOpen.as_str()]).inc();
@@ -517,7 +517,7 @@ async fn login_at(
     match result {
         Ok(upstream) => {
             if tracked {
-                crate::net::health::record(shared, shared.circuits.success(name, now));
+                crate::net::health::record(shared, shared.circuits.success(backend, now));
             }
             tracing::info!(user = %request.credentials.username, backend = name, mechanism = request.mechanism.as_str(), "login");
             Ok(upstream)
@@ -528,9 +528,9 @@ async fn login_at(
             }
             if tracked {
                 let transition = if failure.counts_against_backend() {
-                    shared.circuits.failure(name, now)
+                    shared.circuits.failure(backend, now)
                 } else {
-                    shared.circuits.success(name, now)
+                    shared.circuits.success(backend, now)
                 };
                 crate::net::health::record(shared, transition);
             }

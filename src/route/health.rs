@@ -1,14 +1,19 @@
 //! A circuit per backend, fed by active health checks and by real logins: after `failures` consecutive
 //! failures it opens (no dialling: logins routed there fail in milliseconds or fail over), and after a
 //! back-off that doubles up to a ceiling it half-opens and lets one probe through (a check or a login);
-//! a success closes it. State is keyed by backend name, so that a reload keeps it. Sans-IO: the caller
-//! passes the time.
+//! a success closes it. State is keyed by backend name and address: a reload keeps it, unless it moves the
+//! backend elsewhere. Sans-IO: the caller passes the time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::HealthConfig;
+use crate::config::{Backend, HealthConfig};
+
+/// The circuit's key: name and address.
+fn key(backend: &Backend) -> String {
+    format!("{}\0{}:{}", backend.name, backend.host, backend.port)
+}
 
 /// A circuit's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,10 +76,10 @@ impl Circuits {
         *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config;
     }
 
-    fn with<T>(&self, backend: &str, now: Instant, f: impl FnOnce(&mut Breaker, &HealthConfig) -> T) -> T {
+    fn with<T>(&self, backend: &Backend, now: Instant, f: impl FnOnce(&mut Breaker, &HealthConfig) -> T) -> T {
         let config = self.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        let breaker = breakers.entry(backend.to_owned()).or_insert_with(|| Breaker {
+        let breaker = breakers.entry(key(backend)).or_insert_with(|| Breaker {
             state: State::Closed,
             verified: false,
             failures: 0,
@@ -85,21 +90,21 @@ impl Circuits {
     }
 
     /// The state now, without changing it.
-    pub fn state(&self, backend: &str) -> State {
+    pub fn state(&self, backend: &Backend) -> State {
         let breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        breakers.get(backend).map_or(State::Closed, |b| b.state)
+        breakers.get(&key(backend)).map_or(State::Closed, |b| b.state)
     }
 
     /// Closed and proven by a success since the last failure: what readiness and `imapgate_backend_up`
     /// report (a backend never reached yet is not up, though logins may still try it).
-    pub fn healthy(&self, backend: &str) -> bool {
+    pub fn healthy(&self, backend: &Backend) -> bool {
         let breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
-        breakers.get(backend).is_some_and(|b| b.state == State::Closed && b.verified)
+        breakers.get(&key(backend)).is_some_and(|b| b.state == State::Closed && b.verified)
     }
 
     /// Whether a login (or a check) may dial `backend` now. An open circuit whose back-off is over
     /// half-opens and lets this one attempt through as its probe.
-    pub fn allow(&self, backend: &str, now: Instant) -> (bool, Option<Transition>) {
+    pub fn allow(&self, backend: &Backend, now: Instant) -> (bool, Option<Transition>) {
         self.with(backend, now, |b, _| match b.state {
             State::Closed => (true, None),
             State::Open | State::HalfOpen if now >= b.until => {
@@ -107,7 +112,7 @@ impl Circuits {
                 b.state = State::HalfOpen;
                 b.until = now + PROBE_LIMIT;
                 let transition = changed.then(|| Transition {
-                    backend: backend.to_owned(),
+                    backend: backend.name.clone(),
                     to: State::HalfOpen,
                     backoff: Duration::ZERO,
                 });
@@ -118,16 +123,16 @@ impl Circuits {
     }
 
     /// A login or a check reached the backend and it behaved.
-    pub fn success(&self, backend: &str, now: Instant) -> Option<Transition> {
+    pub fn success(&self, backend: &Backend, now: Instant) -> Option<Transition> {
         self.with(backend, now, |b, config| {
             let changed = b.state != State::Closed;
             *b = Breaker { state: State::Closed, verified: true, failures: 0, backoff: config.backoff, until: now };
-            changed.then(|| Transition { backend: backend.to_owned(), to: State::Closed, backoff: Duration::ZERO })
+            changed.then(|| Transition { backend: backend.name.clone(), to: State::Closed, backoff: Duration::ZERO })
         })
     }
 
     /// A connect, TLS, timeout or protocol failure of a login or a check.
-    pub fn failure(&self, backend: &str, now: Instant) -> Option<Transition> {
+    pub fn failure(&self, backend: &Backend, now: Instant) -> Option<Transition> {
         self.with(backend, now, |b, config| {
             b.failures = b.failures.saturating_add(1);
             b.verified = false;
@@ -145,7 +150,7 @@ impl Circuits {
             }
             b.state = State::Open;
             b.until = now + b.backoff;
-            Some(Transition { backend: backend.to_owned(), to: State::Open, backoff: b.backoff })
+            Some(Transition { backend: backend.name.clone(), to: State::Open, backoff: b.backoff })
         })
     }
 }
@@ -153,6 +158,10 @@ impl Circuits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn b(name: &str) -> Backend {
+        Backend { name: name.into(), host: "10.0.0.1".into(), port: 143, tls_name: "x".into() }
+    }
 
     fn circuits() -> Circuits {
         Circuits::new(HealthConfig {
@@ -167,36 +176,39 @@ mod tests {
     fn opens_after_consecutive_failures_and_half_opens_after_the_backoff() {
         let c = circuits();
         let t = Instant::now();
-        assert!(!c.healthy("a"), "not proven yet");
-        assert_eq!(c.failure("a", t), None);
-        assert_eq!(c.success("a", t), None, "a success resets the count");
-        assert!(c.healthy("a"));
-        assert_eq!(c.failure("a", t), None);
-        assert_eq!(c.failure("a", t), None);
-        let opened = c.failure("a", t).unwrap();
+        assert!(!c.healthy(&b("a")), "not proven yet");
+        assert_eq!(c.failure(&b("a"), t), None);
+        assert_eq!(c.success(&b("a"), t), None, "a success resets the count");
+        assert!(c.healthy(&b("a")));
+        assert_eq!(c.failure(&b("a"), t), None);
+        assert_eq!(c.failure(&b("a"), t), None);
+        let opened = c.failure(&b("a"), t).unwrap();
         assert_eq!((opened.to, opened.backoff), (State::Open, Duration::from_secs(5)));
-        assert_eq!(c.allow("a", t + Duration::from_secs(4)), (false, None));
-        assert!(c.allow("b", t).0, "other backends are not affected");
+        assert_eq!(c.allow(&b("a"), t + Duration::from_secs(4)), (false, None));
+        assert!(c.allow(&b("b"), t).0, "other backends are not affected");
         // The back-off is over: one probe goes, the next waits for its outcome.
-        let (allowed, transition) = c.allow("a", t + Duration::from_secs(5));
+        let (allowed, transition) = c.allow(&b("a"), t + Duration::from_secs(5));
         assert!(allowed);
         assert_eq!(transition.unwrap().to, State::HalfOpen);
-        assert!(!c.allow("a", t + Duration::from_secs(6)).0);
+        assert!(!c.allow(&b("a"), t + Duration::from_secs(6)).0);
         // The probe fails: open for twice as long, then up to the ceiling.
         let t2 = t + Duration::from_secs(6);
-        assert_eq!(c.failure("a", t2).unwrap().backoff, Duration::from_secs(10));
-        assert!(!c.allow("a", t2 + Duration::from_secs(9)).0);
-        assert!(c.allow("a", t2 + Duration::from_secs(10)).0);
-        assert_eq!(c.failure("a", t2 + Duration::from_secs(10)).unwrap().backoff, Duration::from_secs(20));
-        assert!(c.allow("a", t2 + Duration::from_secs(30)).0);
-        assert_eq!(c.failure("a", t2 + Duration::from_secs(30)).unwrap().backoff, Duration::from_secs(20));
+        assert_eq!(c.failure(&b("a"), t2).unwrap().backoff, Duration::from_secs(10));
+        assert!(!c.allow(&b("a"), t2 + Duration::from_secs(9)).0);
+        assert!(c.allow(&b("a"), t2 + Duration::from_secs(10)).0);
+        assert_eq!(c.failure(&b("a"), t2 + Duration::from_secs(10)).unwrap().backoff, Duration::from_secs(20));
+        assert!(c.allow(&b("a"), t2 + Duration::from_secs(30)).0);
+        assert_eq!(c.failure(&b("a"), t2 + Duration::from_secs(30)).unwrap().backoff, Duration::from_secs(20));
         // A success closes it and resets the back-off.
-        assert!(c.allow("a", t2 + Duration::from_secs(50)).0);
-        assert_eq!(c.success("a", t2 + Duration::from_secs(50)).unwrap().to, State::Closed);
-        assert_eq!(c.state("a"), State::Closed);
+        assert!(c.allow(&b("a"), t2 + Duration::from_secs(50)).0);
+        assert_eq!(c.success(&b("a"), t2 + Duration::from_secs(50)).unwrap().to, State::Closed);
+        assert_eq!(c.state(&b("a")), State::Closed);
+        // The same name at another address (a reload moved it) starts afresh.
+        let moved = Backend { host: "10.0.0.2".into(), ..b("a") };
+        assert!(!c.healthy(&moved));
         for _ in 0..2 {
-            c.failure("a", t2 + Duration::from_secs(51));
+            c.failure(&b("a"), t2 + Duration::from_secs(51));
         }
-        assert_eq!(c.failure("a", t2 + Duration::from_secs(51)).unwrap().backoff, Duration::from_secs(5));
+        assert_eq!(c.failure(&b("a"), t2 + Duration::from_secs(51)).unwrap().backoff, Duration::from_secs(5));
     }
 }
