@@ -3,7 +3,8 @@
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
-# (a TLS client that sends an IP address as SNI) and python3 (the tests' user lookup service).
+# (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service) and systemd
+# (systemd-analyze, which checks the unit file).
 set -euo pipefail
 packages=()
 if ! [ -x /usr/sbin/dovecot ] && ! [ -x /usr/local/sbin/dovecot ]; then
@@ -14,6 +15,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
   command -v openssl >/dev/null 2>&1 || packages+=(openssl)
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
+  command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
 fi
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0

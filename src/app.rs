@@ -126,6 +126,18 @@ impl Prepared {
         Ok(Self { shared: Arc::new(shared), config_path: None })
     }
 
+    /// Everything `new` checks (certificates, keys, routes, the lookup URL) without opening the audit
+    /// file or starting anything: what `imapgate check` runs, so that it works where the service's
+    /// directories are not writable (ExecStartPre before systemd made them, a read-only image).
+    pub fn check(config: Config) -> Result<(), StartError> {
+        tls::install_crypto_provider();
+        let defence = Defence::new(config.defence.clone());
+        let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&backends));
+        let circuits = Arc::new(Circuits::new(config.health.clone()));
+        build_shared(config, Lasting { defence, metrics, audit: None, circuits }).map(|_| ())
+    }
+
     /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).
     pub fn with_config_path(mut self, path: PathBuf) -> Self {
         self.config_path = Some(path);

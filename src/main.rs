@@ -50,6 +50,18 @@ fn main() -> ExitCode {
             }
         }
     };
+    if checking {
+        // Validates without opening the audit file: the check must not need the service's directories.
+        if let Err(e) = Prepared::check(config) {
+            eprintln!("imapgate: invalid configuration {}:\n{e}", cli.config.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        println!("configuration {} is valid", cli.config.display());
+        for line in router.describe() {
+            println!("  {line}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let prepared = match Prepared::new(config) {
         Ok(prepared) => prepared.with_config_path(cli.config.clone()),
         Err(e) => {
@@ -57,13 +69,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if checking {
-        println!("configuration {} is valid", cli.config.display());
-        for line in router.describe() {
-            println!("  {line}");
-        }
-        return ExitCode::SUCCESS;
-    }
     let result = run(prepared);
     // Flushes the last spans before exit.
     drop(telemetry);

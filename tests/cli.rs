@@ -148,3 +148,68 @@ fn an_ip_address_as_sni_is_not_a_warning_at_the_default_level() {
     assert!(!quiet.contains("Illegal SNI"), "{quiet}");
     assert!(quiet.contains("session end"), "the session was logged: {quiet}");
 }
+
+/// `deploy/systemd/imapgate.service` with ExecStart pointing at this build.
+fn unit_for_this_build(dir: &std::path::Path) -> (String, std::path::PathBuf) {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/imapgate.service"),
+    )
+    .unwrap();
+    let path = dir.join("imapgate.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/imapgate", env!("CARGO_BIN_EXE_imapgate"))).unwrap();
+    (unit, path)
+}
+
+#[test]
+fn the_systemd_unit_verifies_is_hardened_and_matches_the_shipped_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (unit, path) = unit_for_this_build(dir.path());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package 'systemd'; scripts/test.sh installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    // systemd-analyze security: exposure 1.6 of 10 today; the threshold is in tenths.
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(security.status.success(), "{}", String::from_utf8_lossy(&security.stdout));
+    // The shipped configuration's paths are the ones the unit provides.
+    let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
+    assert!(shipped.contains("path = \"/var/log/imapgate/audit.log\"") && unit.contains("LogsDirectory=imapgate"));
+    assert!(unit.contains("--config /etc/imapgate/proxy.toml") && unit.contains("ReadOnlyPaths=/etc/imapgate"));
+    assert!(shipped.contains("cert = \"/etc/imapgate/") && shipped.contains("key = \"/etc/imapgate/"));
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+}
+
+#[test]
+fn check_never_opens_the_audit_file() {
+    // As ExecStartPre runs it: the shipped proxy.toml (certificates swapped for test ones), its audit path in
+    // a directory that does not exist and cannot be made.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).unwrap();
+    let audit = "/proc/imapgate-no-such-dir/audit.log";
+    let text = shipped
+        .replace("/etc/imapgate/fullchain.pem", &pki.cert.display().to_string())
+        .replace("/etc/imapgate/privkey.pem", &pki.key.display().to_string())
+        .replace("/etc/imapgate/backend-ca.pem", &pki.ca.display().to_string())
+        .replace("/var/log/imapgate/audit.log", audit);
+    let config = write_config(dir.path(), &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_imapgate")).arg("check").arg("--config").arg(&config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Starting for real does open it, and says so.
+    let out = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .arg("--config")
+        .arg(&config)
+        .env("IMAPGATE_SERVER__LISTEN", "[\"127.0.0.1:0\"]")
+        .env("IMAPGATE_ADMIN__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("audit.path"), "{}", String::from_utf8_lossy(&out.stderr));
+}
