@@ -4,8 +4,9 @@
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
 # (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service) and systemd
-# (systemd-analyze, which checks the unit file).
+# (systemd-analyze, which checks the unit file), and kubernetes-validate from PyPI in a venv under target/.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 packages=()
 if ! [ -x /usr/sbin/dovecot ] && ! [ -x /usr/local/sbin/dovecot ]; then
   packages+=(dovecot-imapd)
@@ -16,11 +17,18 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v openssl >/dev/null 2>&1 || packages+=(openssl)
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
+  # A venv for PyPI's kubernetes-validate (below) needs Debian's python3-venv.
+  command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 fi
-if [ ${#packages[@]} -eq 0 ]; then
-  exit 0
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${packages[*]}" >&2
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
 fi
-echo "installing Debian packages: ${packages[*]}" >&2
-if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
+# kubernetes-validate (PyPI) in a private venv under target/, for the offline check of deploy/kubernetes.
+if [ "${1:-}" = "--test-tools" ] && ! [ -x target/tools/k8s/bin/kubernetes-validate ]; then
+  echo "installing kubernetes-validate into target/tools/k8s" >&2
+  python3 -m venv target/tools/k8s
+  target/tools/k8s/bin/pip install --quiet --disable-pip-version-check kubernetes-validate
+fi

@@ -1,0 +1,104 @@
+//! The deploy kit: every Kubernetes manifest validates offline against the Kubernetes schemas (PyPI's
+//! kubernetes-validate, installed by the test command), and the manifests, the container file and the
+//! configuration they ship agree with the binary: ports, probe paths, mounted paths, grace periods.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use imapgate::config::Config;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// kubernetes-validate from PATH or from the tools venv that scripts/ensure-dovecot.sh makes.
+fn validator() -> PathBuf {
+    let venv = root().join("target/tools/k8s/bin/kubernetes-validate");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("kubernetes-validate")
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    let dir = root().join("deploy/kubernetes");
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 7, "{manifests:?}");
+    let out = Command::new(validator())
+        .arg("--strict")
+        .args(&manifests)
+        .output()
+        .expect("kubernetes-validate (PyPI; scripts/test.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The ServiceMonitor is the Prometheus operator's own kind: no Kubernetes schema, reported as such.
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with("INFO") && !(l.contains("servicemonitor.yaml") && l.contains("Couldn't find schema"))
+        })
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(failures.is_empty(), "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 8, "{text}");
+}
+
+/// The `proxy.toml` inside the ConfigMap, dedented.
+fn configmap_proxy_toml() -> String {
+    let manifest = read("deploy/kubernetes/configmap.yaml");
+    let start = manifest.find("proxy.toml: |\n").unwrap() + "proxy.toml: |\n".len();
+    manifest[start..].lines().map(|l| l.strip_prefix("    ").unwrap_or(l)).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn manifests_container_and_config_agree_with_the_binary() {
+    let config = Config::from_toml(&configmap_proxy_toml(), None).expect("the ConfigMap's proxy.toml validates");
+    let deployment = read("deploy/kubernetes/deployment.yaml");
+    let container = read("deploy/container/Containerfile");
+    let imaps = config.server.listen[0].port();
+    let admin = config.admin.listen.port();
+    assert_eq!((imaps, admin), (993, 9100));
+    assert!(
+        deployment.contains(&format!("containerPort: {imaps}"))
+            && deployment.contains(&format!("containerPort: {admin}"))
+    );
+    assert!(container.contains(&format!("EXPOSE {imaps} {admin}")));
+    // Probes on the admin server's own paths.
+    let admin_source = read("src/telemetry/admin.rs");
+    for path in ["/readyz", "/healthz"] {
+        assert!(
+            deployment.contains(&format!("path: {path}")) && admin_source.contains(&format!("\"{path}\"")),
+            "{path}"
+        );
+    }
+    // The Secret's files are where the configuration reads them.
+    for (file, configured) in [("tls.crt", &config.tls.cert), ("tls.key", &config.tls.key)] {
+        assert_eq!(configured, &PathBuf::from(format!("/etc/imapgate/tls/{file}")));
+        assert!(read("deploy/kubernetes/secret.yaml").contains(&format!("{file}: |")));
+    }
+    assert!(
+        deployment.contains("mountPath: /etc/imapgate/tls")
+            && deployment.contains("mountPath: /etc/imapgate/proxy.toml")
+    );
+    // Termination grace above the drain: shutdown grace + 1 s of closing + the preStop pause.
+    let number_after = |text: &str, key: &str| -> u64 {
+        let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key}")) + key.len()..];
+        rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    let termination = number_after(&deployment, "terminationGracePeriodSeconds:");
+    let pre_stop = number_after(&deployment, "seconds:");
+    assert!(termination > config.server.shutdown_grace.as_secs() + 1 + pre_stop, "{termination}");
+    // The Services select the pods the Deployment labels, and keep client addresses.
+    assert!(read("deploy/kubernetes/service.yaml").contains("externalTrafficPolicy: Local"));
+    assert!(config.audit.is_some_and(|a| a.target == imapgate::config::AuditTarget::Stdout));
+}
