@@ -58,9 +58,8 @@ fn logged_in_at(dovecot: &Dovecot, user: &str, before: usize) -> bool {
     support::wait_until(Duration::from_secs(5), || (dovecot.logins_of(user) > before).then_some(())).is_some()
 }
 
-async fn metric(proxy: &TestProxy, sample: &str) -> f64 {
-    let (_, body) = support::admin_get(proxy.admin, "/metrics").await;
-    body.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+async fn metric(proxy: &TestProxy, series: &str) -> f64 {
+    support::metric(proxy.admin, series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use support::client::TlsClient;
 use support::dovecot::{Dovecot, password};
 use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
+use support::sample;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_and_domains_reach_their_backends() {
@@ -72,14 +73,6 @@ async fn login(proxy: &TestProxy, pki: &Pki, user: &str) -> String {
     reply.tagged
 }
 
-async fn metrics(proxy: &TestProxy) -> String {
-    support::admin_get(proxy.admin, "/metrics").await.1
-}
-
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_places_each_user_alike_on_every_instance() {
     let (pki, north, south) = cluster();
@@ -140,14 +133,8 @@ async fn a_dead_member_fails_its_users_at_once_or_fails_them_over() {
     }
     assert!(!on_dead.is_empty() && on_dead.len() < USERS.len(), "{on_dead:?}");
     // Checks and failed logins open the dead member's circuit; the pool stays ready through north.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut text = metrics(&strict).await;
-    while sample(&text, "imapgate_circuit_transitions_total{backend=\"dead\",state=\"open\"}") < 1.0
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        text = metrics(&strict).await;
-    }
+    let opened = "imapgate_circuit_transitions_total{backend=\"dead\",state=\"open\"}";
+    let text = support::scrape_until(strict.admin, opened, 1.0, std::time::Duration::from_secs(10)).await;
     assert!(sample(&text, "imapgate_circuit_transitions_total{backend=\"dead\",state=\"open\"}") >= 1.0, "{text}");
     assert_eq!(sample(&text, "imapgate_backend_up{backend=\"dead\"}"), 0.0);
     assert_eq!(sample(&text, "imapgate_backend_up{backend=\"north\"}"), 1.0);
@@ -158,7 +145,8 @@ async fn a_dead_member_fails_its_users_at_once_or_fails_them_over() {
     assert!(login(&strict, pki, on_dead[0]).await.contains("[UNAVAILABLE]"));
     assert!(started.elapsed() < std::time::Duration::from_millis(500), "{:?}", started.elapsed());
     assert!(
-        sample(&metrics(&strict).await, "imapgate_backend_errors_total{backend=\"dead\",kind=\"circuit_open\"}") >= 1.0
+        support::metric(strict.admin, "imapgate_backend_errors_total{backend=\"dead\",kind=\"circuit_open\"}").await
+            >= 1.0
     );
     strict.stop().await;
 
@@ -184,14 +172,8 @@ async fn a_backend_whose_certificate_does_not_verify_is_checked_down() {
         north.imap_port
     );
     let proxy = TestProxy::start(&config_text(pki, &rest)).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut text = metrics(&proxy).await;
-    while sample(&text, "imapgate_circuit_transitions_total{backend=\"north\",state=\"open\"}") < 1.0
-        && std::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        text = metrics(&proxy).await;
-    }
+    let opened = "imapgate_circuit_transitions_total{backend=\"north\",state=\"open\"}";
+    let text = support::scrape_until(proxy.admin, opened, 1.0, std::time::Duration::from_secs(10)).await;
     assert!(sample(&text, "imapgate_health_checks_total{backend=\"north\",result=\"failure\"}") >= 2.0, "{text}");
     assert!(sample(&text, "imapgate_circuit_transitions_total{backend=\"north\",state=\"open\"}") >= 1.0, "{text}");
     assert_eq!(support::admin_get(proxy.admin, "/readyz").await.0, 503);

@@ -44,22 +44,12 @@ async fn proxy(server_overrides: &str) -> TestProxy {
     TestProxy::start(&text).await
 }
 
-/// The value of one sample in the proxy's metrics, 0 when absent.
-async fn metric(proxy: &TestProxy, sample: &str) -> f64 {
-    let (_, body) = support::admin_get(proxy.admin, "/metrics").await;
-    body.lines().find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+async fn metric(proxy: &TestProxy, series: &str) -> f64 {
+    support::metric(proxy.admin, series).await
 }
 
-/// Polls a metric until it reaches `at_least` or `within` passes; returns the last value.
-async fn metric_reaches(proxy: &TestProxy, sample: &str, at_least: f64, within: Duration) -> f64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let value = metric(proxy, sample).await;
-        if value >= at_least || Instant::now() >= deadline {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn metric_reaches(proxy: &TestProxy, series: &str, at_least: f64, within: Duration) -> f64 {
+    support::sample(&support::scrape_until(proxy.admin, series, at_least, within).await, series)
 }
 
 /// Walks the responses in `stream` from `pos` as a client does: a BYE may follow a complete response, but

@@ -122,7 +122,7 @@ struct Direction {
     shutdown_writer: bool,
     bytes: u64,
     /// Milliseconds since the relay started at which the writer blocked, or `NOT_BLOCKED`.
-    blocked_since: AtomicU64,
+    blocked_since: u64,
 }
 
 impl Direction {
@@ -139,7 +139,7 @@ impl Direction {
             finished: false,
             shutdown_writer,
             bytes: 0,
-            blocked_since: AtomicU64::new(NOT_BLOCKED),
+            blocked_since: NOT_BLOCKED,
         }
     }
 
@@ -173,13 +173,14 @@ impl Direction {
         self.pos == self.filled
     }
 
-    fn blocked(&self, started: Instant) {
-        let now = started.elapsed().as_millis() as u64;
-        let _ = self.blocked_since.compare_exchange(NOT_BLOCKED, now, Ordering::Relaxed, Ordering::Relaxed);
+    fn blocked(&mut self, started: Instant) {
+        if self.blocked_since == NOT_BLOCKED {
+            self.blocked_since = started.elapsed().as_millis() as u64;
+        }
     }
 
-    fn unblocked(&self) {
-        self.blocked_since.store(NOT_BLOCKED, Ordering::Relaxed);
+    fn unblocked(&mut self) {
+        self.blocked_since = NOT_BLOCKED;
     }
 
     /// Copies until the reader is exhausted (then maybe shuts the writer down), would block, or the
@@ -225,7 +226,8 @@ impl Direction {
                     continue;
                 }
                 // Held until the other direction brings the backend's answer; the relay polls again then.
-                return self.poll_flush(cx, w, started).map_ok_pending();
+                ready!(self.poll_flush(cx, w, started))?;
+                return Poll::Pending;
             }
             if self.read_done {
                 ready!(self.poll_flush(cx, w, started))?;
@@ -293,20 +295,6 @@ impl Direction {
     }
 }
 
-/// A finished flush while holding is still a wait (for the backend's answer).
-trait OkPending {
-    fn map_ok_pending(self) -> Self;
-}
-
-impl OkPending for Poll<Result<(), Failed>> {
-    fn map_ok_pending(self) -> Self {
-        match self {
-            Poll::Ready(Ok(())) => Poll::Pending,
-            other => other,
-        }
-    }
-}
-
 /// Relays between `client` and `backend` until the backend closes, an error, a stalled write, the idle
 /// timeout, or `stop` resolves. `pipelined` are client bytes read before the relay began (behind the login).
 /// The observer sees both directions (and neutralises what must not pass); finished commands, bytes and
@@ -348,8 +336,8 @@ where
             up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
         }
         let before = stalls.earliest();
-        stalls.up.store(up.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
-        stalls.down.store(down.blocked_since.load(Ordering::Relaxed), Ordering::Relaxed);
+        stalls.up.store(up.blocked_since, Ordering::Relaxed);
+        stalls.down.store(down.blocked_since, Ordering::Relaxed);
         // A write that just blocked moves the deadline: the loop below re-arms its timer.
         let rearm = stalls.earliest() != before;
         if moved {

@@ -86,3 +86,31 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
     let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// The value of `series` (name and labels as exposed) in a Prometheus exposition, 0 when absent.
+pub fn sample(exposition: &str, series: &str) -> f64 {
+    exposition.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// One series from the admin server's `/metrics`, 0 when absent.
+pub async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
+    sample(&admin_get(admin, "/metrics").await.1, series)
+}
+
+/// Scrapes `/metrics` every 100 ms until `series` reaches `at_least` or `within` passes; returns the last
+/// exposition (the caller asserts on it).
+pub async fn scrape_until(
+    admin: std::net::SocketAddr,
+    series: &str,
+    at_least: f64,
+    within: std::time::Duration,
+) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let text = admin_get(admin, "/metrics").await.1;
+        if sample(&text, series) >= at_least || std::time::Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
