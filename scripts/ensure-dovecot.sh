@@ -3,8 +3,9 @@
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
-# (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service) and systemd
-# (systemd-analyze, which checks the unit file), and kubernetes-validate from PyPI in a venv under target/.
+# (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service), redis-server (shared
+# defence state for several instances; private instances on run-time ports) and systemd (systemd-analyze,
+# which checks the unit file), and kubernetes-validate from PyPI in a venv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=()
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v openssl >/dev/null 2>&1 || packages+=(openssl)
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
+  [ -x /usr/bin/redis-server ] || packages+=(redis-server)
   # A venv for PyPI's kubernetes-validate (below) needs Debian's python3-venv.
   command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 fi

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::{BackendMode, Config};
+use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
 use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::tls::{self, TlsConfigError};
@@ -33,6 +34,8 @@ pub enum StartError {
     Audit(#[from] AuditError),
     #[error("{0}")]
     Lookup(String),
+    #[error(transparent)]
+    StateStore(#[from] crate::fleet::SetupError),
 }
 
 fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
@@ -104,6 +107,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
 pub struct Prepared {
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
+    store: Option<RedisSetup>,
 }
 
 impl Prepared {
@@ -122,8 +126,9 @@ impl Prepared {
             defence.set_event_sink(move |event| audit.record(&defence_audit_event(event)));
         }
         let circuits = Arc::new(Circuits::new(config.health.clone()));
+        let store = config.state.as_ref().map(RedisSetup::new).transpose()?;
         let shared = build_shared(config, Lasting { defence, metrics, audit, circuits })?;
-        Ok(Self { shared: Arc::new(shared), config_path: None })
+        Ok(Self { shared: Arc::new(shared), config_path: None, store })
     }
 
     /// Everything `new` checks (certificates, keys, routes, the lookup URL) without opening the audit
@@ -135,6 +140,7 @@ impl Prepared {
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
         let circuits = Arc::new(Circuits::new(config.health.clone()));
+        config.state.as_ref().map(RedisSetup::new).transpose()?;
         build_shared(config, Lasting { defence, metrics, audit: None, circuits }).map(|_| ())
     }
 
@@ -157,7 +163,7 @@ impl Prepared {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
             listeners.push(listener);
         }
-        Ok(Proxy { shared: self.shared, listeners, admin, config_path: self.config_path })
+        Ok(Proxy { shared: self.shared, listeners, admin, config_path: self.config_path, store: self.store })
     }
 }
 
@@ -167,6 +173,7 @@ pub struct Proxy {
     listeners: Vec<TcpListener>,
     admin: TcpListener,
     config_path: Option<PathBuf>,
+    store: Option<RedisSetup>,
 }
 
 /// The configuration new connections get; a reload swaps it, sessions keep the one they started with.
@@ -197,6 +204,14 @@ impl Proxy {
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         let live: Current = Arc::new(RwLock::new(Arc::clone(&self.shared)));
         tokio::spawn(sweep_loop(Arc::clone(&self.shared), phase_rx.clone()));
+        if let Some(setup) = self.store {
+            let shared = &self.shared;
+            let (defence, metrics) = (shared.defence.state(), Arc::clone(&shared.metrics));
+            match RedisStore::start(setup, shared.config.defence.clone(), defence, metrics, phase_rx.clone()) {
+                Ok(store) => shared.defence.attach_store(Arc::new(store)),
+                Err(e) => tracing::error!(error = %e, "shared state store not started: this instance decides alone"),
+            }
+        }
         {
             let live = Arc::clone(&live);
             tokio::spawn(crate::net::health::run(move || current(&live), phase_rx.clone()));
@@ -435,6 +450,9 @@ fn reload_config(live: &Current, path: &Path) {
         }
         if config.audit != old.config.audit {
             notes.push("[audit]");
+        }
+        if config.state != old.config.state {
+            notes.push("[state]");
         }
         let fresh = build_shared(config, Lasting::of(&old)).map_err(|e| e.to_string())?;
         *live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);

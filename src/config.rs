@@ -50,7 +50,56 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    state: RawState,
     otel: Option<OtelConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawState {
+    redis: Option<String>,
+    password_file: Option<PathBuf>,
+    prefix: String,
+    timeout_ms: u64,
+    on_error: StateOnError,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            password_file: None,
+            prefix: "imapgate".into(),
+            timeout_ms: 50,
+            on_error: StateOnError::Local,
+        }
+    }
+}
+
+/// What logins do while the shared state store cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateOnError {
+    /// Decide with this instance's own state (which keeps counting): the fleet's budgets are per instance
+    /// until the store is back.
+    #[default]
+    Local,
+    /// Refuse logins (`NO [UNAVAILABLE]`) until the store is back.
+    Closed,
+}
+
+/// Defence state shared by several instances through Redis (`[state]`); without it, state stays in process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// `redis://host:port/db` or `rediss://` (TLS); a password in the URL or in `password_file`.
+    pub redis: String,
+    pub password_file: Option<PathBuf>,
+    /// Namespace of every key and channel, so that several clusters can share one Redis.
+    pub prefix: String,
+    /// The longest a login waits for the store.
+    pub timeout: Duration,
+    pub on_error: StateOnError,
 }
 
 /// OpenTelemetry trace export.
@@ -655,6 +704,8 @@ pub struct Config {
     pub otel: Option<OtelConfig>,
     /// The audit log: `None` when switched off (`path = "off"`).
     pub audit: Option<AuditConfig>,
+    /// Shared defence state, when `[state] redis` is set.
+    pub state: Option<StateConfig>,
 }
 
 /// The audit log's settings.
@@ -844,6 +895,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     if raw.audit.queue_lines == 0 {
         errors.push(err("audit.queue_lines", "must be at least 1"));
     }
+    let state = validate_state(raw.state, base, &mut errors);
     if let Some(otel) = &raw.otel {
         if !(otel.endpoint.starts_with("http://") || otel.endpoint.starts_with("https://")) {
             errors.push(err("otel.endpoint", format!("{:?} is not an http:// or https:// URL", otel.endpoint)));
@@ -855,6 +907,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     Ok(Config {
         otel: raw.otel,
         audit,
+        state,
         defence,
         admin: AdminConfig { listen: admin_listen },
         server,
@@ -865,6 +918,28 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         route,
         health,
         log: raw.log,
+    })
+}
+
+/// `[state]`: a Redis URL with a scheme the client speaks, a namespace that keeps keys apart, a timeout a
+/// login can afford.
+fn validate_state(raw: RawState, base: Option<&Path>, errors: &mut Vec<ConfigError>) -> Option<StateConfig> {
+    let url = raw.redis?;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        errors.push(err("state.redis", format!("{url:?} is not a redis:// or rediss:// URL")));
+    }
+    if raw.prefix.is_empty() || !raw.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        errors.push(err("state.prefix", "must be letters, digits, '-', '_' or '.'"));
+    }
+    if raw.timeout_ms == 0 || raw.timeout_ms > 5000 {
+        errors.push(err("state.timeout_ms", "must be 1 to 5000 (a login waits this long at most)"));
+    }
+    Some(StateConfig {
+        redis: url,
+        password_file: raw.password_file.map(|p| resolve(base, p)),
+        prefix: raw.prefix,
+        timeout: Duration::from_millis(raw.timeout_ms),
+        on_error: raw.on_error,
     })
 }
 

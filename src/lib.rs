@@ -14,6 +14,7 @@
 //!   bounded tables, behind a state interface; admission before TLS.
 //! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers)
 //!   and the admin HTTP server.
+//! - [`fleet`]: the defence's evidence shared by several instances through Redis (scripts, store, probe).
 //! - [`net`]: sockets: PROXY protocol header, TLS listener, what sessions share, the per-connection session
 //!   (deadlines on every wait), the backend leg (I/O of the login machine), health checks, the HTTP lookup
 //!   client, the relay.
@@ -22,6 +23,7 @@
 pub mod app;
 pub mod config;
 pub mod failure;
+pub mod fleet;
 pub mod imap;
 pub mod lifecycle;
 pub mod net;

@@ -78,9 +78,11 @@ async fn dashboard_and_alerts_use_valid_promql_over_exported_metrics() {
     let dir = support::scratch_dir("imapgate-dashboards-");
     let pki = Pki::generate(&dir);
     let dovecot = Dovecot::start("dashboards", &pki, &[]);
-    // A pool, so that the pool families are exported too.
+    // A pool and a state store (unreachable: its families are exported all the same), so that the pool and
+    // fleet families are exported too.
     let rest = format!(
-        "{}\n[[pool]]\nname = \"cluster\"\nmembers = [{{ backend = \"mbox\" }}]\n[route]\ndefault = \"cluster\"\n",
+        "{}\n[[pool]]\nname = \"cluster\"\nmembers = [{{ backend = \"mbox\" }}]\n[route]\ndefault = \"cluster\"\n\
+         [state]\nredis = \"redis://127.0.0.1:1/0\"\n",
         backend("mbox", dovecot.imap_port)
     );
     let proxy = TestProxy::start(&config_text(&pki, &rest)).await;

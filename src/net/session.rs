@@ -299,13 +299,13 @@ async fn pre_auth(
                         }
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
-                            let tarpit = attempt.in_scope(|| {
-                                let tarpit = failure
-                                    .is_auth_failure()
-                                    .then(|| shared.defence.login_failed(permit, user, &request.credentials.password));
-                                log_failure(&request, &failure, tarpit);
-                                tarpit
-                            });
+                            let tarpit = if failure.is_auth_failure() {
+                                let counted = shared.defence.login_failed(permit, user, &request.credentials.password);
+                                Some(counted.instrument(attempt.clone()).await)
+                            } else {
+                                None
+                            };
+                            attempt.in_scope(|| log_failure(&request, &failure, tarpit));
                             record_attempt(shared, facts, &request, Attempt::Failed(&failure));
                             if let Some(delay) = tarpit {
                                 wait_tarpit(shared, delay, phase).await;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
+use super::shared::AccountEvidence;
 use crate::config::DefenceConfig;
 
 /// A keyed hash of (account, password).
@@ -181,6 +182,44 @@ impl Account {
         (false, self.consecutive == config.account_block_after)
     }
 
+    /// What the fleet has seen of the account from `prefix`. A success there more recent than this
+    /// instance's last failure resets what this instance counted; otherwise the higher count stands.
+    pub fn absorb(&mut self, prefix: IpNet, seen: &AccountEvidence, now: Instant, config: &DefenceConfig) {
+        self.expire(now, config);
+        let success_at = seen.since_success.and_then(|d| now.checked_sub(d));
+        let failure_at = seen.since_failure.and_then(|d| now.checked_sub(d));
+        let reset = match (success_at, self.last_failure) {
+            (Some(success), Some(failure)) => success > failure,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if reset {
+            self.consecutive = seen.consecutive;
+            self.failed_from.clear();
+            if seen.consecutive == 0 {
+                self.last_failure = None;
+            }
+        } else {
+            self.consecutive = self.consecutive.max(seen.consecutive);
+        }
+        if let Some(at) = failure_at.filter(|_| seen.consecutive > 0) {
+            self.last_failure = Some(self.last_failure.map_or(at, |own| own.max(at)));
+        }
+        if seen.known && !self.known.contains(&prefix) {
+            if self.known.len() == KNOWN_PREFIXES {
+                self.known.remove(0);
+            }
+            self.known.push(prefix);
+        }
+        if seen.failed_here && !self.failed_from.contains(&prefix) {
+            if self.failed_from.len() == FAILED_PREFIXES {
+                self.failed_from.remove(0);
+            }
+            self.failed_from.push(prefix);
+        }
+        self.last_seen = now;
+    }
+
     /// Nothing worth keeping: no failures, nothing pending, and unseen for `forget`.
     pub fn forgettable(&mut self, now: Instant, config: &DefenceConfig) -> bool {
         self.expire(now, config);
@@ -243,5 +282,29 @@ mod tests {
         }
         assert_eq!(a.check(net("203.0.113.9/32"), &[9; 16], now, &config), AccountCheck::Blocked);
         assert!(matches!(a.check(home, &[9; 16], now, &config), AccountCheck::Go { lane: Lane::Familiar, .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleets_evidence_blocks_and_familiarises_and_a_newer_success_elsewhere_resets() {
+        let config = DefenceConfig { account_block_after: 3, ..DefenceConfig::default() };
+        let now = Instant::now();
+        let (home, away) = (net("198.51.100.0/24"), net("203.0.113.0/24"));
+        let mut a = Account::new(now);
+        // Failures seen by other instances, and a prefix the account logged in from there.
+        let seen = AccountEvidence { consecutive: 3, since_failure: Some(Duration::ZERO), ..Default::default() };
+        a.absorb(away, &seen, now, &config);
+        assert_eq!(a.check(away, &[1; 16], now, &config), AccountCheck::Blocked);
+        a.absorb(home, &AccountEvidence { known: true, ..seen.clone() }, now, &config);
+        assert!(matches!(a.check(home, &[1; 16], now, &config), AccountCheck::Go { lane: Lane::Familiar, .. }));
+        // A lower count elsewhere does not lower this instance's own.
+        a.absorb(away, &AccountEvidence { consecutive: 1, ..seen.clone() }, now, &config);
+        assert_eq!(a.consecutive(), 3);
+        // A success elsewhere after the last failure here resets it.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let later = Instant::now();
+        let success = AccountEvidence { since_success: Some(Duration::from_secs(1)), ..Default::default() };
+        a.absorb(home, &success, later, &config);
+        assert_eq!(a.consecutive(), 0);
+        assert!(matches!(a.check(away, &[1; 16], later, &config), AccountCheck::Go { .. }));
     }
 }

@@ -55,6 +55,24 @@ impl Bans {
         duration
     }
 
+    /// A ban decided elsewhere (the fleet): in force for `remaining` with `count` bans so far. A longer ban
+    /// in force here stays. Returns whether it changed anything.
+    pub fn apply(&mut self, key: IpNet, now: Instant, remaining: Duration, count: u32) -> bool {
+        let Some(ban) = self.table.entry(&key, || Ban { until: now, count: 0, last: now, active: false }) else {
+            return false;
+        };
+        let until = now + remaining;
+        // The fleet's copy of a ban made here comes back a moment later: not news.
+        let news = !ban.active || ban.until + Duration::from_secs(1) < until;
+        ban.count = ban.count.max(count);
+        if !ban.active || ban.until < until {
+            ban.until = until;
+            ban.last = now;
+            ban.active = true;
+        }
+        news
+    }
+
     /// Lifts expired bans (returned, for the log) and forgets histories older than `ban_max`.
     pub fn sweep(&mut self, now: Instant, config: &DefenceConfig) -> Vec<IpNet> {
         let mut lifted = Vec::new();
@@ -94,5 +112,22 @@ mod tests {
         }
         assert_eq!(bans.entries(), 3, "bounded");
         assert!(bans.remaining([key], now).is_none(), "the oldest ban went first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_ban_applies_once_and_never_shortens_one_in_force() {
+        let config = DefenceConfig::default();
+        let mut bans = Bans::new(8);
+        let now = Instant::now();
+        let key: IpNet = "192.0.2.0/24".parse().unwrap();
+        assert!(bans.apply(key, now, Duration::from_secs(60), 2));
+        assert_eq!(bans.remaining([key], now), Some(Duration::from_secs(60)));
+        // Its own announcement coming back a moment later is not news.
+        assert!(!bans.apply(key, now + Duration::from_millis(5), Duration::from_secs(60), 2));
+        assert!(!bans.apply(key, now, Duration::from_secs(10), 1));
+        let left = bans.remaining([key], now).unwrap();
+        assert!(left >= Duration::from_secs(60) && left < Duration::from_secs(61), "{left:?}");
+        // The fleet's count carries on the doubling here: the third ban is four times the base.
+        assert_eq!(bans.ban(key, now + Duration::from_secs(61), &config), config.ban * 4);
     }
 }

@@ -16,6 +16,7 @@ use unicode_normalization::UnicodeNormalization;
 
 use super::accounts::Fingerprint;
 use super::prefix::{self, PrefixPolicy};
+use super::shared::{SharedBan, SharedStore};
 use super::state::{Begin, DefenceState, DefenceStats, FailureEffects, Keys, LocalState, Refusal, Ticket};
 use crate::config::DefenceConfig;
 use crate::imap::credentials::{Password, Username};
@@ -51,6 +52,8 @@ pub struct Defence {
     config: DefenceConfig,
     policy: PrefixPolicy,
     state: Arc<dyn DefenceState>,
+    /// The fleet's evidence, when instances share it (set once, at start-up).
+    store: std::sync::OnceLock<Arc<dyn SharedStore>>,
     /// Woken whenever a login ends, for logins waiting for room.
     ended: Arc<Notify>,
     hash_key: aws_lc_rs::hmac::Key,
@@ -124,6 +127,7 @@ impl Defence {
             hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
             policy,
             state,
+            store: std::sync::OnceLock::new(),
             ended: Arc::new(Notify::new()),
             config,
         })
@@ -132,6 +136,16 @@ impl Defence {
     /// Where bans and unbans are reported besides the diagnostic log (set once, at start-up).
     pub fn set_event_sink(&self, sink: impl Fn(&DefenceEvent) + Send + Sync + 'static) {
         let _ = self.events.set(Box::new(sink));
+    }
+
+    /// Shares evidence with other instances through `store` from now on (set once, at start-up).
+    pub fn attach_store(&self, store: Arc<dyn SharedStore>) {
+        let _ = self.store.set(store);
+    }
+
+    /// The state decisions are made on, for a store that brings in the fleet's bans.
+    pub fn state(&self) -> Arc<dyn DefenceState> {
+        Arc::clone(&self.state)
     }
 
     fn emit(&self, event: DefenceEvent) {
@@ -181,6 +195,16 @@ impl Defence {
         let account = canonical_account(user);
         let fingerprint = self.fingerprint(&account, password);
         let deadline = Instant::now() + self.config.auth_queue_timeout;
+        if let Some(store) = self.store.get() {
+            // What the fleet has seen first: bans, failures and standing elsewhere, the account's history.
+            match store.view(keys, account.clone()).await {
+                Ok(evidence) => self.state.absorb(&keys, &account, &evidence, Instant::now()),
+                Err(_) if store.closed_on_error() => {
+                    return Err(self.refused(ip, Refusal::StateUnavailable, Some(user)));
+                }
+                Err(_) => {}
+            }
+        }
         let mut delayed = false;
         let ticket = loop {
             // Registered before asking, so that a login ending in between is not missed.
@@ -220,17 +244,45 @@ impl Defence {
     pub fn login_succeeded(&self, permit: LoginPermit) {
         if let Some(ticket) = permit.take() {
             self.state.succeeded(&ticket, Instant::now());
+            if let Some(store) = self.store.get() {
+                // The session need not wait for the fleet to hear of it (the store bounds the call).
+                tokio::spawn(store.succeeded(ticket.keys, ticket.account.clone()));
+            }
         }
     }
 
     /// The credentials were wrong (or the user unknown). Counts the failure (once per distinct wrong pair),
     /// bans or closes the prefix when its budget is spent, and returns how long to wait before answering.
-    pub fn login_failed(&self, permit: LoginPermit, user: &Username, password: &Password) -> Duration {
+    pub async fn login_failed(&self, permit: LoginPermit, user: &Username, password: &Password) -> Duration {
         let Some(ticket) = permit.take() else { return Duration::ZERO };
         let fingerprint = self.fingerprint(&ticket.account, password);
-        let effects = self.state.failed(&ticket, fingerprint, Instant::now());
+        let mut effects = self.state.failed(&ticket, fingerprint, Instant::now());
+        if let Some(store) = self.store.get() {
+            self.share_failure(store.as_ref(), &ticket, &mut effects).await;
+        }
         self.report(&ticket, user, &effects);
         if ticket.keys.trusted { Duration::ZERO } else { self.tarpit(effects.level) }
+    }
+
+    /// Adds a counted failure to the fleet's evidence, judges the keys on the fleet's figures, and makes every
+    /// ban a fleet ban (its duration the fleet's, doubling on the fleet's history).
+    async fn share_failure(&self, store: &dyn SharedStore, ticket: &Ticket, effects: &mut FailureEffects) {
+        if !effects.repeated {
+            if let Ok(evidence) = store.failed(ticket.keys, ticket.account.clone()).await {
+                let now = Instant::now();
+                self.state.absorb(&ticket.keys, &ticket.account, &evidence, now);
+                let judged = self.state.judge(&ticket.keys, now);
+                effects.level = effects.level.max(judged.level);
+                effects.banned.extend(judged.banned);
+                effects.closed.extend(judged.closed);
+            }
+        }
+        for (key, _, duration) in &mut effects.banned {
+            if let Ok(SharedBan { remaining, count, .. }) = store.ban(*key).await {
+                self.state.apply_ban(*key, remaining, count, Instant::now());
+                *duration = remaining;
+            }
+        }
     }
 
     fn report(&self, ticket: &Ticket, user: &Username, effects: &FailureEffects) {
@@ -302,7 +354,7 @@ impl Defence {
     /// its time.
     pub fn refusal_delay(&self, ip: IpAddr, refusal: Refusal) -> Duration {
         match refusal {
-            Refusal::Busy => Duration::ZERO,
+            Refusal::Busy | Refusal::StateUnavailable => Duration::ZERO,
             Refusal::Repeated => {
                 let keys = self.keys(ip);
                 if keys.trusted { Duration::ZERO } else { self.tarpit(self.state.level(&keys, Instant::now())) }
@@ -391,7 +443,7 @@ mod tests {
 
     async fn fail(d: &Defence, from: &str, name: &str, password: &str) -> Result<Duration, Refusal> {
         let permit = begin(d, from, name, password).await?;
-        Ok(d.login_failed(permit, &user(name), &pw(password)))
+        Ok(d.login_failed(permit, &user(name), &pw(password)).await)
     }
 
     async fn succeed(d: &Defence, from: &str, name: &str) {
@@ -737,7 +789,7 @@ mod tests {
             let addr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, (i >> 16) as u16, i as u16, 0, 0, 0, 0, 1));
             let name = format!("u{i}");
             let permit = d.begin_login(addr, &user(&name), &pw("x")).await.unwrap();
-            d.login_failed(permit, &user(&name), &pw("x"));
+            d.login_failed(permit, &user(&name), &pw("x")).await;
             if i % 1000 == 0 {
                 d.sweep();
             }

@@ -2,6 +2,7 @@
 //!
 //! - [`defence`]: the facade sessions call: admission before TLS, login permits, waiting, reporting.
 //! - [`state`]: the interface to the defence's state and its in-process implementation.
+//! - [`shared`]: the evidence several instances share and the store interface that holds it (Redis: `fleet`).
 //! - [`standing`]: per prefix: unauthenticated connections, connection rate, failure budget, earned capacity.
 //! - [`accounts`]: per account: consecutive failures, familiar prefixes, repeated wrong pairs.
 //! - [`bans`]: bans that double on repeat.
@@ -14,6 +15,7 @@ pub mod accounts;
 pub mod bans;
 pub mod defence;
 pub mod prefix;
+pub mod shared;
 pub mod standing;
 pub mod state;
 pub mod table;

@@ -263,6 +263,24 @@ impl Standing {
         (self.level(now, limits), over)
     }
 
+    /// Whether the counted failures are over what the prefix tolerates now.
+    pub fn over_budget(&mut self, now: Instant, limits: &Limits) -> bool {
+        self.failures(now, limits) > self.tolerated(now, limits)
+    }
+
+    /// What the fleet has seen: failures and standing at least as high as its figures (which include this
+    /// instance's own, when it could report them).
+    pub fn absorb(&mut self, now: Instant, limits: &Limits, failures: f64, successes: f64) {
+        let (own_failures, own_successes) = (self.failures(now, limits), self.successes(now, limits));
+        if failures.is_finite() {
+            self.failures = own_failures.max(failures.clamp(0.0, 1e9));
+        }
+        if successes.is_finite() {
+            self.successes = own_successes.max(successes.clamp(0.0, 1e9));
+        }
+        self.last_seen = now;
+    }
+
     /// The tarpit level right now: counted failures beyond what standing excuses, at least 1. A prefix with no
     /// record climbs the steps with each failure; a crowd's typos stay on the first step until its failures
     /// outgrow its standing.

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::accounts::{Account, AccountCheck, Fingerprint, Lane};
 use super::bans::Bans;
+use super::shared::Evidence;
 use super::standing::{AdmitError, Limits, Standing};
 use super::table::Table;
 use crate::config::DefenceConfig;
@@ -36,6 +37,8 @@ pub enum Refusal {
     UnfamiliarClosed,
     /// No login slot for the prefix became free in time, or the tables are full of live entries.
     Busy,
+    /// The shared state store is unreachable and `[state] on_error = "closed"`.
+    StateUnavailable,
 }
 
 impl Refusal {
@@ -49,6 +52,7 @@ impl Refusal {
             Refusal::Repeated => "repeated_failure",
             Refusal::UnfamiliarClosed => "unfamiliar_closed",
             Refusal::Busy => "busy",
+            Refusal::StateUnavailable => "state_unavailable",
         }
     }
 }
@@ -66,6 +70,11 @@ pub struct Keys {
 impl Keys {
     fn all(&self) -> impl Iterator<Item = IpNet> {
         std::iter::once(self.prefix).chain(self.wide)
+    }
+
+    /// The keys that carry per-address state: none for trusted networks.
+    pub fn counted(&self) -> impl Iterator<Item = IpNet> {
+        self.all().filter(|_| !self.trusted)
     }
 }
 
@@ -146,6 +155,15 @@ pub trait DefenceState: Send + Sync {
     fn level(&self, keys: &Keys, now: Instant) -> u32;
     fn sweep(&self, now: Instant) -> Swept;
     fn stats(&self, now: Instant) -> DefenceStats;
+    /// Takes in what the fleet has seen of these keys and this account: failures and standing at least as
+    /// high as the fleet's, its bans, the account's failures and familiar prefixes.
+    fn absorb(&self, keys: &Keys, account: &str, evidence: &Evidence, now: Instant);
+    /// After absorbing a failure's evidence: bans (or closes) the keys whose failures are now over budget and
+    /// are not banned or closed yet.
+    fn judge(&self, keys: &Keys, now: Instant) -> FailureEffects;
+    /// A ban issued by the fleet (by this instance or another): in force for `remaining`, with the fleet's
+    /// count for doubling. Returns whether it was news here.
+    fn apply_ban(&self, key: IpNet, remaining: Duration, count: u32, now: Instant) -> bool;
 }
 
 struct Tables {
@@ -192,6 +210,31 @@ impl LocalState {
 
     fn limits(&self, keys: &Keys, key: &IpNet) -> &Limits {
         if keys.wide.as_ref() == Some(key) && *key != keys.prefix { &self.wide_limits } else { &self.prefix_limits }
+    }
+
+    /// A key's failures overflowed its budget: banned, or (with standing) closed to unfamiliar accounts; not
+    /// again if that is in force already (a login that was in flight when it happened).
+    fn overflowed(
+        &self,
+        tables: &mut Tables,
+        key: IpNet,
+        is_prefix: bool,
+        has_standing: bool,
+        now: Instant,
+        effects: &mut FailureEffects,
+    ) {
+        let already = tables.bans.remaining([key], now).is_some() || tables.closures.remaining([key], now).is_some();
+        if already {
+            return;
+        }
+        if has_standing {
+            let duration = tables.closures.ban(key, now, &self.config);
+            effects.closed.push((key, duration));
+        } else {
+            let reason = if is_prefix { "failure_budget" } else { "wide_failure_budget" };
+            let duration = tables.bans.ban(key, now, &self.config);
+            effects.banned.push((key, reason, duration));
+        }
     }
 
     /// The per-address keys of a login or connection with their limits (none for trusted networks).
@@ -342,18 +385,8 @@ impl DefenceState for LocalState {
             if key == ticket.keys.prefix {
                 effects.level = level;
             }
-            // Already banned or closed (a login that was in flight when it happened): not again.
-            let already =
-                tables.bans.remaining([key], now).is_some() || tables.closures.remaining([key], now).is_some();
-            if over && !already {
-                if has_standing {
-                    let duration = tables.closures.ban(key, now, &self.config);
-                    effects.closed.push((key, duration));
-                } else {
-                    let reason = if key == ticket.keys.prefix { "failure_budget" } else { "wide_failure_budget" };
-                    let duration = tables.bans.ban(key, now, &self.config);
-                    effects.banned.push((key, reason, duration));
-                }
+            if over {
+                self.overflowed(&mut tables, key, key == ticket.keys.prefix, has_standing, now, &mut effects);
             }
         }
         if ticket.keys.trusted {
@@ -391,6 +424,47 @@ impl DefenceState for LocalState {
             tables.accounts.expire_oldest(|_, a| a.forgettable(now, config));
         }
         swept
+    }
+
+    fn absorb(&self, keys: &Keys, account: &str, evidence: &Evidence, now: Instant) {
+        let mut tables = self.lock();
+        for seen in &evidence.keys {
+            if !self.counted(keys).any(|(k, _)| k == seen.key) {
+                continue;
+            }
+            let limits = self.limits(keys, &seen.key);
+            if let Some(standing) = tables.prefixes.entry(&seen.key, || Standing::new(now, limits)) {
+                standing.absorb(now, limits, seen.failures, seen.successes);
+            }
+            if let Some((remaining, count)) = seen.ban {
+                tables.bans.apply(seen.key, now, remaining, count);
+            }
+        }
+        let account_key = account.to_owned();
+        if let Some(state) = tables.accounts.entry(&account_key, || Account::new(now)) {
+            state.absorb(keys.prefix, &evidence.account, now, &self.config);
+        }
+    }
+
+    fn judge(&self, keys: &Keys, now: Instant) -> FailureEffects {
+        let mut tables = self.lock();
+        let mut effects = FailureEffects::default();
+        for (key, limits) in self.counted(keys) {
+            let Some(standing) = tables.prefixes.peek_mut(&key) else { continue };
+            let over = standing.over_budget(now, limits);
+            let has_standing = standing.has_standing(now, limits);
+            if key == keys.prefix {
+                effects.level = standing.level(now, limits);
+            }
+            if over {
+                self.overflowed(&mut tables, key, key == keys.prefix, has_standing, now, &mut effects);
+            }
+        }
+        effects
+    }
+
+    fn apply_ban(&self, key: IpNet, remaining: Duration, count: u32, now: Instant) -> bool {
+        self.lock().bans.apply(key, now, remaining, count)
     }
 
     fn stats(&self, now: Instant) -> DefenceStats {

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub lookups: IntCounterVec,
     pub lookup_seconds: Histogram,
     pub audit_dropped: IntCounter,
+    pub state_store_up: IntGaugeVec,
+    pub state_store_errors: IntCounterVec,
+    pub state_store_seconds: HistogramVec,
+    pub state_store_bans_received: IntCounter,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
@@ -52,6 +56,7 @@ const REFUSALS: &[&str] = &[
     "repeated_failure",
     "unfamiliar_closed",
     "busy",
+    "state_unavailable",
 ];
 /// What a connection's PROXY protocol header said, or why it was closed (see `net::proxy_protocol`).
 const PROXY_RESULTS: &[&str] =
@@ -68,6 +73,7 @@ const AUTH_RESULTS: &[&str] = &[
     "repeated_failure",
     "unfamiliar_closed",
     "busy",
+    "state_unavailable",
 ];
 /// How sessions end, by stage (see `net::session` and `net::relay`).
 pub const SESSION_ENDS: &[(&str, &str)] = &[
@@ -97,6 +103,8 @@ const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "prot
 pub const CIRCUIT_STATES: &[&str] = &["closed", "open", "half_open"];
 
 /// Latency buckets from 1 ms to 60 s.
+/// Sub-millisecond calls (a store on the local network).
+const FAST: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Long durations: IDLE and whole sessions, 1 s to 1 day.
 const LONG: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4.0 * 3600.0, 12.0 * 3600.0, 86400.0];
@@ -292,6 +300,30 @@ impl Metrics {
                 "imapgate_audit_dropped_total",
                 "Audit lines dropped because the writer fell behind (its queue was full).",
             ),
+            state_store_up: gauge_vec(
+                &r,
+                "imapgate_state_store_up",
+                "1 while the shared defence state store ([state] redis) answers, 0 while this instance decides alone.",
+                &["store"],
+            ),
+            state_store_errors: counter_vec(
+                &r,
+                "imapgate_state_store_errors_total",
+                "Calls to the shared state store that failed or timed out, by operation.",
+                &["op"],
+            ),
+            state_store_seconds: histogram_vec(
+                &r,
+                "imapgate_state_store_duration_seconds",
+                "Duration of calls to the shared state store, by operation (view and failure are inside a login).",
+                &["op"],
+                FAST,
+            ),
+            state_store_bans_received: counter(
+                &r,
+                "imapgate_state_store_bans_received_total",
+                "Bans issued elsewhere in the fleet that were new to this instance.",
+            ),
             config_reloads: counter_vec(
                 &r,
                 "imapgate_config_reloads_total",
@@ -372,13 +404,16 @@ mod tests {
         m.backend_up.with_label_values(&["mbox1"]).set(1);
         m.command_seconds.with_label_values(&["UID FETCH"]).observe(0.01);
         m.bytes.with_label_values(&["client_to_backend"]).inc();
+        m.state_store_up.with_label_values(&["redis"]).set(1);
+        m.state_store_seconds.with_label_values(&["view"]).observe(0.0002);
         let text = m.render();
         assert!(text.contains("imapgate_build_info{version="), "{text}");
         assert!(text.contains("imapgate_commands_total{command=\"UID FETCH\",status=\"OK\"} 1"), "{text}");
         assert!(text.contains("imapgate_backend_sessions_active{backend=\"mbox1\"} 0"), "{text}");
         // Every metric registered once: each family appears exactly once with its HELP line.
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
-        // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names).
-        assert_eq!(families, 28, "{text}");
+        // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
+        // state store's errors once one fails.
+        assert_eq!(families, 31, "{text}");
     }
 }

@@ -37,7 +37,7 @@ impl Haproxy {
             .collect();
         let config = format!(
             "global\n  maxconn 4000\n\
-             defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
+             defaults\n  mode tcp\n  retries 3\n  option redispatch\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
              frontend imaps\n  bind 127.0.0.1:{port}\n  default_backend gates\n\
              backend gates\n  balance roundrobin\n{servers}"
         );

@@ -10,6 +10,7 @@ pub mod haproxy;
 pub mod lookup;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 
 use std::net::TcpListener;
 
