@@ -49,7 +49,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .filter(|l| !l.trim().is_empty())
         .collect();
     assert!(failures.is_empty(), "{text}");
-    assert_eq!(text.matches(" passed for resource ").count(), 8, "{text}");
+    assert_eq!(text.matches(" passed for resource ").count(), 11, "{text}");
 }
 
 /// The `proxy.toml` inside the ConfigMap, dedented.
@@ -100,4 +100,10 @@ fn manifests_container_and_config_agree_with_the_binary() {
     // The Services select the pods the Deployment labels, and keep client addresses.
     assert!(read("deploy/kubernetes/service.yaml").contains("externalTrafficPolicy: Local"));
     assert!(config.audit.is_some_and(|a| a.target == imapgate::config::AuditTarget::Stdout));
+    // The replicas share their defence through the reference Redis, at the name and port its Service has.
+    let redis = read("deploy/kubernetes/redis.yaml");
+    let state = config.state.expect("[state] in the ConfigMap");
+    assert_eq!(state.redis, "redis://imapgate-redis:6379/0");
+    assert!(redis.contains("name: imapgate-redis") && redis.contains("port: 6379"));
+    assert!(deployment.contains("replicas: 2"));
 }
