@@ -350,6 +350,20 @@ struct RawBackendTls {
     connect_timeout_secs: u64,
     #[serde(default = "defaults::login_timeout")]
     login_timeout_secs: u64,
+    #[serde(default)]
+    send_proxy: SendProxy,
+}
+
+/// A PROXY protocol header toward the backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    /// The client's address travels in `ID` (`x-originating-ip`) only.
+    #[default]
+    Off,
+    /// A PROXY v2 header first on every backend connection (Dovecot's `haproxy = yes` listeners and
+    /// `haproxy_trusted_networks`): the client's address and port for logins, `LOCAL` for health checks.
+    V2,
 }
 
 impl Default for RawBackendTls {
@@ -359,6 +373,7 @@ impl Default for RawBackendTls {
             ca: None,
             allow_plaintext: false,
             connect_timeout_secs: defaults::connect_timeout(),
+            send_proxy: SendProxy::Off,
             login_timeout_secs: defaults::login_timeout(),
         }
     }
@@ -653,6 +668,7 @@ pub struct BackendTlsConfig {
     pub ca: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
+    pub send_proxy: SendProxy,
 }
 
 /// One backend mail server.
@@ -845,6 +861,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         ca: raw.backend_tls.ca.map(|p| resolve(base, p)),
         connect_timeout: secs("backend_tls.connect_timeout_secs", raw.backend_tls.connect_timeout_secs, &mut errors),
         login_timeout: secs("backend_tls.login_timeout_secs", raw.backend_tls.login_timeout_secs, &mut errors),
+        send_proxy: raw.backend_tls.send_proxy,
     };
 
     let mut backends = Vec::new();

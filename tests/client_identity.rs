@@ -25,6 +25,7 @@ const USERS: &[&str] = &[
     "wm-user@example.org",
     "wm-other@example.org",
     "wm-victim@example.org",
+    "sp-user@example.org",
 ];
 const PASSWORD: &str = "right-pw";
 
@@ -149,6 +150,30 @@ async fn haproxy_passes_the_real_client_and_a_ban_hits_the_client_not_the_balanc
     }
     assert!(checked, "HAProxy's health checks arrive as LOCAL\n{}", haproxy.log());
     drop(haproxy);
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_proxy_v2_passes_the_client_to_a_dovecot_listener_that_requires_the_header() {
+    // Dovecot's `haproxy = yes` listener drops any connection that does not start with a valid header.
+    let env = env();
+    let rest = format!(
+        "{}\n[route]\ndefault = \"mbox\"\n[health]\ninterval_secs = 1\n",
+        backend("mbox", env.dovecot.haproxy_port)
+    );
+    let text = config_text(&env.pki, &rest).replacen("[backend_tls]\n", "[backend_tls]\nsend_proxy = \"v2\"\n", 1);
+    let gate = TestProxy::start(&text).await;
+    let mut c =
+        greeted(TlsClient::connect_from(Some("127.0.0.48".parse().unwrap()), gate.addr, tls()).await.unwrap()).await;
+    assert!(login(&mut c, "sp-user@example.org", PASSWORD).await.starts_with("l OK"));
+    assert!(c.command("n", "NOOP").await.unwrap().tagged.starts_with("n OK"), "relayed after login");
+    let line = dovecot_saw("sp-user@example.org", "127.0.0.48").expect("the header's client reaches Dovecot");
+    assert!(line.contains("lip=127.0.0.1"), "{line}");
+    // Health checks send LOCAL: Dovecot accepts them and the backend stays up.
+    let checks = "imapgate_health_checks_total{backend=\"mbox\",result=\"success\"}";
+    let text = support::scrape_until(gate.admin, checks, 2.0, Duration::from_secs(10)).await;
+    assert!(support::sample(&text, checks) >= 2.0, "{text}");
+    assert_eq!(support::sample(&text, "imapgate_backend_up{backend=\"mbox\"}"), 1.0);
     gate.stop().await;
 }
 

@@ -184,6 +184,27 @@ pub async fn accept(
     }
 }
 
+/// PROXY v2 `LOCAL`: a connection of the proxy's own (a health check), no client behind it.
+const V2_LOCAL: [u8; 16] =
+    [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00];
+
+/// The PROXY v2 header a backend gets first (`[backend_tls] send_proxy = "v2"`): the client's address and
+/// the address it connected to, or `LOCAL` for the proxy's own connections. Mixed families are sent as
+/// IPv6 (IPv4-mapped), which the format requires to be one family.
+pub fn backend_header(client: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let Some((source, destination)) = client else { return V2_LOCAL.to_vec() };
+    let v6 = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
+    };
+    let pair =
+        if source.is_ipv4() == destination.is_ipv4() { (source, destination) } else { (v6(source), v6(destination)) };
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, pair)
+        .build()
+        .unwrap_or_else(|_| V2_LOCAL.to_vec())
+}
+
 /// IPv4-mapped IPv6 addresses as IPv4, as everywhere else.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -270,5 +291,24 @@ mod tests {
         assert_eq!(classify(0x16), Start::Other);
         assert_eq!(classify(b'P'), Start::V1);
         assert_eq!(classify(b'\r'), Start::V2);
+    }
+
+    #[test]
+    fn backend_headers_parse_back_as_sent() {
+        let client: SocketAddr = "192.0.2.9:5555".parse().unwrap();
+        let local: SocketAddr = "198.51.100.1:993".parse().unwrap();
+        let header = backend_header(Some((client, local)));
+        assert_eq!(parse(&header).unwrap(), Some((client, local)));
+        // Mixed families go as IPv6; read back, the IPv4 side is the same address.
+        let v6: SocketAddr = "[2001:db8::1]:993".parse().unwrap();
+        let header = backend_header(Some((client, v6)));
+        let (src, dst) = parse(&header).unwrap().unwrap();
+        assert_eq!((canonical(src), dst), (client, v6));
+        // LOCAL: no addresses.
+        let local_header = backend_header(None);
+        let mut fixed = [0u8; 16];
+        fixed.copy_from_slice(&local_header);
+        assert_eq!(v2_length(&fixed).unwrap(), 16);
+        assert!(matches!(parse(&local_header), Err(HeaderError::Local)));
     }
 }

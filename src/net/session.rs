@@ -497,7 +497,7 @@ async fn login_at(
     let config = &shared.config;
     let started = Instant::now();
     let result = upstream::login(LoginContext {
-        leg: upstream::Leg::new(backend, config, &shared.backend_tls),
+        leg: upstream::Leg::new(backend, config, &shared.backend_tls).for_client(peer, local),
         credentials,
         id_fields: vec![
             ("x-session-id", id.to_owned()),

@@ -4,6 +4,7 @@
 //! (unless plaintext was explicitly allowed) and only after the backend behaved.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
-use crate::config::{Backend, BackendMode};
+use crate::config::{Backend, BackendMode, SendProxy};
 use crate::failure::{Failure, Kind, Side};
 use crate::imap::backend_login::{BackendLogin, ErrorKind, Goal, LoggedIn, Security, Want};
 use crate::imap::command::IdParams;
@@ -71,6 +72,8 @@ pub struct Leg<'a> {
     pub tls: &'a Arc<ClientConfig>,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
+    /// Written first on the connection (`[backend_tls] send_proxy`).
+    pub proxy_header: Option<Vec<u8>>,
 }
 
 impl<'a> Leg<'a> {
@@ -81,7 +84,18 @@ impl<'a> Leg<'a> {
             tls,
             connect_timeout: config.backend_tls.connect_timeout,
             login_timeout: config.backend_tls.login_timeout,
+            proxy_header: (config.backend_tls.send_proxy == SendProxy::V2)
+                .then(|| super::proxy_protocol::backend_header(None)),
         }
+    }
+
+    /// A leg for a client's login: a PROXY header, when configured, names the client and the address it
+    /// connected to.
+    pub fn for_client(mut self, client: SocketAddr, local: SocketAddr) -> Self {
+        if self.proxy_header.is_some() {
+            self.proxy_header = Some(super::proxy_protocol::backend_header(Some((client, local))));
+        }
+        self
     }
 }
 
@@ -116,6 +130,13 @@ async fn connect(leg: &Leg<'_>) -> Result<TcpStream, Failure> {
         .map_err(|e| Failure::backend(Kind::Connect, format!("connect to {}:{}: {e}", backend.host, backend.port)))?;
     // Latency matters more than packet count for an interactive protocol.
     let _ = tcp.set_nodelay(true);
+    let mut tcp = tcp;
+    if let Some(header) = &leg.proxy_header {
+        timeout(leg.connect_timeout, tcp.write_all(header))
+            .await
+            .map_err(|_| Failure::backend(Kind::Timeout, "PROXY header to the backend timed out"))?
+            .map_err(|e| Failure::backend(Kind::Connect, format!("PROXY header to the backend: {e}")))?;
+    }
     Ok(tcp)
 }
 

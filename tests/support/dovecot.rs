@@ -36,6 +36,9 @@ pub struct Dovecot {
     pub imap_port: u16,
     /// Implicit TLS.
     pub imaps_port: u16,
+    /// Plain IMAP with STARTTLS behind a PROXY protocol header (`haproxy = yes`): refuses connections
+    /// without one.
+    pub haproxy_port: u16,
     pub log_path: PathBuf,
     mail_owner: Option<(u32, u32)>,
     keeper: Child,
@@ -87,6 +90,7 @@ impl Dovecot {
         std::fs::write(dir.join("users"), users).unwrap();
         let imap_port = free_port();
         let imaps_port = free_port();
+        let haproxy_port = free_port();
         let log_path = dir.join("dovecot.log");
         let d = dir.display();
         let conf = format!(
@@ -110,6 +114,7 @@ auth_failure_delay = 0
 # Allow UTF-8 usernames (the default allows only ASCII letters, digits and .-_@).
 auth_username_chars =
 login_trusted_networks = 127.0.0.0/8 ::1
+haproxy_trusted_networks = 127.0.0.0/8 ::1
 first_valid_uid = 1
 default_internal_user = {internal}
 default_login_user = {login}
@@ -129,6 +134,10 @@ service imap-login {{
   }}
   inet_listener imaps {{
     port = {imaps_port}
+  }}
+  inet_listener imap_haproxy {{
+    port = {haproxy_port}
+    haproxy = yes
   }}
   process_min_avail = 2
   service_count = 0
@@ -175,8 +184,17 @@ service anvil {{
             .spawn()
             .expect("spawn dovecot");
         let keeper_stdin = keeper.stdin.take();
-        let dovecot =
-            Dovecot { name: name.into(), dir, imap_port, imaps_port, log_path, mail_owner, keeper, keeper_stdin };
+        let dovecot = Dovecot {
+            name: name.into(),
+            dir,
+            imap_port,
+            imaps_port,
+            haproxy_port,
+            log_path,
+            mail_owner,
+            keeper,
+            keeper_stdin,
+        };
         let ready = wait_until(Duration::from_secs(15), || {
             let mut stream = std::net::TcpStream::connect(("127.0.0.1", imap_port)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
