@@ -1,6 +1,7 @@
 //! The deploy kit: every Kubernetes manifest validates offline against the Kubernetes schemas (PyPI's
 //! kubernetes-validate, installed by the test command), and the manifests, the container file and the
-//! configuration they ship agree with the binary: ports, probe paths, mounted paths, grace periods.
+//! configuration they ship agree with the binary: ports, probe paths, mounted paths, grace periods, the
+//! reference Redis; the HAProxy example passes `haproxy -c` and sends what imapgate requires.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -106,4 +107,33 @@ fn manifests_container_and_config_agree_with_the_binary() {
     assert_eq!(state.redis, "redis://imapgate-redis:6379/0");
     assert!(redis.contains("name: imapgate-redis") && redis.contains("port: 6379"));
     assert!(deployment.contains("replicas: 2"));
+}
+
+#[test]
+fn the_haproxy_example_is_valid_and_sends_what_imapgate_requires() {
+    let path = root().join("deploy/haproxy/haproxy.cfg");
+    let out = Command::new("/usr/sbin/haproxy")
+        .arg("-c")
+        .arg("-f")
+        .arg(&path)
+        .output()
+        .expect("haproxy (Debian's package; scripts/test.sh installs it)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = read("deploy/haproxy/haproxy.cfg");
+    let servers: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("server ")).collect();
+    assert!(servers.len() >= 2, "{servers:?}");
+    for server in servers {
+        assert!(server.contains("send-proxy-v2") && server.contains("check-send-proxy"), "{server}");
+    }
+    // The imapgate side it asks for validates.
+    let snippet: String = text
+        .lines()
+        .skip_while(|l| !l.contains("[server]"))
+        .take_while(|l| l.starts_with("#   "))
+        .map(|l| format!("{}\n", l.trim_start_matches("#   ")))
+        .collect();
+    assert!(snippet.contains("proxy_protocol = \"required\""), "{snippet}");
+    let proxy = read("proxy.toml").replacen("[server]\n", &snippet, 1);
+    let proxy = proxy.replace("proxy_protocol = \"off\"", "").replace("proxy_protocol_from = []", "");
+    Config::from_toml(&proxy, None).expect("proxy.toml with the example's [server] keys validates");
 }

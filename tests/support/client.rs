@@ -208,3 +208,9 @@ pub async fn tcp_from(source: Option<std::net::IpAddr>, addr: SocketAddr) -> std
     tcp.set_nodelay(true)?;
     Ok(tcp)
 }
+
+/// A PROXY v2 header naming `source` as the client of `destination`, as a load balancer sends it.
+pub fn proxy_v2(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (source, destination)).build().unwrap()
+}
