@@ -245,6 +245,39 @@ async fn redis_slow_down_and_back_logins_go_on_locally_then_state_is_shared_agai
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_from_a_file_authenticates_and_a_wrong_one_is_reported_not_fatal() {
+    let redis = Redis::start_with_password(Some("fleet-s3cret"));
+    let dir = support::scratch_dir("imapgate-fleet-password-");
+    let (right, wrong) = (dir.join("right"), dir.join("wrong"));
+    std::fs::write(&right, "fleet-s3cret\n").unwrap();
+    std::fs::write(&wrong, "not-it\n").unwrap();
+    let defence = "failures = 3\nban_secs = 60\n";
+    let file = |path: &std::path::Path| format!("password_file = \"{}\"", path.display());
+    let a = instance(&redis.url(), "password", "", defence, &file(&right)).await;
+    let b = instance(&redis.url(), "password", "", defence, &file(&right)).await;
+    let locked_out = instance(&redis.url(), "password", "", defence, &file(&wrong)).await;
+    // Shared: failures through both ban on both.
+    for i in 0..4 {
+        let gate = if i % 2 == 0 { &a } else { &b };
+        let mut c = connect(gate.addr, "127.0.0.58").await.unwrap();
+        assert_eq!(login(&mut c, "fl-user@example.org", &format!("wrong-{i}")).await, format!("l {AUTH_FAILED}"));
+    }
+    let both = within(Duration::from_secs(1), || {
+        a.defence.is_banned(ip("127.0.0.58")) && b.defence.is_banned(ip("127.0.0.58"))
+    });
+    assert!(both.await.is_some(), "the password authenticated both");
+    // The wrong password: the store is down for that instance, which goes on alone.
+    let mut c = connect(locked_out.addr, "127.0.0.59").await.unwrap();
+    assert!(login(&mut c, "fl-user@example.org", PASSWORD).await.starts_with("l OK"));
+    let up = "imapgate_state_store_up{store=\"redis\"}";
+    assert!(metric_becomes(locked_out.admin, up, 0.0, Duration::from_secs(5)).await);
+    assert!(!locked_out.defence.is_banned(ip("127.0.0.58")), "it heard nothing");
+    for gate in [a, b, locked_out] {
+        gate.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy_the_ban_follows_the_client_dovecot_sees_it_and_a_drain_loses_no_login() {
     let url = shared_redis().url();
     let server = "proxy_protocol = \"required\"\nproxy_protocol_from = [\"127.0.0.1/32\"]";

@@ -13,6 +13,8 @@ use super::{free_port, scratch_dir, wait_until};
 pub struct Redis {
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// `requirepass`, when set.
+    password: Option<String>,
     keeper: Option<(Child, Option<ChildStdin>)>,
 }
 
@@ -27,9 +29,14 @@ fn redis_binary() -> PathBuf {
 
 impl Redis {
     pub fn start() -> Redis {
+        Self::start_with_password(None)
+    }
+
+    /// A server that requires `password` (AUTH) from every client.
+    pub fn start_with_password(password: Option<&str>) -> Redis {
         let dir = scratch_dir("imapgate-redis-");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut redis = Redis { addr, dir, keeper: None };
+        let mut redis = Redis { addr, dir, password: password.map(str::to_owned), keeper: None };
         redis.resume();
         redis
     }
@@ -42,9 +49,12 @@ impl Redis {
     /// Starts the server (again) on its port and waits until it answers PING.
     pub fn resume(&mut self) {
         assert!(self.keeper.is_none(), "already running");
+        let conf = self.dir.join("redis.conf");
+        let requirepass = self.password.as_deref().map(|p| format!("requirepass {p}\n")).unwrap_or_default();
+        std::fs::write(&conf, requirepass).unwrap();
         let mut keeper = Command::new("sh")
             .arg("-c")
-            .arg(r#"trap '' INT TERM HUP; "$1" --port "$2" --bind 127.0.0.1 --save '' --appendonly no --enable-debug-command yes --dir "$3" --protected-mode no </dev/null >>"$3/redis.log" 2>&1 & pid=$!; read _ignored; kill -KILL "$pid" 2>/dev/null; wait "$pid""#)
+            .arg(r#"trap '' INT TERM HUP; "$1" "$3/redis.conf" --port "$2" --bind 127.0.0.1 --save '' --appendonly no --enable-debug-command yes --dir "$3" --protected-mode no </dev/null >>"$3/redis.log" 2>&1 & pid=$!; read _ignored; kill -KILL "$pid" 2>/dev/null; wait "$pid""#)
             .arg("sh")
             .arg(redis_binary())
             .arg(self.addr.port().to_string())
@@ -56,7 +66,8 @@ impl Redis {
             .expect("spawn redis-server");
         let stdin = keeper.stdin.take();
         self.keeper = Some((keeper, stdin));
-        if wait_until(Duration::from_secs(10), || self.command("PING").filter(|r| r.starts_with("+PONG"))).is_none() {
+        let answers = |r: &String| r.starts_with("+PONG") || r.starts_with("-NOAUTH");
+        if wait_until(Duration::from_secs(10), || self.command("PING").filter(answers)).is_none() {
             panic!("redis-server did not start: {}", self.log());
         }
     }
