@@ -89,7 +89,12 @@ impl Lasting {
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
     let Lasting { defence, metrics, audit, circuits } = lasting;
     circuits.reconfigure(config.health.clone());
-    let server = tls::server_config(&config.tls.cert, &config.tls.key)?;
+    let (server, expiries) = tls::server_config(&config.tls)?;
+    // The names of the set now served (a reload may drop some).
+    metrics.tls_certificate_expiry.reset();
+    for expiry in &expiries {
+        metrics.tls_certificate_expiry.with_label_values(&[expiry.name.as_str()]).set(expiry.not_after);
+    }
     let backend_tls = tls::client_config(config.backend_tls.ca.as_deref())?;
     if config.backend_tls.mode == BackendMode::Plain {
         tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");

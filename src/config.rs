@@ -336,6 +336,38 @@ pub enum ProxyProtocolMode {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
+    #[serde(default)]
+    unknown_name: UnknownName,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    names: Vec<String>,
+}
+
+/// What a client asking (SNI) for a name no `[[tls.certificate]]` serves gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownName {
+    /// The default certificate (`[tls] cert`).
+    #[default]
+    Default,
+    /// No certificate: the handshake fails. Clients without SNI still get the default.
+    Refuse,
+}
+
+/// A certificate served to clients asking for one of `names`: exact names and `*.example.org` wildcards
+/// (one label), lower case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -658,8 +690,11 @@ pub struct ServerConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
+    /// The default certificate: clients without SNI, or with a name no other certificate serves.
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub certificates: Vec<NamedCertificate>,
+    pub unknown_name: UnknownName,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -848,7 +883,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         ));
     }
 
-    let tls = TlsConfig { cert: resolve(base, raw.tls.cert), key: resolve(base, raw.tls.key) };
+    let tls = validate_tls(raw.tls, base, &mut errors);
 
     if raw.backend_tls.mode == BackendMode::Plain && !raw.backend_tls.allow_plaintext {
         errors.push(err(
@@ -936,6 +971,42 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         health,
         log: raw.log,
     })
+}
+
+/// `[tls]`: paths resolved; every `[[tls.certificate]]` names at least one valid name, and no name twice.
+fn validate_tls(raw: RawTls, base: Option<&Path>, errors: &mut Vec<ConfigError>) -> TlsConfig {
+    let mut seen = HashSet::new();
+    let mut certificates = Vec::new();
+    for (i, entry) in raw.certificate.into_iter().enumerate() {
+        if entry.names.is_empty() {
+            errors.push(err(format!("tls.certificate[{i}].names"), "name at least one server name"));
+        }
+        let mut names = Vec::new();
+        for name in entry.names {
+            let lower = name.trim_end_matches('.').to_ascii_lowercase();
+            let host = lower.strip_prefix("*.").unwrap_or(&lower);
+            let valid = !host.contains('*')
+                && host.contains('.')
+                && rustls_pki_types::DnsName::try_from(host.to_owned()).is_ok()
+                && host.parse::<std::net::IpAddr>().is_err();
+            if !valid {
+                errors.push(err(
+                    format!("tls.certificate[{i}].names"),
+                    format!("{name:?} is not a DNS name or a *.domain wildcard"),
+                ));
+            } else if !seen.insert(lower.clone()) {
+                errors.push(err(format!("tls.certificate[{i}].names"), format!("{name:?} is served twice")));
+            }
+            names.push(lower);
+        }
+        certificates.push(NamedCertificate { cert: resolve(base, entry.cert), key: resolve(base, entry.key), names });
+    }
+    TlsConfig {
+        cert: resolve(base, raw.cert),
+        key: resolve(base, raw.key),
+        certificates,
+        unknown_name: raw.unknown_name,
+    }
 }
 
 /// `[state]`: a Redis URL with a scheme the client speaks, a namespace that keeps keys apart, a timeout a

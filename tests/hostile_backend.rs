@@ -106,7 +106,13 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
     if let Script::Referral | Script::Unauthenticate = script {
         let mut tcp = tcp;
         tcp.write_all(b"S OK Begin TLS\r\n").await?;
-        let config = imapgate::net::tls::server_config(&pki().cert, &pki().key).unwrap();
+        let tls = imapgate::config::TlsConfig {
+            cert: pki().cert.clone(),
+            key: pki().key.clone(),
+            certificates: Vec::new(),
+            unknown_name: imapgate::config::UnknownName::Default,
+        };
+        let (config, _) = imapgate::net::tls::server_config(&tls).unwrap();
         let tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
         lines(tls, &log, |line| {
             let tag = line.split(' ').next().unwrap_or("*").to_owned();

@@ -1,6 +1,7 @@
 //! Sockets: the PROXY protocol header, the TLS listener's configuration, one task per client connection,
 //! the backend leg, its health checks, and the relay. Knows sockets, not IMAP grammar (that lives in `imap`).
 
+pub mod certs;
 pub mod health;
 pub mod lookup;
 pub mod proxy_protocol;

@@ -4,23 +4,23 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::config::TlsConfig;
 
 /// The ALPN protocol id for IMAP (RFC 9051 section 11.1 / ALPACA mitigation).
 pub const ALPN_IMAP: &[u8] = b"imap";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
-    #[error("{key}: cannot read {path}: {source}")]
-    Pem { key: &'static str, path: PathBuf, source: rustls::pki_types::pem::Error },
-    #[error("{key}: {path} holds no certificate")]
-    NoCertificate { key: &'static str, path: PathBuf },
     #[error("{key}: {source}")]
     Rustls { key: &'static str, source: rustls::Error },
     #[error("backend_tls.ca: no system root certificates could be loaded")]
     NoSystemRoots,
+    #[error("{key}: {path}: {reason}")]
+    Certificate { key: String, path: PathBuf, reason: String },
 }
 
 /// Installs aws-lc-rs as the process-wide crypto provider. Call first thing; a second call is harmless.
@@ -29,38 +29,41 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-fn certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let pem = |source| TlsConfigError::Pem { key, path: path.to_owned(), source };
+pub(super) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let pem = |source| TlsConfigError::Certificate {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        reason: format!("cannot read: {source}"),
+    };
     let certs = CertificateDer::pem_file_iter(path).map_err(pem)?.collect::<Result<Vec<_>, _>>().map_err(pem)?;
     if certs.is_empty() {
-        return Err(TlsConfigError::NoCertificate { key, path: path.to_owned() });
+        return Err(TlsConfigError::Certificate {
+            key: key.to_owned(),
+            path: path.to_owned(),
+            reason: "holds no certificate".into(),
+        });
     }
     Ok(certs)
 }
 
-/// The listener's configuration: TLS 1.2 and 1.3, certificate chain and key from PEM files, ALPN `imap`.
-/// A client that offers ALPN without `imap` is refused by rustls with `no_application_protocol`.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let chain = certificates("tls.cert", cert)?;
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsConfigError::Pem {
-        key: "tls.key",
-        path: key.to_owned(),
-        source,
-    })?;
+/// The listener's configuration: TLS 1.2 and 1.3, the certificates chosen by server name (see `certs`),
+/// ALPN `imap`. A client that offers ALPN without `imap` is refused by rustls with `no_application_protocol`.
+/// Returns the certificates' expiry too.
+pub fn server_config(tls: &TlsConfig) -> Result<(Arc<ServerConfig>, Vec<super::certs::Expiry>), TlsConfigError> {
+    let (resolver, expiries) = super::certs::load(tls)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsConfigError::Rustls { key: "tls", source })?
         .with_no_client_auth()
-        .with_single_cert(chain, private_key)
-        .map_err(|source| TlsConfigError::Rustls { key: "tls.key", source })?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expiries))
 }
 
 /// The backend side: verify the chain against `ca` (or the system roots) and the name.

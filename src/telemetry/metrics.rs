@@ -37,6 +37,7 @@ pub struct Metrics {
     pub lookups: IntCounterVec,
     pub lookup_seconds: Histogram,
     pub audit_dropped: IntCounter,
+    pub tls_certificate_expiry: IntGaugeVec,
     pub state_store_up: IntGaugeVec,
     pub state_store_errors: IntCounterVec,
     pub state_store_seconds: HistogramVec,
@@ -299,6 +300,12 @@ impl Metrics {
                 &r,
                 "imapgate_audit_dropped_total",
                 "Audit lines dropped because the writer fell behind (its queue was full).",
+            ),
+            tls_certificate_expiry: gauge_vec(
+                &r,
+                "imapgate_tls_certificate_expiry_timestamp_seconds",
+                "When each served certificate expires (Unix time), by configured name (default: the [tls] certificate).",
+                &["name"],
             ),
             state_store_up: gauge_vec(
                 &r,

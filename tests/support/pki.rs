@@ -18,6 +18,7 @@ pub struct Pki {
     /// Signed by the CA but for another name only.
     pub wrong_name_cert: PathBuf,
     pub wrong_name_key: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -61,6 +62,29 @@ impl Pki {
             rogue_key: write("rogue-key.pem", &rogue_key),
             wrong_name_cert: write("wrong-name.pem", &wrong_cert),
             wrong_name_key: write("wrong-name-key.pem", &wrong_key),
+            issuer,
         }
+    }
+
+    /// A certificate for `names` signed by the test CA, valid from `days_from` to `days_to` days from now
+    /// (negative: in the past), written as `{stem}.pem` and `{stem}-key.pem`: (cert, key).
+    pub fn issue(&self, stem: &str, names: &[&str], days_from: i64, days_to: i64) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.use_authority_key_identifier_extension = true;
+        let now = std::time::SystemTime::now();
+        let at = |days: i64| {
+            let offset = std::time::Duration::from_secs(days.unsigned_abs() * 86_400);
+            let when = if days < 0 { now - offset } else { now + offset };
+            rcgen::date_time_ymd(1970, 1, 1) + when.duration_since(std::time::UNIX_EPOCH).unwrap()
+        };
+        params.not_before = at(days_from);
+        params.not_after = at(days_to);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (self.dir.join(format!("{stem}.pem")), self.dir.join(format!("{stem}-key.pem")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
     }
 }
