@@ -13,6 +13,7 @@ use crate::config::{BackendMode, Config};
 use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
 use crate::net::proxy_protocol::{self, HeaderError};
+use crate::net::session::Mode;
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Shared, session};
 use crate::route::Router;
@@ -162,11 +163,17 @@ impl Prepared {
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("bind admin {admin_addr}: {e}")))?;
         let mut listeners = Vec::new();
-        for addr in &self.shared.config.server.listen {
+        let server = &self.shared.config.server;
+        let addresses = server
+            .listen
+            .iter()
+            .map(|a| (a, Mode::ImplicitTls))
+            .chain(server.starttls_listen.iter().map(|a| (a, Mode::StartTls)));
+        for (addr, mode) in addresses {
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-            listeners.push(listener);
+            listeners.push((listener, mode));
         }
         Ok(Proxy { shared: self.shared, listeners, admin, config_path: self.config_path, store: self.store })
     }
@@ -175,7 +182,7 @@ impl Prepared {
 /// A bound proxy, ready to serve.
 pub struct Proxy {
     shared: Arc<Shared>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Mode)>,
     admin: TcpListener,
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
@@ -189,9 +196,18 @@ fn current(shared: &Current) -> Arc<Shared> {
 }
 
 impl Proxy {
-    /// The bound addresses (useful with port 0).
+    /// The bound implicit-TLS addresses (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.addrs(Mode::ImplicitTls)
+    }
+
+    /// The bound STARTTLS addresses.
+    pub fn starttls_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs(Mode::StartTls)
+    }
+
+    fn addrs(&self, wanted: Mode) -> Vec<SocketAddr> {
+        self.listeners.iter().filter(|(_, mode)| *mode == wanted).filter_map(|(l, _)| l.local_addr().ok()).collect()
     }
 
     /// The admin server's address (useful with port 0).
@@ -235,10 +251,13 @@ impl Proxy {
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
-        for (listener, addr) in self.listeners.into_iter().zip(self.shared.config.server.listen.iter()) {
-            tracing::info!(listen = %listener.local_addr().map_or(*addr, |a| a), "listening");
+        for (listener, mode) in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listen = %addr, starttls = mode == Mode::StartTls, "listening");
+            }
             tokio::spawn(accept_loop(
                 listener,
+                mode,
                 Arc::clone(&live),
                 Arc::clone(&slots),
                 phase_rx.clone(),
@@ -278,6 +297,7 @@ const CLOSING: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn accept_loop(
     listener: TcpListener,
+    mode: Mode,
     live: Current,
     slots: Arc<Semaphore>,
     mut phase: watch::Receiver<Phase>,
@@ -311,7 +331,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let mut aborted = phase.clone();
             tokio::select! {
-                () = connection(shared, tcp, peer, local, phase) => {}
+                () = connection(shared, tcp, mode, peer, local, phase) => {}
                 () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => {}
             }
             drop(permit);
@@ -324,6 +344,7 @@ async fn accept_loop(
 async fn connection(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
+    mode: Mode,
     peer: SocketAddr,
     local: SocketAddr,
     phase: watch::Receiver<Phase>,
@@ -364,7 +385,7 @@ async fn connection(
     shared.metrics.connections_accepted.inc();
     // Counted down however the session ends, aborted included.
     let _active = Active::new(Arc::clone(&shared.metrics));
-    session::run(shared, tcp, endpoints, admitted, phase).await;
+    session::run(shared, tcp, mode, endpoints, admitted, phase).await;
 }
 
 /// One open client connection in `imapgate_connections_active`.

@@ -294,6 +294,8 @@ pub struct DefenceConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Vec<String>,
+    #[serde(default)]
+    starttls_listen: Vec<String>,
     #[serde(default = "defaults::handshake_timeout")]
     handshake_timeout_secs: u64,
     #[serde(default = "defaults::preauth_idle_timeout")]
@@ -670,6 +672,8 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
+    /// Plain IMAP listeners (port 143) where clients must `STARTTLS` before anything else.
+    pub starttls_listen: Vec<SocketAddr>,
     pub handshake_timeout: Duration,
     pub preauth_idle_timeout: Duration,
     /// The whole phase before login, however active the client is (Dovecot: about three minutes).
@@ -839,6 +843,16 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
             Err(_) => errors.push(err(format!("server.listen[{i}]"), format!("{addr:?} is not an IP:port"))),
         }
     }
+    let mut starttls_listen = Vec::new();
+    for (i, addr) in raw.server.starttls_listen.iter().enumerate() {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 && listen.contains(&a) => {
+                errors.push(err(format!("server.starttls_listen[{i}]"), format!("{addr:?} is also in server.listen")))
+            }
+            Ok(a) => starttls_listen.push(a),
+            Err(_) => errors.push(err(format!("server.starttls_listen[{i}]"), format!("{addr:?} is not an IP:port"))),
+        }
+    }
     let secs = |key: &str, v: u64, errors: &mut Vec<ConfigError>| {
         if v == 0 {
             errors.push(err(key, "must be at least 1 second"));
@@ -847,6 +861,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     };
     let server = ServerConfig {
         listen,
+        starttls_listen,
         handshake_timeout: secs("server.handshake_timeout_secs", raw.server.handshake_timeout_secs, &mut errors),
         preauth_idle_timeout: secs(
             "server.preauth_idle_timeout_secs",

@@ -10,3 +10,4 @@ pub mod preauth;
 pub mod reply;
 pub mod response;
 pub mod sasl;
+pub mod starttls;

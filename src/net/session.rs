@@ -32,10 +32,20 @@ pub fn new_session_id() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// How a listener's clients start TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// TLS from the first byte (993).
+    ImplicitTls,
+    /// Plain IMAP until the client's `STARTTLS` (143).
+    StartTls,
+}
+
 /// Runs one connection to its end. Errors are logged here, never returned.
 pub async fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
+    mode: Mode,
     endpoints: Endpoints,
     mut admitted: ConnectionGuard,
     phase: watch::Receiver<Phase>,
@@ -45,7 +55,7 @@ pub async fn run(
     let span = tracing::info_span!("session", session_id = %id, peer = %peer, user = field::Empty);
     async move {
         let started = Instant::now();
-        let end = serve(&shared, tcp, endpoints, &mut admitted, &id, phase).await;
+        let end = serve(&shared, tcp, mode, endpoints, &mut admitted, &id, phase).await;
         let (stage, reason) = end.label();
         shared.metrics.session_ends.with_label_values(&[stage, reason]).inc();
         tracing::info!(duration_ms = started.elapsed().as_millis() as u64, stage, reason, end = %end, "session end");
@@ -111,13 +121,24 @@ impl std::fmt::Display for End {
 
 async fn serve(
     shared: &Shared,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
+    mode: Mode,
     endpoints: Endpoints,
     admitted: &mut ConnectionGuard,
     id: &str,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
     let _ = tcp.set_nodelay(true);
+    // However active the client is, the phase before login has an end: in clear and over TLS together.
+    let time_limit = tokio::time::Instant::now() + shared.config.server.preauth_total_timeout;
+    if mode == Mode::StartTls {
+        if let Err(end) = Box::pin(before_tls(shared, &mut tcp, time_limit, &mut phase))
+            .instrument(tracing::info_span!("before_tls"))
+            .await
+        {
+            return end;
+        }
+    }
     // Futures and streams that are large are boxed: a task's allocation is the size of its largest state,
     // and what only the handshake or the login needs should not stay in every relayed session.
     let metrics = &shared.metrics;
@@ -165,17 +186,24 @@ async fn serve(
     };
     shared.audit(&facts.event("session_start"));
     let started = Instant::now();
-    let (end, user, backend) =
-        match Box::pin(pre_auth(shared, &mut client, &mut facts, admitted, &tracing::Span::current(), &mut phase))
-            .instrument(tracing::info_span!("pre_auth"))
-            .await
-        {
-            Ok(logged_in) => {
-                let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
-                (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
-            }
-            Err(end) => (end, None, None),
-        };
+    let (end, user, backend) = match Box::pin(pre_auth(
+        shared,
+        &mut client,
+        &mut facts,
+        admitted,
+        (mode, time_limit),
+        &tracing::Span::current(),
+        &mut phase,
+    ))
+    .instrument(tracing::info_span!("pre_auth"))
+    .await
+    {
+        Ok(logged_in) => {
+            let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
+            (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
+        }
+        Err(end) => (end, None, None),
+    };
     let (bytes_from_client, bytes_to_client, commands) = match &end {
         End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
         _ => (None, None, None),
@@ -192,6 +220,47 @@ async fn serve(
         ..facts.event("session_end")
     });
     end
+}
+
+/// The plaintext conversation of a STARTTLS listener, until the client's `STARTTLS` has been answered
+/// (Ok: the TLS handshake comes next) or the connection ends. Whatever the client sent after `STARTTLS`
+/// is dropped with the machine: only what arrives after the `OK` reaches the TLS handshake.
+async fn before_tls(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    time_limit: tokio::time::Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<(), End> {
+    use crate::imap::starttls::{Action, BeforeTls};
+    let write_limit = shared.config.server.write_timeout;
+    let mut machine = BeforeTls::new();
+    send(tcp, &machine.greeting(), write_limit).await.map_err(End::ClientError)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        while let Some(action) = machine.next_action() {
+            match action {
+                Action::Send(bytes) => send(tcp, &bytes, write_limit).await.map_err(End::ClientError)?,
+                Action::StartTls => return Ok(()),
+                Action::Close(reason) => {
+                    let _ = timeout(FAREWELL, tcp.shutdown()).await;
+                    return Err(End::PreAuthClosed(reason));
+                }
+            }
+        }
+        tokio::select! {
+            read = timeout(shared.config.server.preauth_idle_timeout, tcp.read(&mut buf)) => match read {
+                Err(_) => machine.idle_timeout(),
+                Ok(Ok(0)) => return Err(End::ClientClosed),
+                Ok(Ok(n)) => machine.feed(&buf[..n]),
+                Ok(Err(e)) => return Err(End::ClientError(e)),
+            },
+            () = tokio::time::sleep_until(time_limit) => machine.time_limit(),
+            () = crate::lifecycle::stopping(phase) => {
+                let _ = timeout(FAREWELL, tcp.write_all(b"* BYE Server shutting down.\r\n")).await;
+                return Err(End::Shutdown);
+            }
+        }
+    }
 }
 
 /// A successful login: what the relay starts from.
@@ -214,6 +283,7 @@ async fn pre_auth(
     client: &mut TlsStream<TcpStream>,
     facts: &mut SessionFacts,
     admitted: &mut ConnectionGuard,
+    (mode, time_limit): (Mode, tokio::time::Instant),
     session_span: &tracing::Span,
     phase: &mut watch::Receiver<Phase>,
 ) -> Result<LoggedIn, End> {
@@ -227,9 +297,10 @@ async fn pre_auth(
     // Logins tried on this connection (the lookup's Auth-Login-Attempt).
     let mut attempts = 0u32;
     let write_limit = shared.config.server.write_timeout;
-    // However active the client is, the phase before login has an end.
-    let time_limit = tokio::time::Instant::now() + shared.config.server.preauth_total_timeout;
-    send(client, &machine.greeting(), write_limit).await.map_err(End::ClientError)?;
+    // After STARTTLS the conversation goes on without a second greeting (RFC 9051 6.2.1).
+    if mode == Mode::ImplicitTls {
+        send(client, &machine.greeting(), write_limit).await.map_err(End::ClientError)?;
+    }
     let mut buf = vec![0u8; 4096];
     loop {
         while let Some(action) = machine.next_action() {

@@ -14,8 +14,20 @@ pub mod redis;
 
 use std::net::TcpListener;
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server a test starts (Dovecot, Redis, HAProxy).
+/// Taken below Linux's ephemeral range (32768 and up), where the suite's own outgoing connections would
+/// otherwise take a port between the choice and the server's bind; never the same one twice per process.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..2000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

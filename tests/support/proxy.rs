@@ -54,6 +54,8 @@ login_timeout_secs = 10
 
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// The first `server.starttls_listen` address, when there is one.
+    pub starttls: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub defence: std::sync::Arc<imapgate::security::Defence>,
     stop: Option<oneshot::Sender<()>>,
@@ -67,13 +69,14 @@ impl TestProxy {
         let config = Config::from_toml(config_text, None).unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
         let proxy = Prepared::new(config).expect("prepare").bind().await.expect("bind");
         let addr = proxy.local_addrs()[0];
+        let starttls = proxy.starttls_addrs().first().copied();
         let defence = proxy.defence();
         let admin = proxy.admin_addr().expect("admin address");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(proxy.serve(async {
             let _ = stopped.await;
         }));
-        TestProxy { addr, admin, defence, stop: Some(stop), task: Some(task) }
+        TestProxy { addr, starttls, admin, defence, stop: Some(stop), task: Some(task) }
     }
 
     /// Shuts down gracefully and waits for the drain.
