@@ -120,7 +120,8 @@ impl Prepared {
     /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
     pub fn new(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
-        let defence = Defence::new(config.defence.clone());
+        let secret = config.state.as_ref().map(crate::fleet::fingerprint_secret).transpose()?.flatten();
+        let defence = Defence::with_fingerprint_secret(config.defence.clone(), secret.as_deref());
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
         let audit = match &config.audit {
@@ -147,6 +148,7 @@ impl Prepared {
         let metrics = Arc::new(Metrics::new(&backends));
         let circuits = Arc::new(Circuits::new(config.health.clone()));
         config.state.as_ref().map(RedisSetup::new).transpose()?;
+        config.state.as_ref().map(crate::fleet::fingerprint_secret).transpose()?;
         build_shared(config, Lasting { defence, metrics, audit: None, circuits }).map(|_| ())
     }
 

@@ -60,6 +60,7 @@ struct RawConfig {
 struct RawState {
     redis: Option<String>,
     password_file: Option<PathBuf>,
+    fingerprint_key_file: Option<PathBuf>,
     prefix: String,
     timeout_ms: u64,
     on_error: StateOnError,
@@ -70,6 +71,7 @@ impl Default for RawState {
         Self {
             redis: None,
             password_file: None,
+            fingerprint_key_file: None,
             prefix: "imapgate".into(),
             timeout_ms: 50,
             on_error: StateOnError::Local,
@@ -95,6 +97,9 @@ pub struct StateConfig {
     /// `redis://host:port/db` or `rediss://` (TLS); a password in the URL or in `password_file`.
     pub redis: String,
     pub password_file: Option<PathBuf>,
+    /// A secret shared by the fleet's instances (not stored in Redis) that keys password fingerprints, so
+    /// that a wrong pair repeated through several instances counts once.
+    pub fingerprint_key_file: Option<PathBuf>,
     /// Namespace of every key and channel, so that several clusters can share one Redis.
     pub prefix: String,
     /// The longest a login waits for the store.
@@ -1040,6 +1045,7 @@ fn validate_state(raw: RawState, base: Option<&Path>, errors: &mut Vec<ConfigErr
     Some(StateConfig {
         redis: url,
         password_file: raw.password_file.map(|p| resolve(base, p)),
+        fingerprint_key_file: raw.fingerprint_key_file.map(|p| resolve(base, p)),
         prefix: raw.prefix,
         timeout: Duration::from_millis(raw.timeout_ms),
         on_error: raw.on_error,

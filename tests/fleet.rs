@@ -27,6 +27,8 @@ const USERS: &[&str] = &[
     "fl-closed@example.org",
     "fl-hx@example.org",
     "fl-hx-victim@example.org",
+    "fl-repeat@example.org",
+    "fl-repeat-control@example.org",
 ];
 const PASSWORD: &str = "right-pw";
 const AUTH_FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.";
@@ -230,6 +232,9 @@ async fn redis_slow_down_and_back_logins_go_on_locally_then_state_is_shared_agai
     }
     let mut c = connect(closed.addr, "127.0.0.53").await.unwrap();
     assert!(login(&mut c, user, PASSWORD).await.starts_with("l OK"), "closed serves again");
+    // The ban B made alone is brought back to the fleet: A refuses that client too.
+    let brought = within(Duration::from_secs(5), || a.defence.is_banned(ip("127.0.0.54")));
+    assert!(brought.await.is_some(), "B's ban from the outage did not reach A");
     for i in 0..4 {
         let gate = if i % 2 == 0 { &a } else { &b };
         let mut c = connect(gate.addr, "127.0.0.55").await.unwrap();
@@ -275,6 +280,52 @@ async fn a_password_from_a_file_authenticates_and_a_wrong_one_is_reported_not_fa
     for gate in [a, b, locked_out] {
         gate.stop().await;
     }
+}
+
+/// Failed logins of `user` that reached Dovecot.
+fn backend_failures(user: &str) -> usize {
+    let needle = format!("user=<{user}>");
+    env().dovecot.log().lines().filter(|l| l.contains("auth failed") && l.contains(&needle)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_repeated_through_both_instances_counts_once_with_a_fleet_fingerprint_key() {
+    let url = shared_redis().url();
+    let dir = support::scratch_dir("imapgate-fleet-fingerprint-");
+    let key = dir.join("fingerprint.key");
+    std::fs::write(&key, "6f1c0e7d2b9a4c3e8f5a7d1b0c9e2f4a6b8d0c1e3f5a7b9c2d4e6f8a0b1c3d5e\n").unwrap();
+    // A budget of one failure: counting the phone's old password twice would ban its address.
+    let defence = "failures = 1\nban_secs = 60\n";
+    let keyed = format!("fingerprint_key_file = \"{}\"", key.display());
+    let a = instance(&url, "fingerprint", "", defence, &keyed).await;
+    let b = instance(&url, "fingerprint", "", defence, &keyed).await;
+    let (user, source) = ("fl-repeat@example.org", "127.0.0.71");
+    for i in 0..8 {
+        let gate = if i % 2 == 0 { &a } else { &b };
+        let mut c = connect(gate.addr, source).await.unwrap();
+        assert_eq!(login(&mut c, user, "old-password").await, format!("l {AUTH_FAILED}"), "attempt {i}");
+    }
+    assert!(!a.defence.is_banned(ip(source)) && !b.defence.is_banned(ip(source)), "counted once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backend_failures(user), 1, "Dovecot checked the pair once");
+    // Then the right password, through either instance.
+    let mut c = connect(b.addr, source).await.unwrap();
+    assert!(login(&mut c, user, PASSWORD).await.starts_with("l OK"));
+    a.stop().await;
+    b.stop().await;
+
+    // The same without the shared key: each instance counts the pair once, the fleet twice: banned.
+    let a = instance(&url, "fingerprint-control", "", defence, "").await;
+    let b = instance(&url, "fingerprint-control", "", defence, "").await;
+    let (user, source) = ("fl-repeat-control@example.org", "127.0.0.72");
+    for i in 0..2 {
+        let gate = if i % 2 == 0 { &a } else { &b };
+        let mut c = connect(gate.addr, source).await.unwrap();
+        assert_eq!(login(&mut c, user, "old-password").await, format!("l {AUTH_FAILED}"), "control {i}");
+    }
+    assert!(b.defence.is_banned(ip(source)), "without a fleet key the repeat counts on each instance");
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,4 +6,4 @@
 pub mod redis;
 pub mod scripts;
 
-pub use self::redis::{RedisSetup, RedisStore, SetupError};
+pub use self::redis::{RedisSetup, RedisStore, SetupError, fingerprint_secret};

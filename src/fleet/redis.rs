@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::scripts::{self, Layout};
 use crate::config::{DefenceConfig, StateConfig, StateOnError};
 use crate::lifecycle::Phase;
+use crate::security::accounts::Fingerprint;
 use crate::security::shared::{Evidence, SharedBan, SharedStore, StoreError, StoreFuture};
 use crate::security::state::{DefenceState, Keys};
 use crate::telemetry::metrics::Metrics;
@@ -40,6 +41,23 @@ pub enum SetupError {
     Url(redis::RedisError),
     #[error("state.password_file {path}: {error}")]
     PasswordFile { path: String, error: std::io::Error },
+    #[error("state.fingerprint_key_file {path}: {reason}")]
+    FingerprintKey { path: String, reason: String },
+}
+
+/// The fleet's fingerprint secret from `[state] fingerprint_key_file`: at least 32 bytes (trailing newlines
+/// aside), the same file on every instance.
+pub fn fingerprint_secret(config: &StateConfig) -> Result<Option<Vec<u8>>, SetupError> {
+    let Some(path) = &config.fingerprint_key_file else { return Ok(None) };
+    let bad = |reason: String| SetupError::FingerprintKey { path: path.display().to_string(), reason };
+    let mut bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    if bytes.len() < 32 {
+        return Err(bad(format!("holds {} bytes; at least 32 are needed (e.g. openssl rand -hex 32)", bytes.len())));
+    }
+    Ok(Some(bytes))
 }
 
 /// What a store is built from, checked before anything starts; connecting happens in [`RedisStore::start`].
@@ -112,7 +130,10 @@ struct Inner {
     evidence: Script,
     success: Script,
     ban: Script,
+    adopt: Script,
     bans_in_force: Script,
+    /// The store answered after an outage: the probe brings this instance's own bans back.
+    rejoined: AtomicBool,
 }
 
 /// The shared store; cheap to clone.
@@ -163,6 +184,8 @@ impl RedisStore {
             evidence: Script::new(scripts::EVIDENCE),
             success: Script::new(scripts::SUCCESS),
             ban: Script::new(scripts::BAN),
+            adopt: Script::new(scripts::ADOPT),
+            rejoined: AtomicBool::new(false),
             bans_in_force: Script::new(scripts::BANS_IN_FORCE),
         };
         let store = Self { inner: Arc::new(inner) };
@@ -194,7 +217,8 @@ impl RedisStore {
                 subscribed =
                     self.call("subscribe", true, async move { manager.subscribe(channel).await }).await.is_ok();
             }
-            let due = count % SYNC_EVERY == 0 || !inner.health.is_up();
+            let rejoined = inner.health.is_up() && inner.rejoined.swap(false, Ordering::Relaxed);
+            let due = count % SYNC_EVERY == 0 || !inner.health.is_up() || rejoined;
             count = count.wrapping_add(1);
             if due {
                 let mut manager = inner.manager.clone();
@@ -211,6 +235,39 @@ impl RedisStore {
                     }
                 }
             }
+            if rejoined {
+                self.bring_back(state.as_ref()).await;
+            }
+        }
+    }
+
+    /// After an outage: the bans this instance made alone go to the fleet (a longer one there stays).
+    async fn bring_back(&self, state: &dyn DefenceState) {
+        let inner = &self.inner;
+        let bans = state.bans_in_force(Instant::now());
+        let mut adopted = 0u32;
+        for (key, remaining, count) in bans.into_iter().take(SYNC_MAX) {
+            let mut invocation = inner.adopt.key(inner.layout.ban(&key));
+            invocation
+                .key(inner.layout.bans())
+                .arg(key.to_string())
+                .arg(remaining.as_millis().max(1) as u64)
+                .arg(count)
+                .arg(inner.defence.ban_max.as_millis().max(1) as u64)
+                .arg(inner.layout.channel());
+            let mut manager = inner.manager.clone();
+            match self.call("ban", true, async move { invocation.invoke_async::<i64>(&mut manager).await }).await {
+                Ok(news) => adopted += u32::from(news == 1),
+                // Down again: the next return tries again.
+                Err(_) => return inner.rejoined.store(true, Ordering::Relaxed),
+            }
+        }
+        if adopted > 0 {
+            tracing::info!(
+                event = "fleet_rejoined",
+                bans = adopted,
+                "bans made while the state store was away are shared"
+            );
         }
     }
 
@@ -231,9 +288,9 @@ impl RedisStore {
             Ok(Ok(value)) => {
                 let metrics = &inner.health.metrics;
                 metrics.state_store_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
-                if inner.health.answered() && op != "sync" {
-                    // Back: the bans announced meanwhile are read at the next probe.
-                    tracing::debug!(op, "state store answered after an outage");
+                if inner.health.answered() {
+                    // Back: the probe reads the bans announced meanwhile and brings this instance's own.
+                    inner.rejoined.store(true, Ordering::Relaxed);
                 }
                 return Ok(value);
             }
@@ -262,7 +319,13 @@ impl RedisStore {
         ms.clamp(60_000, 7 * 86_400_000) as u64
     }
 
-    fn evidence(&self, keys: Keys, account: String, fail: bool) -> StoreFuture<Evidence> {
+    fn evidence(
+        &self,
+        keys: Keys,
+        account: String,
+        fingerprint: Option<Fingerprint>,
+        fail: bool,
+    ) -> StoreFuture<Evidence> {
         let store = self.clone();
         Box::pin(async move {
             let inner = &store.inner;
@@ -279,7 +342,8 @@ impl RedisStore {
                 .arg(keys.prefix.to_string())
                 .arg(store.half_life_ms())
                 .arg(inner.defence.account_reset.as_millis().max(1000) as u64)
-                .arg(store.record_ttl_ms());
+                .arg(store.record_ttl_ms())
+                .arg(fingerprint.as_ref().map(scripts::fingerprint_hex).unwrap_or_default());
             for key in &counted {
                 invocation.arg(store.leak_per_ms(key, &keys).to_string());
             }
@@ -287,7 +351,7 @@ impl RedisStore {
             let op = if fail { "failure" } else { "view" };
             let reply: Vec<String> =
                 store.call(op, false, async move { invocation.invoke_async(&mut manager).await }).await?;
-            scripts::parse_evidence(&counted, &reply).map_err(|e| {
+            scripts::parse_evidence(&counted, fingerprint, &reply).map_err(|e| {
                 inner.health.metrics.state_store_errors.with_label_values(&[op]).inc();
                 StoreError(e.to_string())
             })
@@ -327,12 +391,12 @@ fn hear(push: &PushInfo, channel: &str, state: &dyn DefenceState, metrics: &Metr
 }
 
 impl SharedStore for RedisStore {
-    fn view(&self, keys: Keys, account: String) -> StoreFuture<Evidence> {
-        self.evidence(keys, account, false)
+    fn view(&self, keys: Keys, account: String, fingerprint: Option<Fingerprint>) -> StoreFuture<Evidence> {
+        self.evidence(keys, account, fingerprint, false)
     }
 
-    fn failed(&self, keys: Keys, account: String) -> StoreFuture<Evidence> {
-        self.evidence(keys, account, true)
+    fn failed(&self, keys: Keys, account: String, fingerprint: Option<Fingerprint>) -> StoreFuture<Evidence> {
+        self.evidence(keys, account, fingerprint, true)
     }
 
     fn succeeded(&self, keys: Keys, account: String) -> StoreFuture<()> {

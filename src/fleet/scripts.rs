@@ -4,8 +4,9 @@
 //! Keys, all under the configured namespace `{ns}`:
 //! - `{ns}:p:{net}`: a prefix's (or bucket's) failures `f` at `ft` and successes `s` at `st` (ms); the leak
 //!   and the decay are applied on read with Redis's clock, the same arithmetic as `security::standing`.
-//! - `{ns}:a:{account}`: the account's consecutive failures `c`, last failure `lf`, and `x:{net}` for the
-//!   prefixes it failed from; expires `account_reset` after the last failure.
+//! - `{ns}:a:{account}`: the account's consecutive failures `c`, last failure `lf`, `x:{net}` for the
+//!   prefixes it failed from and `r:{fingerprint}` for its wrong pairs (fleet-wide fingerprints only, keyed
+//!   by a secret that is not in Redis); expires `account_reset` after the last failure.
 //! - `{ns}:ak:{account}`: the last success `ok` and `k:{net}` for prefixes it logged in from; expires
 //!   `account_forget` after the last success.
 //! - `{ns}:ban:{net}`: `until`, `count` and `last` (ms) of a ban; `{ns}:bans`: the bans in force (score
@@ -18,11 +19,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::security::accounts::Fingerprint;
 use crate::security::shared::{AccountEvidence, Evidence, KeyEvidence, SharedBan};
 
 /// Read or add a failure: `KEYS` = account, account's successes, then per key its record and its ban;
-/// `ARGV` = mode (`view`|`fail`), key count, prefix, half-life ms, account reset ms, record TTL ms, then per
-/// key its leak per ms.
+/// `ARGV` = mode (`view`|`fail`), key count, prefix, half-life ms, account reset ms, record TTL ms, the
+/// pair's fleet-wide fingerprint (hex, or empty), then per key its leak per ms.
 pub const EVIDENCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -32,11 +34,12 @@ local net = ARGV[3]
 local half = tonumber(ARGV[4])
 local reset = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
+local fp = ARGV[7]
 local out = {}
 for i = 1, n do
   local pk = KEYS[2 + 2 * i - 1]
   local bk = KEYS[2 + 2 * i]
-  local leak = tonumber(ARGV[6 + i])
+  local leak = tonumber(ARGV[7 + i])
   local v = redis.call('HMGET', pk, 'f', 'ft', 's', 'st')
   local f = tonumber(v[1]) or 0
   local ft = tonumber(v[2]) or now
@@ -71,6 +74,7 @@ if fail then
   redis.call('HSET', KEYS[1], 'c', tostring(c), 'lf', tostring(now))
   if redis.call('HLEN', KEYS[1]) < 66 then
     redis.call('HSET', KEYS[1], 'x:' .. net, tostring(now))
+    if fp ~= '' then redis.call('HSET', KEYS[1], 'r:' .. fp, tostring(now)) end
   end
   redis.call('PEXPIRE', KEYS[1], reset)
 end
@@ -80,6 +84,9 @@ if lf then table.insert(out, tostring(now - lf)) else table.insert(out, '-1') en
 if k[1] then table.insert(out, tostring(now - tonumber(k[1]))) else table.insert(out, '-1') end
 if k[2] then table.insert(out, '1') else table.insert(out, '0') end
 table.insert(out, tostring(redis.call('HEXISTS', KEYS[1], 'x:' .. net)))
+local r = false
+if fp ~= '' then r = redis.call('HGET', KEYS[1], 'r:' .. fp) end
+if r then table.insert(out, tostring(now - tonumber(r))) else table.insert(out, '-1') end
 return out
 ";
 
@@ -127,6 +134,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + d, ARGV[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. tostring(d) .. ' ' .. tostring(count))
 return {tostring(d), tostring(count)}
+";
+
+/// A ban this instance made while the store was away, brought back: `KEYS` = the ban, the set of bans in
+/// force; `ARGV` = prefix, ms left, count, max ms, channel. A longer ban in force stays; returns 1 when it
+/// was news (and announced).
+pub const ADOPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = redis.call('HMGET', KEYS[1], 'until', 'count')
+local untilv = tonumber(b[1]) or 0
+local want = now + tonumber(ARGV[2])
+if untilv >= want then return 0 end
+local count = math.max(tonumber(b[2]) or 0, tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'until', tostring(want), 'count', tostring(count), 'last', tostring(now))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[2], want, ARGV[1])
+redis.call('PUBLISH', ARGV[5], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. tostring(count))
+return 1
 ";
 
 /// The bans in force: `KEYS` = the set of bans; `ARGV` = the most to return. Pairs of prefix, ms left.
@@ -191,9 +216,18 @@ fn millis(value: f64) -> Option<Duration> {
     (value >= 0.0).then(|| Duration::from_millis(value.min(1e13) as u64))
 }
 
-/// `EVIDENCE`'s reply for `keys` (in the order they were sent).
-pub fn parse_evidence(keys: &[IpNet], reply: &[String]) -> Result<Evidence, BadReply> {
-    if reply.len() != keys.len() * 4 + 5 {
+/// A fingerprint as the scripts hold it.
+pub fn fingerprint_hex(fingerprint: &Fingerprint) -> String {
+    fingerprint.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `EVIDENCE`'s reply for `keys` (in the order they were sent), asked about `fingerprint`.
+pub fn parse_evidence(
+    keys: &[IpNet],
+    fingerprint: Option<Fingerprint>,
+    reply: &[String],
+) -> Result<Evidence, BadReply> {
+    if reply.len() != keys.len() * 4 + 6 {
         return Err(BadReply("evidence length"));
     }
     let mut out = Vec::with_capacity(keys.len());
@@ -216,6 +250,7 @@ pub fn parse_evidence(keys: &[IpNet], reply: &[String]) -> Result<Evidence, BadR
         since_success: millis(number(at(2), "since success")?),
         known: number(at(3), "known")? > 0.0,
         failed_here: number(at(4), "failed here")? > 0.0,
+        repeated: fingerprint.zip(millis(number(at(5), "repeated")?)),
     };
     Ok(Evidence { keys: out, account })
 }
@@ -266,8 +301,10 @@ mod tests {
     #[test]
     fn evidence_reply_parses_per_key_and_account() {
         let keys = [net("2001:db8:1:2::/64"), net("2001:db8:1::/48")];
-        let reply = strings(&["2.5", "0", "0", "0", "7.25", "1.5", "4000", "2", "3", "120", "-1", "1", "1"]);
-        let e = parse_evidence(&keys, &reply).unwrap();
+        let reply = strings(&["2.5", "0", "0", "0", "7.25", "1.5", "4000", "2", "3", "120", "-1", "1", "1", "900"]);
+        let e = parse_evidence(&keys, Some([7; 16]), &reply).unwrap();
+        assert_eq!(e.account.repeated, Some(([7; 16], Duration::from_millis(900))));
+        assert_eq!(parse_evidence(&keys, None, &reply).unwrap().account.repeated, None);
         assert_eq!(e.keys[0].failures, 2.5);
         assert_eq!(e.keys[0].ban, None);
         assert_eq!(e.keys[1].ban, Some((Duration::from_millis(4000), 2)));
@@ -281,11 +318,11 @@ mod tests {
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         let keys = [net("192.0.2.0/24")];
-        assert!(parse_evidence(&keys, &strings(&["1", "2"])).is_err());
-        let reply = strings(&["x", "0", "0", "0", "0", "-1", "-1", "0", "0"]);
-        assert_eq!(parse_evidence(&keys, &reply), Err(BadReply("failures")));
-        let reply = strings(&["inf", "0", "0", "0", "0", "-1", "-1", "0", "0"]);
-        assert!(parse_evidence(&keys, &reply).is_err());
+        assert!(parse_evidence(&keys, None, &strings(&["1", "2"])).is_err());
+        let reply = strings(&["x", "0", "0", "0", "0", "-1", "-1", "0", "0", "-1"]);
+        assert_eq!(parse_evidence(&keys, None, &reply), Err(BadReply("failures")));
+        let reply = strings(&["inf", "0", "0", "0", "0", "-1", "-1", "0", "0", "-1"]);
+        assert!(parse_evidence(&keys, None, &reply).is_err());
         assert!(parse_ban(keys[0], &strings(&["1"])).is_err());
         assert!(parse_ban(keys[0], &strings(&["-5", "1"])).is_err());
     }

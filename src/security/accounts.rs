@@ -211,6 +211,18 @@ impl Account {
             }
             self.known.push(prefix);
         }
+        if let Some((fingerprint, age)) = seen.repeated.filter(|(_, age)| *age < config.repeat_window) {
+            let at = now.checked_sub(age).unwrap_or(now);
+            match self.recent.iter_mut().find(|(fp, _)| *fp == fingerprint) {
+                Some(entry) => entry.1 = entry.1.max(at),
+                None => {
+                    if self.recent.len() == RECENT_PAIRS {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back((fingerprint, at));
+                }
+            }
+        }
         if seen.failed_here && !self.failed_from.contains(&prefix) {
             if self.failed_from.len() == FAILED_PREFIXES {
                 self.failed_from.remove(0);

@@ -90,6 +90,15 @@ impl Bans {
         self.table.len()
     }
 
+    /// The bans in force: (key, time left, ban count).
+    pub fn in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)> {
+        self.table
+            .iter()
+            .filter(|(_, b)| b.active && b.until > now)
+            .map(|(k, b)| (*k, b.until - now, b.count))
+            .collect()
+    }
+
     pub fn active(&self, now: Instant) -> usize {
         self.table.values().filter(|b| b.active && b.until > now).count()
     }

@@ -57,6 +57,9 @@ pub struct Defence {
     /// Woken whenever a login ends, for logins waiting for room.
     ended: Arc<Notify>,
     hash_key: aws_lc_rs::hmac::Key,
+    /// The key is the fleet's (`[state] fingerprint_key_file`): fingerprints mean the same on every
+    /// instance and are shared.
+    shared_fingerprints: bool,
 }
 
 /// Held for the life of an admitted connection; frees its place on drop.
@@ -113,18 +116,30 @@ pub fn canonical_account(user: &Username) -> String {
 
 impl Defence {
     pub fn new(config: DefenceConfig) -> Arc<Defence> {
+        Self::with_fingerprint_secret(config, None)
+    }
+
+    /// With `secret`, password fingerprints are keyed by it (the same file on every instance of a fleet)
+    /// rather than by a key of this process's own, so that a wrong pair repeated through several instances
+    /// counts once.
+    pub fn with_fingerprint_secret(config: DefenceConfig, secret: Option<&[u8]>) -> Arc<Defence> {
         let state: Arc<dyn DefenceState> = Arc::new(LocalState::new(config.clone()));
-        Self::with_state(config, state)
+        Self::build(config, state, secret)
     }
 
     /// A defence over a given state store.
     pub fn with_state(config: DefenceConfig, state: Arc<dyn DefenceState>) -> Arc<Defence> {
+        Self::build(config, state, None)
+    }
+
+    fn build(config: DefenceConfig, state: Arc<dyn DefenceState>, secret: Option<&[u8]>) -> Arc<Defence> {
         let policy =
             PrefixPolicy { ipv4: config.ipv4_prefix, ipv6: config.ipv6_prefix, ipv6_wide: config.ipv6_wide_prefix };
-        let key_bytes: [u8; 32] = rand::random();
+        let own: [u8; 32] = rand::random();
         Arc::new(Defence {
             events: std::sync::OnceLock::new(),
-            hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
+            hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret.unwrap_or(&own)),
+            shared_fingerprints: secret.is_some(),
             policy,
             state,
             store: std::sync::OnceLock::new(),
@@ -197,7 +212,7 @@ impl Defence {
         let deadline = Instant::now() + self.config.auth_queue_timeout;
         if let Some(store) = self.store.get() {
             // What the fleet has seen first: bans, failures and standing elsewhere, the account's history.
-            match store.view(keys, account.clone()).await {
+            match store.view(keys, account.clone(), self.shared_fingerprints.then_some(fingerprint)).await {
                 Ok(evidence) => self.state.absorb(&keys, &account, &evidence, Instant::now()),
                 Err(_) if store.closed_on_error() => {
                     return Err(self.refused(ip, Refusal::StateUnavailable, Some(user)));
@@ -258,7 +273,8 @@ impl Defence {
         let fingerprint = self.fingerprint(&ticket.account, password);
         let mut effects = self.state.failed(&ticket, fingerprint, Instant::now());
         if let Some(store) = self.store.get() {
-            self.share_failure(store.as_ref(), &ticket, &mut effects).await;
+            let shared = self.shared_fingerprints.then_some(fingerprint);
+            self.share_failure(store.as_ref(), &ticket, shared, &mut effects).await;
         }
         self.report(&ticket, user, &effects);
         if ticket.keys.trusted { Duration::ZERO } else { self.tarpit(effects.level) }
@@ -266,9 +282,15 @@ impl Defence {
 
     /// Adds a counted failure to the fleet's evidence, judges the keys on the fleet's figures, and makes every
     /// ban a fleet ban (its duration the fleet's, doubling on the fleet's history).
-    async fn share_failure(&self, store: &dyn SharedStore, ticket: &Ticket, effects: &mut FailureEffects) {
+    async fn share_failure(
+        &self,
+        store: &dyn SharedStore,
+        ticket: &Ticket,
+        fingerprint: Option<Fingerprint>,
+        effects: &mut FailureEffects,
+    ) {
         if !effects.repeated {
-            if let Ok(evidence) = store.failed(ticket.keys, ticket.account.clone()).await {
+            if let Ok(evidence) = store.failed(ticket.keys, ticket.account.clone(), fingerprint).await {
                 let now = Instant::now();
                 self.state.absorb(&ticket.keys, &ticket.account, &evidence, now);
                 let judged = self.state.judge(&ticket.keys, now);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::accounts::Fingerprint;
 use super::state::Keys;
 
 /// What the fleet has seen of one key (a prefix, or the coarse IPv6 bucket), as of the store's now.
@@ -37,6 +38,9 @@ pub struct AccountEvidence {
     pub known: bool,
     /// The account failed from this prefix since its last success.
     pub failed_here: bool,
+    /// The login's wrong (user, password) pair failed anywhere in the fleet this long ago (fleet-wide
+    /// fingerprints only: `[state] fingerprint_key_file`).
+    pub repeated: Option<(Fingerprint, Duration)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,10 +66,11 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 
 /// A fleet-wide store of evidence. Every call is bounded by the store's own timeout.
 pub trait SharedStore: Send + Sync {
-    /// The fleet's evidence on a login's keys and account, before it goes to a backend.
-    fn view(&self, keys: Keys, account: String) -> StoreFuture<Evidence>;
+    /// The fleet's evidence on a login's keys and account, before it goes to a backend. With a fleet-wide
+    /// `fingerprint` of the pair, whether it failed anywhere lately.
+    fn view(&self, keys: Keys, account: String, fingerprint: Option<Fingerprint>) -> StoreFuture<Evidence>;
     /// A counted failure (a repeated wrong pair is not sent); returns the evidence after it.
-    fn failed(&self, keys: Keys, account: String) -> StoreFuture<Evidence>;
+    fn failed(&self, keys: Keys, account: String, fingerprint: Option<Fingerprint>) -> StoreFuture<Evidence>;
     /// A successful login: standing for the keys, the account's failures reset, the prefix familiar to it.
     fn succeeded(&self, keys: Keys, account: String) -> StoreFuture<()>;
     /// Bans `key` for the fleet (doubling on repeats, as one instance does); a ban already in force is

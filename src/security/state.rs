@@ -164,6 +164,9 @@ pub trait DefenceState: Send + Sync {
     /// A ban issued by the fleet (by this instance or another): in force for `remaining`, with the fleet's
     /// count for doubling. Returns whether it was news here.
     fn apply_ban(&self, key: IpNet, remaining: Duration, count: u32, now: Instant) -> bool;
+    /// The bans in force here (key, time left, count): what an instance brings back to the fleet after
+    /// deciding alone.
+    fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)>;
 }
 
 struct Tables {
@@ -465,6 +468,10 @@ impl DefenceState for LocalState {
 
     fn apply_ban(&self, key: IpNet, remaining: Duration, count: u32, now: Instant) -> bool {
         self.lock().bans.apply(key, now, remaining, count)
+    }
+
+    fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)> {
+        self.lock().bans.in_force(now)
     }
 
     fn stats(&self, now: Instant) -> DefenceStats {
