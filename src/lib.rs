@@ -3,9 +3,9 @@
 //! Modules from the bottom up; each uses only the ones above it in this list.
 //! - [`config`]: `proxy.toml` + environment -> a validated [`config::Config`] (audit target included); no I/O
 //!   beyond reading files.
-//! - [`imap`]: sans-IO protocol logic: framing, pre-auth commands and state machine, SASL, the proxy's
-//!   rejections, the backend's login responses and the backend login machine, the post-login observer
-//!   and guard.
+//! - [`imap`]: sans-IO protocol logic: framing, pre-auth commands and state machine, the STARTTLS
+//!   listener's plaintext machine, SASL (and the OAuth messages), the proxy's rejections, the backend's
+//!   login responses and the backend login machine, the post-login observer and guard.
 //! - [`lifecycle`]: the proxy's phases (running, draining, closing, aborted) that every task follows.
 //! - [`failure`]: one classification of what went wrong, deciding the client's reply and the log fields.
 //! - [`route`]: which backends may serve a user: rules, pools (rendezvous hashing), circuits, and the
@@ -15,7 +15,8 @@
 //! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers)
 //!   and the admin HTTP server.
 //! - [`fleet`]: the defence's evidence shared by several instances through Redis (scripts, store, probe).
-//! - [`net`]: sockets: PROXY protocol header, TLS listener, what sessions share, the per-connection session
+//! - [`net`]: sockets: PROXY protocol header (read, and written toward backends), TLS listener and its
+//!   certificates per server name, what sessions share, the per-connection session
 //!   (deadlines on every wait), the backend leg (I/O of the login machine), health checks, the HTTP lookup
 //!   client, the relay.
 //! - [`app`]: builds the shared parts, binds the listeners, accepts, reloads and drains.
