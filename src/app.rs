@@ -73,6 +73,7 @@ struct Lasting {
     metrics: Arc<Metrics>,
     audit: Option<Arc<AuditLog>>,
     circuits: Arc<Circuits>,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 impl Lasting {
@@ -82,15 +83,16 @@ impl Lasting {
             metrics: Arc::clone(&shared.metrics),
             audit: shared.audit.clone(),
             circuits: Arc::clone(&shared.circuits),
+            ticketer: Arc::clone(&shared.ticketer),
         }
     }
 }
 
 /// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
-    let Lasting { defence, metrics, audit, circuits } = lasting;
+    let Lasting { defence, metrics, audit, circuits, ticketer } = lasting;
     circuits.reconfigure(config.health.clone());
-    let (server, expiries) = tls::server_config(&config.tls)?;
+    let (server, expiries) = tls::server_config(&config.tls, &ticketer)?;
     // The names of the set now served (a reload may drop some).
     metrics.tls_certificate_expiry.reset();
     for expiry in &expiries {
@@ -106,7 +108,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
         None => None,
     };
-    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit })
+    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit, ticketer })
 }
 
 /// Everything validated and loaded, nothing bound yet.
@@ -134,7 +136,8 @@ impl Prepared {
         }
         let circuits = Arc::new(Circuits::new(config.health.clone()));
         let store = config.state.as_ref().map(RedisSetup::new).transpose()?;
-        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits })?;
+        let ticketer = tls::ticketer()?;
+        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits, ticketer })?;
         Ok(Self { shared: Arc::new(shared), config_path: None, store })
     }
 
@@ -149,7 +152,8 @@ impl Prepared {
         let circuits = Arc::new(Circuits::new(config.health.clone()));
         config.state.as_ref().map(RedisSetup::new).transpose()?;
         config.state.as_ref().map(crate::fleet::fingerprint_secret).transpose()?;
-        build_shared(config, Lasting { defence, metrics, audit: None, circuits }).map(|_| ())
+        let ticketer = tls::ticketer()?;
+        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer }).map(|_| ())
     }
 
     /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).

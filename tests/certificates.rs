@@ -1,7 +1,8 @@
 //! Certificates per server name on one listener: each domain gets its own certificate by SNI (exact and
 //! wildcard names), an unknown name gets the default or is refused, clients without SNI get the default;
 //! every certificate is checked at start-up (key, names, expiry); the expiry metric; a certificate rotated
-//! on disk and reloaded with SIGHUP is served to the next client while an open session carries on.
+//! on disk and reloaded with SIGHUP is served to the next client while an open session carries on;
+//! returning clients resume their TLS session, across that reload too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -80,6 +81,18 @@ async fn served(addr: SocketAddr, name: &str) -> Option<Vec<u8>> {
     let tls = tokio_rustls::TlsConnector::from(looking_client()).connect(server_name, tcp).await.ok()?;
     let leaf = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
     Some(leaf)
+}
+
+/// Connects with `config` (which keeps its session tickets), reads the greeting (tickets arrive before it)
+/// and says how the handshake went.
+async fn handshake_kind(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> rustls::HandshakeKind {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("mail.gamma.test").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, tcp).await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    let mut c = TlsClient::new(tls);
+    assert!(c.line().await.unwrap().starts_with("* OK"));
+    kind
 }
 
 fn der(path: &Path) -> Vec<u8> {
@@ -185,6 +198,10 @@ async fn a_rotated_certificate_is_served_after_sighup_and_an_open_session_carrie
         let _ = stopped.await;
     }));
     assert_eq!(served(addr, "mail.gamma.test").await, Some(der(&first.0)));
+    // A returning client resumes its TLS session (a stateless ticket).
+    let returning = looking_client();
+    assert_eq!(handshake_kind(addr, &returning).await, rustls::HandshakeKind::Full);
+    assert_eq!(handshake_kind(addr, &returning).await, rustls::HandshakeKind::Resumed);
     let (mut open, _) = TlsClient::greeted(addr, &pki.ca).await;
     assert!(open.command("a", "LOGIN bob@example.com bob-pw").await.unwrap().tagged.starts_with("a OK"));
 
@@ -201,6 +218,8 @@ async fn a_rotated_certificate_is_served_after_sighup_and_an_open_session_carrie
     assert!(support::sample(&text, reloads) > before, "{text}");
     assert_eq!(served(addr, "mail.gamma.test").await, Some(der(&second.0)), "new handshakes get the new one");
     assert!(open.command("b", "NOOP").await.unwrap().tagged.starts_with("b OK"), "the open session carries on");
+    // The ticket keys survive the reload: the returning client still resumes.
+    assert_eq!(handshake_kind(addr, &returning).await, rustls::HandshakeKind::Resumed);
 
     // A broken file: the reload is refused and the running set stays.
     std::fs::write(&key, "not a key").unwrap();

@@ -112,7 +112,8 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
             certificates: Vec::new(),
             unknown_name: imapgate::config::UnknownName::Default,
         };
-        let (config, _) = imapgate::net::tls::server_config(&tls).unwrap();
+        let ticketer = imapgate::net::tls::ticketer().unwrap();
+        let (config, _) = imapgate::net::tls::server_config(&tls, &ticketer).unwrap();
         let tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
         lines(tls, &log, |line| {
             let tag = line.split(' ').next().unwrap_or("*").to_owned();

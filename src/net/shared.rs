@@ -24,6 +24,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The audit log, unless switched off.
     pub audit: Option<Arc<AuditLog>>,
+    /// TLS session tickets (keys rotate by themselves); kept across reloads, so that clients resume.
+    pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 impl Shared {

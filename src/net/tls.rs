@@ -55,7 +55,12 @@ pub(super) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<
 /// The listener's configuration: TLS 1.2 and 1.3, the certificates chosen by server name (see `certs`),
 /// ALPN `imap`. A client that offers ALPN without `imap` is refused by rustls with `no_application_protocol`.
 /// Returns the certificates' expiry too.
-pub fn server_config(tls: &TlsConfig) -> Result<(Arc<ServerConfig>, Vec<super::certs::Expiry>), TlsConfigError> {
+/// Returning clients resume with stateless tickets from `ticketer` (TLS 1.3 and 1.2), which the caller
+/// keeps across reloads.
+pub fn server_config(
+    tls: &TlsConfig,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<(Arc<ServerConfig>, Vec<super::certs::Expiry>), TlsConfigError> {
     let (resolver, expiries) = super::certs::load(tls)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
@@ -63,7 +68,14 @@ pub fn server_config(tls: &TlsConfig) -> Result<(Arc<ServerConfig>, Vec<super::c
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
+    config.ticketer = Arc::clone(ticketer);
     Ok((Arc::new(config), expiries))
+}
+
+/// Session tickets for the listener: aws-lc-rs's ticketer, whose keys rotate every few hours (the previous
+/// key still accepted). One per process, kept across reloads.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsConfigError> {
+    rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|source| TlsConfigError::Rustls { key: "tls", source })
 }
 
 /// The backend side: verify the chain against `ca` (or the system roots) and the name.
