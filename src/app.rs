@@ -111,6 +111,13 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
     Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit, ticketer })
 }
 
+/// What `[state]` needs before anything starts: the Redis client (not connected) and the fleet's
+/// fingerprint secret.
+fn state_setup(config: &Config) -> Result<(Option<RedisSetup>, Option<Vec<u8>>), StartError> {
+    let Some(state) = &config.state else { return Ok((None, None)) };
+    Ok((Some(RedisSetup::new(state)?), crate::fleet::fingerprint_secret(state)?))
+}
+
 /// Everything validated and loaded, nothing bound yet.
 pub struct Prepared {
     shared: Arc<Shared>,
@@ -122,7 +129,7 @@ impl Prepared {
     /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
     pub fn new(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
-        let secret = config.state.as_ref().map(crate::fleet::fingerprint_secret).transpose()?.flatten();
+        let (store, secret) = state_setup(&config)?;
         let defence = Defence::with_fingerprint_secret(config.defence.clone(), secret.as_deref());
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
@@ -135,7 +142,6 @@ impl Prepared {
             defence.set_event_sink(move |event| audit.record(&defence_audit_event(event)));
         }
         let circuits = Arc::new(Circuits::new(config.health.clone()));
-        let store = config.state.as_ref().map(RedisSetup::new).transpose()?;
         let ticketer = tls::ticketer()?;
         let shared = build_shared(config, Lasting { defence, metrics, audit, circuits, ticketer })?;
         Ok(Self { shared: Arc::new(shared), config_path: None, store })
@@ -150,8 +156,7 @@ impl Prepared {
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
         let circuits = Arc::new(Circuits::new(config.health.clone()));
-        config.state.as_ref().map(RedisSetup::new).transpose()?;
-        config.state.as_ref().map(crate::fleet::fingerprint_secret).transpose()?;
+        state_setup(&config)?;
         let ticketer = tls::ticketer()?;
         build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer }).map(|_| ())
     }

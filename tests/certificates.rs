@@ -190,13 +190,8 @@ async fn a_rotated_certificate_is_served_after_sighup_and_an_open_session_carrie
     std::fs::copy(&first.1, &key).unwrap();
     let path = dir.join("proxy.toml");
     std::fs::write(&path, with_certificates(&[(&cert, &key, &["mail.gamma.test"])], "default")).unwrap();
-    let proxy =
-        Prepared::new(Config::load(&path).unwrap()).unwrap().with_config_path(path.clone()).bind().await.unwrap();
-    let (addr, admin) = (proxy.local_addrs()[0], proxy.admin_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve(async {
-        let _ = stopped.await;
-    }));
+    let proxy = TestProxy::start_from_file(&path).await;
+    let (addr, admin) = (proxy.addr, proxy.admin);
     assert_eq!(served(addr, "mail.gamma.test").await, Some(der(&first.0)));
     // A returning client resumes its TLS session (a stateless ticket).
     let returning = looking_client();
@@ -232,6 +227,5 @@ async fn a_rotated_certificate_is_served_after_sighup_and_an_open_session_carrie
     assert_eq!(served(addr, "mail.gamma.test").await, Some(der(&second.0)));
     let expiry = "imapgate_tls_certificate_expiry_timestamp_seconds{name=\"mail.gamma.test\"}";
     assert_eq!(support::sample(&text, expiry), imapgate::net::certs::facts(&der(&second.0)).unwrap().not_after as f64);
-    let _ = stop.send(());
-    task.await.unwrap();
+    proxy.stop().await;
 }

@@ -100,6 +100,22 @@ async fn metric_becomes(admin: std::net::SocketAddr, series: &str, value: f64, w
     false
 }
 
+/// `count` wrong logins of `user` from `source`, each on a new connection, through `gates` in turn;
+/// every one is answered as a wrong password. `password(i)` is the i-th password sent.
+async fn fail_in_turn(
+    gates: &[&TestProxy],
+    source: &str,
+    user: &str,
+    password: impl Fn(usize) -> String,
+    count: usize,
+) {
+    for i in 0..count {
+        let gate = gates[i % gates.len()];
+        let mut c = connect(gate.addr, source).await.unwrap();
+        assert_eq!(login(&mut c, user, &password(i)).await, format!("l {AUTH_FAILED}"), "attempt {i} from {source}");
+    }
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -114,11 +130,7 @@ async fn failures_spread_over_two_instances_ban_after_the_budget_of_one_and_the_
     let source = "127.0.0.31";
 
     // Five failures, alternating: within the budget of one instance, so no ban anywhere.
-    for i in 0..5 {
-        let gate = if i % 2 == 0 { &a } else { &b };
-        let mut c = connect(gate.addr, source).await.unwrap();
-        assert_eq!(login(&mut c, user, &format!("wrong-{i}")).await, format!("l {AUTH_FAILED}"), "attempt {i}");
-    }
+    fail_in_turn(&[&a, &b], source, user, |i| format!("wrong-{i}"), 5).await;
     assert!(!a.defence.is_banned(ip(source)) && !b.defence.is_banned(ip(source)));
     // The sixth spends it, on B, which has seen two failures itself: banned on both, A within a second.
     let mut c = connect(b.addr, source).await.unwrap();
@@ -218,10 +230,7 @@ async fn redis_slow_down_and_back_logins_go_on_locally_then_state_is_shared_agai
     assert_eq!(reply, format!("l {UNAVAILABLE}"));
     assert!(metric_becomes(b.admin, up, 0.0, Duration::from_secs(5)).await, "B's metric says the store is down");
     // The local defence still works alone: three failures and the fourth ban on B.
-    for i in 0..4 {
-        let mut c = connect(b.addr, "127.0.0.54").await.unwrap();
-        assert_eq!(login(&mut c, user, &format!("wrong-{i}")).await, format!("l {AUTH_FAILED}"));
-    }
+    fail_in_turn(&[&b], "127.0.0.54", user, |i| format!("wrong-{i}"), 4).await;
     assert!(b.defence.is_banned(ip("127.0.0.54")));
     assert!(!a.defence.is_banned(ip("127.0.0.54")), "nothing is shared while Redis is down");
 
@@ -235,11 +244,7 @@ async fn redis_slow_down_and_back_logins_go_on_locally_then_state_is_shared_agai
     // The ban B made alone is brought back to the fleet: A refuses that client too.
     let brought = within(Duration::from_secs(5), || a.defence.is_banned(ip("127.0.0.54")));
     assert!(brought.await.is_some(), "B's ban from the outage did not reach A");
-    for i in 0..4 {
-        let gate = if i % 2 == 0 { &a } else { &b };
-        let mut c = connect(gate.addr, "127.0.0.55").await.unwrap();
-        assert_eq!(login(&mut c, user, &format!("again-{i}")).await, format!("l {AUTH_FAILED}"));
-    }
+    fail_in_turn(&[&a, &b], "127.0.0.55", user, |i| format!("again-{i}"), 4).await;
     let both = within(Duration::from_secs(1), || {
         a.defence.is_banned(ip("127.0.0.55")) && b.defence.is_banned(ip("127.0.0.55"))
     });
@@ -262,11 +267,7 @@ async fn a_password_from_a_file_authenticates_and_a_wrong_one_is_reported_not_fa
     let b = instance(&redis.url(), "password", "", defence, &file(&right)).await;
     let locked_out = instance(&redis.url(), "password", "", defence, &file(&wrong)).await;
     // Shared: failures through both ban on both.
-    for i in 0..4 {
-        let gate = if i % 2 == 0 { &a } else { &b };
-        let mut c = connect(gate.addr, "127.0.0.58").await.unwrap();
-        assert_eq!(login(&mut c, "fl-user@example.org", &format!("wrong-{i}")).await, format!("l {AUTH_FAILED}"));
-    }
+    fail_in_turn(&[&a, &b], "127.0.0.58", "fl-user@example.org", |i| format!("wrong-{i}"), 4).await;
     let both = within(Duration::from_secs(1), || {
         a.defence.is_banned(ip("127.0.0.58")) && b.defence.is_banned(ip("127.0.0.58"))
     });
@@ -300,11 +301,7 @@ async fn a_wrong_password_repeated_through_both_instances_counts_once_with_a_fle
     let a = instance(&url, "fingerprint", "", defence, &keyed).await;
     let b = instance(&url, "fingerprint", "", defence, &keyed).await;
     let (user, source) = ("fl-repeat@example.org", "127.0.0.71");
-    for i in 0..8 {
-        let gate = if i % 2 == 0 { &a } else { &b };
-        let mut c = connect(gate.addr, source).await.unwrap();
-        assert_eq!(login(&mut c, user, "old-password").await, format!("l {AUTH_FAILED}"), "attempt {i}");
-    }
+    fail_in_turn(&[&a, &b], source, user, |_| "old-password".into(), 8).await;
     assert!(!a.defence.is_banned(ip(source)) && !b.defence.is_banned(ip(source)), "counted once");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(backend_failures(user), 1, "Dovecot checked the pair once");
@@ -318,11 +315,7 @@ async fn a_wrong_password_repeated_through_both_instances_counts_once_with_a_fle
     let a = instance(&url, "fingerprint-control", "", defence, "").await;
     let b = instance(&url, "fingerprint-control", "", defence, "").await;
     let (user, source) = ("fl-repeat-control@example.org", "127.0.0.72");
-    for i in 0..2 {
-        let gate = if i % 2 == 0 { &a } else { &b };
-        let mut c = connect(gate.addr, source).await.unwrap();
-        assert_eq!(login(&mut c, user, "old-password").await, format!("l {AUTH_FAILED}"), "control {i}");
-    }
+    fail_in_turn(&[&a, &b], source, user, |_| "old-password".into(), 2).await;
     assert!(b.defence.is_banned(ip(source)), "without a fleet key the repeat counts on each instance");
     a.stop().await;
     b.stop().await;

@@ -6,12 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use imapgate::app::Prepared;
-use imapgate::config::Config;
 use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::pki::Pki;
-use support::proxy::{backend, config_text};
+use support::proxy::{TestProxy, backend, config_text};
 
 fn sighup() {
     let pid = std::process::id().to_string();
@@ -29,13 +27,8 @@ async fn sighup_reloads_routes_and_keeps_the_old_config_when_the_new_one_is_bad(
     let with_backend =
         |port: u16| config_text(&pki, &format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", port)));
     std::fs::write(&path, with_backend(dead)).unwrap();
-    let proxy =
-        Prepared::new(Config::load(&path).unwrap()).unwrap().with_config_path(path.clone()).bind().await.unwrap();
-    let (addr, admin) = (proxy.local_addrs()[0], proxy.admin_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(proxy.serve(async {
-        let _ = stopped.await;
-    }));
+    let proxy = TestProxy::start_from_file(&path).await;
+    let (addr, admin) = (proxy.addr, proxy.admin);
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let (mut c, _) = TlsClient::greeted(addr, &pki.ca).await;
@@ -60,6 +53,5 @@ async fn sighup_reloads_routes_and_keeps_the_old_config_when_the_new_one_is_bad(
     assert!(text.contains("imapgate_config_reloads_total{result=\"success\"} 1"), "{text}");
     assert!(text.contains("imapgate_config_reloads_total{result=\"failure\"} 1"), "{text}");
     drop((c, fresh, again));
-    let _ = stop.send(());
-    let _ = task.await;
+    proxy.stop().await;
 }

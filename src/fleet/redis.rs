@@ -90,6 +90,8 @@ impl RedisSetup {
 /// Whether the store answers, as the last call found it.
 struct Health {
     up: AtomicBool,
+    /// `imapgate_state_store_up{store="redis"}`, resolved once (every call sets it).
+    gauge: prometheus::IntGauge,
     metrics: Arc<Metrics>,
 }
 
@@ -100,7 +102,7 @@ impl Health {
 
     fn answered(&self) -> bool {
         let was = self.up.swap(true, Ordering::Relaxed);
-        self.metrics.state_store_up.with_label_values(&["redis"]).set(1);
+        self.gauge.set(1);
         if !was {
             tracing::warn!(event = "state_store_up", "shared state store answers again: defence state is shared");
         }
@@ -109,7 +111,7 @@ impl Health {
 
     fn failed(&self, op: &'static str, error: &str, on_error: StateOnError) {
         self.metrics.state_store_errors.with_label_values(&[op]).inc();
-        self.metrics.state_store_up.with_label_values(&["redis"]).set(0);
+        self.gauge.set(0);
         if self.up.swap(false, Ordering::Relaxed) {
             let fallback = match on_error {
                 StateOnError::Local => "logins are decided with this instance's own state",
@@ -173,14 +175,15 @@ impl RedisStore {
             metrics.state_store_errors.with_label_values(&[op]).inc_by(0);
             let _ = metrics.state_store_seconds.with_label_values(&[op]);
         }
-        metrics.state_store_up.with_label_values(&["redis"]).set(1);
+        let gauge = metrics.state_store_up.with_label_values(&["redis"]);
+        gauge.set(1);
         let inner = Inner {
             manager,
             layout,
             timeout: setup.config.timeout,
             on_error: setup.config.on_error,
             defence,
-            health: Health { up: AtomicBool::new(true), metrics },
+            health: Health { up: AtomicBool::new(true), gauge, metrics },
             evidence: Script::new(scripts::EVIDENCE),
             success: Script::new(scripts::SUCCESS),
             ban: Script::new(scripts::BAN),

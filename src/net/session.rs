@@ -255,10 +255,7 @@ async fn before_tls(
                 Ok(Err(e)) => return Err(End::ClientError(e)),
             },
             () = tokio::time::sleep_until(time_limit) => machine.time_limit(),
-            () = crate::lifecycle::stopping(phase) => {
-                let _ = timeout(FAREWELL, tcp.write_all(b"* BYE Server shutting down.\r\n")).await;
-                return Err(End::Shutdown);
-            }
+            () = crate::lifecycle::stopping(phase) => return Err(farewell(tcp).await),
         }
     }
 }
@@ -401,7 +398,7 @@ async fn pre_auth(
 }
 
 /// Before login, on shutdown: BYE and close, each with a short deadline.
-async fn farewell(client: &mut TlsStream<TcpStream>) -> End {
+async fn farewell<S: tokio::io::AsyncWrite + Unpin>(client: &mut S) -> End {
     let _ = send(client, b"* BYE Server shutting down.\r\n", FAREWELL).await;
     let _ = timeout(FAREWELL, client.shutdown()).await;
     End::Shutdown

@@ -259,7 +259,7 @@ impl Standing {
             self.failures += 1.0;
         }
         self.last_seen = now;
-        let over = counted && self.failures > self.tolerated(now, limits);
+        let over = counted && self.over_budget(now, limits);
         (self.level(now, limits), over)
     }
 

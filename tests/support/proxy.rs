@@ -67,7 +67,18 @@ impl TestProxy {
     pub async fn start(config_text: &str) -> TestProxy {
         init_logging();
         let config = Config::from_toml(config_text, None).unwrap_or_else(|e| panic!("config: {e}\n{config_text}"));
-        let proxy = Prepared::new(config).expect("prepare").bind().await.expect("bind");
+        Self::serve(Prepared::new(config).expect("prepare")).await
+    }
+
+    /// Starts the proxy from a configuration file, which SIGHUP reloads (any SIGHUP to the test process).
+    pub async fn start_from_file(path: &std::path::Path) -> TestProxy {
+        init_logging();
+        let config = Config::load(path).unwrap_or_else(|e| panic!("config {}: {e}", path.display()));
+        Self::serve(Prepared::new(config).expect("prepare").with_config_path(path.to_owned())).await
+    }
+
+    async fn serve(prepared: Prepared) -> TestProxy {
+        let proxy = prepared.bind().await.expect("bind");
         let addr = proxy.local_addrs()[0];
         let starttls = proxy.starttls_addrs().first().copied();
         let defence = proxy.defence();
