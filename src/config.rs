@@ -52,7 +52,48 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     state: RawState,
+    #[serde(default)]
+    auth: RawAuth,
     otel: Option<OtelConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    mechanisms: Vec<AuthMechanism>,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self { mechanisms: vec![AuthMechanism::Plain, AuthMechanism::Login] }
+    }
+}
+
+/// A SASL mechanism clients may use (`[auth] mechanisms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthMechanism {
+    Plain,
+    Login,
+    /// OAuth 2.0 bearer tokens, Google's and Microsoft's framing; the backend validates the token.
+    #[serde(rename = "XOAUTH2")]
+    XOAuth2,
+    /// OAuth 2.0 bearer tokens, RFC 7628.
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
+}
+
+/// `[auth]`: what clients may log in with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Offered, each once; without PLAIN and LOGIN no password is taken (`LOGINDISABLED`).
+    pub mechanisms: Vec<AuthMechanism>,
+}
+
+impl AuthConfig {
+    pub fn offers(&self, mechanism: AuthMechanism) -> bool {
+        self.mechanisms.contains(&mechanism)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -766,6 +807,7 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Shared defence state, when `[state] redis` is set.
     pub state: Option<StateConfig>,
+    pub auth: AuthConfig,
 }
 
 /// The audit log's settings.
@@ -968,6 +1010,16 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         errors.push(err("audit.queue_lines", "must be at least 1"));
     }
     let state = validate_state(raw.state, base, &mut errors);
+    let mut mechanisms = Vec::new();
+    for mechanism in raw.auth.mechanisms {
+        if mechanisms.contains(&mechanism) {
+            errors.push(err("auth.mechanisms", format!("{mechanism:?} is listed twice")));
+        }
+        mechanisms.push(mechanism);
+    }
+    if mechanisms.is_empty() {
+        errors.push(err("auth.mechanisms", "offer at least one mechanism"));
+    }
     if let Some(otel) = &raw.otel {
         if !(otel.endpoint.starts_with("http://") || otel.endpoint.starts_with("https://")) {
             errors.push(err("otel.endpoint", format!("{:?} is not an http:// or https:// URL", otel.endpoint)));
@@ -980,6 +1032,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         otel: raw.otel,
         audit,
         state,
+        auth: AuthConfig { mechanisms },
         defence,
         admin: AdminConfig { listen: admin_listen },
         server,
@@ -1299,6 +1352,19 @@ mod tests {
         // The commented example states the shipped defaults.
         assert_eq!(config.defence, DefenceConfig::default());
         assert_eq!(config.server.proxy_protocol, ProxyProtocolMode::Off);
+    }
+
+    #[test]
+    fn auth_mechanisms_default_to_passwords_and_are_checked() {
+        let config = Config::from_toml(MINIMAL, None).unwrap();
+        assert_eq!(config.auth.mechanisms, vec![AuthMechanism::Plain, AuthMechanism::Login]);
+        let all = format!("{MINIMAL}\n[auth]\nmechanisms = [\"XOAUTH2\", \"OAUTHBEARER\", \"PLAIN\"]\n");
+        let config = Config::from_toml(&all, None).unwrap();
+        assert!(config.auth.offers(AuthMechanism::XOAuth2) && config.auth.offers(AuthMechanism::OAuthBearer));
+        assert!(!config.auth.offers(AuthMechanism::Login));
+        assert_eq!(keys(&format!("{MINIMAL}\n[auth]\nmechanisms = []\n")), vec!["auth.mechanisms"]);
+        assert_eq!(keys(&format!("{MINIMAL}\n[auth]\nmechanisms = [\"PLAIN\", \"PLAIN\"]\n")), vec!["auth.mechanisms"]);
+        assert!(Config::from_toml(&format!("{MINIMAL}\n[auth]\nmechanisms = [\"CRAM-MD5\"]\n"), None).is_err());
     }
 
     #[test]

@@ -74,11 +74,13 @@ pub struct Failure {
     pub side: Side,
     pub kind: Kind,
     pub detail: String,
+    /// A refused OAuth login's error challenge from the backend (base64 JSON), played back to the client.
+    pub challenge: Option<String>,
 }
 
 impl Failure {
     pub fn backend(kind: Kind, detail: impl Into<String>) -> Self {
-        Self { side: Side::Backend, kind, detail: detail.into() }
+        Self { side: Side::Backend, kind, detail: detail.into(), challenge: None }
     }
 
     /// What the client is told. Wrong credentials and unrouted users look the same, so the reply does not
@@ -138,9 +140,9 @@ mod tests {
     fn classification_decides_the_reply() {
         assert_eq!(Failure::backend(Kind::Connect, "refused").rejection(), Rejection::UNAVAILABLE);
         assert_eq!(Failure::backend(Kind::Tls, "bad cert").rejection(), Rejection::UNAVAILABLE);
-        let auth = Failure { side: Side::Client, kind: Kind::AuthFailed, detail: String::new() };
+        let auth = Failure { side: Side::Client, kind: Kind::AuthFailed, detail: String::new(), challenge: None };
         assert_eq!(auth.rejection(), Rejection::AUTHENTICATION_FAILED);
-        let unrouted = Failure { side: Side::Proxy, kind: Kind::NoRoute, detail: String::new() };
+        let unrouted = Failure { side: Side::Proxy, kind: Kind::NoRoute, detail: String::new(), challenge: None };
         assert_eq!(unrouted.rejection(), Rejection::AUTHENTICATION_FAILED);
         assert_eq!(auth.to_string(), "client auth_failed: ");
         assert_eq!(

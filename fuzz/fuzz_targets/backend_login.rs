@@ -1,10 +1,12 @@
 //! The backend login machine never panics on whatever a backend sends, and never lets the password out
 //! before the connection is secured: in STARTTLS mode nothing it sends before the handshake holds the
-//! password, and a plaintext session only sends it when the mode is plain.
+//! password (or an OAuth token), and a plaintext session only sends it when the mode is plain.
 #![no_main]
 
-use imapgate::imap::backend_login::{BackendLogin, Goal, Security, Want};
-use imapgate::imap::credentials::{Credentials, Username, password};
+use imapgate::imap::backend_login::{BackendLogin, Goal, OAuthReplay, Security, Want};
+use imapgate::imap::credentials::{Credentials, Secret, Username, password};
+use imapgate::imap::oauth::{self, OAuthMechanism};
+use imapgate::imap::sasl;
 use libfuzzer_sys::fuzz_target;
 
 const SECRET: &[u8] = b"Fuzz-Secret-Pw";
@@ -22,7 +24,20 @@ fuzz_target!(|data: &[u8]| {
         username: Username::parse(b"fuzz@example.org").unwrap(),
         password: password(SECRET.to_vec()).unwrap(),
     };
-    let goal = if mode & 0x80 == 0 { Goal::Login { credentials, id: b"I ID NIL\r\n".to_vec() } } else { Goal::Check };
+    // With bit 0x40 the password is an OAuth token, in an XOAUTH2 message (or rebuilt as OAUTHBEARER).
+    let oauth = (mode & 0x40 != 0).then(|| OAuthReplay {
+        mechanism: OAuthMechanism::XOAuth2,
+        message: oauth::build(OAuthMechanism::XOAuth2, &credentials.username, &credentials.password),
+    });
+    let encodings: Vec<Secret<Vec<u8>>> = [OAuthMechanism::XOAuth2, OAuthMechanism::OAuthBearer]
+        .into_iter()
+        .map(|m| sasl::encode(oauth::build(m, &credentials.username, &credentials.password).expose()))
+        .collect();
+    let goal = if mode & 0x80 == 0 {
+        Goal::Login { credentials, id: b"I ID NIL\r\n".to_vec(), oauth }
+    } else {
+        Goal::Check
+    };
     let mut machine = BackendLogin::new(security, goal);
     let step = usize::from(mode >> 2).max(1);
     let mut chunks = rest.chunks(step);
@@ -31,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
         match machine.next_want() {
             Want::Send(bytes) => {
                 let holds = bytes.expose().windows(SECRET.len()).any(|w| w == SECRET)
-                    || String::from_utf8_lossy(bytes.expose()).contains(PLAIN_IR);
+                    || String::from_utf8_lossy(bytes.expose()).contains(PLAIN_IR)
+                    || encodings.iter().any(|e| bytes.expose().windows(e.expose().len()).any(|w| w == e.expose()));
                 assert!(secured || !holds, "password sent before TLS");
             }
             Want::Read => match chunks.next() {

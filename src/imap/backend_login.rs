@@ -1,16 +1,19 @@
 //! The proxy's side of a backend login, sans-IO: greeting, STARTTLS (in `starttls` mode), CAPABILITY and
-//! `ID` in one write, the credentials (`AUTHENTICATE PLAIN`, with SASL-IR when offered, else `LOGIN`), the
-//! outcome. Bytes from the backend go in with [`BackendLogin::feed`]; [`BackendLogin::next_want`] says what to
+//! `ID` in one write, the credentials (`AUTHENTICATE PLAIN`, with SASL-IR when offered, else `LOGIN`; an
+//! OAuth client's message with `AUTHENTICATE XOAUTH2`/`OAUTHBEARER`), the outcome. A backend's OAuth error
+//! challenge is acknowledged here and kept for the client ([`LoginError::challenge`]), so the backend
+//! connection never waits for the client. Bytes from the backend go in with [`BackendLogin::feed`]; [`BackendLogin::next_want`] says what to
 //! do: send, read, start TLS, or stop. A health check runs the same machine up to the credentials.
 //!
 //! Fails closed: credentials are produced only after the backend behaved at every step, and in `starttls`
 //! mode only after [`BackendLogin::tls_established`]; bytes behind the STARTTLS `OK` (response injection)
-//! end the attempt. Depends on `framing`, `response`, `credentials`, `sasl`.
+//! end the attempt. Depends on `framing`, `response`, `credentials`, `sasl`, `oauth`.
 
 use std::collections::VecDeque;
 
 use super::credentials::{Credentials, Secret};
 use super::framing::{Event, Framer, Limits};
+use super::oauth::{self, OAuthMechanism};
 use super::response::{self, Encoded, Response, Status};
 use super::sasl;
 
@@ -25,10 +28,19 @@ pub enum Security {
 
 /// What the machine is for.
 pub enum Goal {
-    /// Log in with these credentials, sending this `ID` command (tag `I`) with the capabilities.
-    Login { credentials: Credentials, id: Vec<u8> },
+    /// Log in with these credentials, sending this `ID` command (tag `I`) with the capabilities. With
+    /// `oauth`, the password is the bearer token and the message is what is replayed.
+    Login { credentials: Credentials, id: Vec<u8>, oauth: Option<OAuthReplay> },
     /// A health check: the login's path up to the credentials, then LOGOUT.
     Check,
+}
+
+/// An OAuth client message to replay.
+#[derive(Clone)]
+pub struct OAuthReplay {
+    pub mechanism: OAuthMechanism,
+    /// The decoded message, for this user (rebuilt by the caller when a lookup renamed the user).
+    pub message: Secret<Vec<u8>>,
 }
 
 /// What the caller does next.
@@ -74,10 +86,12 @@ pub enum ErrorKind {
 pub struct LoginError {
     pub kind: ErrorKind,
     pub detail: String,
+    /// A refused OAuth login's error challenge as the backend sent it (base64 of its JSON), for the client.
+    pub challenge: Option<String>,
 }
 
 fn error(kind: ErrorKind, detail: impl Into<String>) -> LoginError {
-    LoginError { kind, detail: detail.into() }
+    LoginError { kind, detail: detail.into(), challenge: None }
 }
 
 /// A tagged reply, reduced.
@@ -133,6 +147,10 @@ pub struct BackendLogin {
     id_refused: Option<String>,
     /// What is sent after each continuation (PLAIN response, LOGIN pieces).
     pieces: VecDeque<Secret<Vec<u8>>>,
+    /// The OAuth mechanism used at the backend, once the message was sent.
+    oauth_sent: Option<OAuthMechanism>,
+    /// The backend's OAuth error challenge: `Some` once one came (empty when it was not base64).
+    challenge: Option<String>,
 }
 
 impl std::fmt::Debug for BackendLogin {
@@ -153,6 +171,8 @@ impl BackendLogin {
             capabilities: Vec::new(),
             id_refused: None,
             pieces: VecDeque::new(),
+            oauth_sent: None,
+            challenge: None,
         }
     }
 
@@ -259,7 +279,7 @@ impl BackendLogin {
                 self.authenticate()
             }
             State::PlainContinuation | State::LoginPieces => match response {
-                Response::Continuation => {
+                Response::Continuation(_) => {
                     let Some(piece) = self.pieces.pop_front() else {
                         return Err(error(ErrorKind::Protocol, "unexpected continuation"));
                     };
@@ -280,6 +300,15 @@ impl BackendLogin {
                 _ => Ok(()),
             },
             State::LoginReply => {
+                if let (Some(mechanism), None, Response::Continuation(text)) =
+                    (self.oauth_sent, &self.challenge, &response)
+                {
+                    // RFC 7628 3.2.2: the error comes as a challenge, answered with a dummy response, then NO.
+                    let valid = !text.is_empty() && sasl::decode_response(text.as_bytes()).is_ok();
+                    self.challenge = Some(if valid { text.clone() } else { String::new() });
+                    self.send([mechanism.error_acknowledgement(), b"\r\n"].concat());
+                    return Ok(());
+                }
                 let Some(reply) = self.tagged("L", response)? else { return Ok(()) };
                 self.outcome(reply)
             }
@@ -346,7 +375,7 @@ impl BackendLogin {
             Response::Status { tag: Some(t), .. } => {
                 Err(error(ErrorKind::Protocol, format!("reply for unknown tag {}", response::loggable(t.as_bytes()))))
             }
-            Response::Continuation => Err(error(ErrorKind::Protocol, format!("unexpected continuation for {tag}"))),
+            Response::Continuation(_) => Err(error(ErrorKind::Protocol, format!("unexpected continuation for {tag}"))),
             Response::Capability(c) => {
                 self.collected = Some(c);
                 Ok(None)
@@ -365,9 +394,37 @@ impl BackendLogin {
     /// Replays the credentials: `AUTHENTICATE PLAIN` when offered (with SASL-IR when offered), else `LOGIN`
     /// with values re-encoded from their decoded form, each synchronising literal after its `+`.
     fn authenticate(&mut self) -> Result<(), LoginError> {
-        let Goal::Login { credentials, .. } = &self.goal else { return Ok(()) };
+        let Goal::Login { credentials, oauth, .. } = &self.goal else { return Ok(()) };
         let caps = &self.capabilities;
         self.collected = None;
+        if let Some(replay) = oauth {
+            // The client's mechanism when offered, else the other one with the same user and token.
+            let other = match replay.mechanism {
+                OAuthMechanism::XOAuth2 => OAuthMechanism::OAuthBearer,
+                OAuthMechanism::OAuthBearer => OAuthMechanism::XOAuth2,
+            };
+            let offered = |m: OAuthMechanism| response::has_capability(caps, &format!("AUTH={}", m.as_str()));
+            let (mechanism, message) = if offered(replay.mechanism) {
+                (replay.mechanism, Secret::new(replay.message.expose().clone()))
+            } else if offered(other) {
+                (other, oauth::build(other, &credentials.username, &credentials.password))
+            } else {
+                return Err(error(ErrorKind::TempFail, "backend offers neither AUTH=XOAUTH2 nor AUTH=OAUTHBEARER"));
+            };
+            let encoded = sasl::encode(message.expose());
+            let name = mechanism.as_str();
+            if response::has_capability(caps, "SASL-IR") {
+                let line = [format!("L AUTHENTICATE {name} ").as_bytes(), encoded.expose(), b"\r\n"].concat();
+                self.send(line);
+                self.state = State::LoginReply;
+            } else {
+                self.send(format!("L AUTHENTICATE {name}\r\n").into_bytes());
+                self.pieces.push_back(Secret::new([encoded.expose().as_slice(), b"\r\n"].concat()));
+                self.state = State::PlainContinuation;
+            }
+            self.oauth_sent = Some(mechanism);
+            return Ok(());
+        }
         if response::has_capability(caps, "AUTH=PLAIN") {
             let ir = sasl::encode_plain(&credentials.username, &credentials.password);
             if response::has_capability(caps, "SASL-IR") {
@@ -429,7 +486,8 @@ impl BackendLogin {
                     matches!(code.as_deref(), Some("UNAVAILABLE" | "SERVERBUG" | "LIMIT" | "INUSE" | "CONTACTADMIN"));
                 let kind = if temporary { ErrorKind::TempFail } else { ErrorKind::AuthFailed };
                 let detail = if temporary { format!("login refused: {}", reply.describe()) } else { reply.describe() };
-                return Err(error(kind, detail));
+                let challenge = self.challenge.take().filter(|c| !c.is_empty() && kind == ErrorKind::AuthFailed);
+                return Err(LoginError { challenge, ..error(kind, detail) });
             }
             _ => return Err(error(ErrorKind::Protocol, format!("login answered {}", reply.describe()))),
         }
@@ -479,7 +537,13 @@ mod tests {
     fn play(security: Security, goal: Goal, transcript: &str) -> Want {
         let mut m = BackendLogin::new(security, goal);
         let mut expected_sends: VecDeque<String> = VecDeque::new();
-        let mut lines = transcript.lines().map(str::trim).filter(|l| !l.is_empty()).peekable();
+        // `C:` alone (trimmed) is an empty line sent.
+        let mut lines = transcript
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| if l == "C:" { "C: " } else { l })
+            .peekable();
         loop {
             match m.next_want() {
                 Want::Send(bytes) => {
@@ -518,7 +582,11 @@ mod tests {
     }
 
     fn login(id: &str) -> Goal {
-        Goal::Login { credentials: credentials("alice@example.org", "alice-pw"), id: format!("{id}\r\n").into_bytes() }
+        Goal::Login {
+            credentials: credentials("alice@example.org", "alice-pw"),
+            id: format!("{id}\r\n").into_bytes(),
+            oauth: None,
+        }
     }
 
     /// Dovecot 2.3's own lines (tests/support/dovecot.rs configuration), STARTTLS on 143.
@@ -565,8 +633,11 @@ mod tests {
 
     #[test]
     fn login_with_synchronising_literals_and_a_refusal() {
-        let goal =
-            Goal::Login { credentials: credentials("jürgen@example.org", "pässwörd"), id: b"I ID NIL\r\n".to_vec() };
+        let goal = Goal::Login {
+            credentials: credentials("jürgen@example.org", "pässwörd"),
+            id: b"I ID NIL\r\n".to_vec(),
+            oauth: None,
+        };
         let transcript = "
             S: * OK ready
             C: C CAPABILITY
@@ -601,11 +672,152 @@ mod tests {
             (Security::Implicit, "S: * OK hi\nC: C CAPABILITY\nC: I ID NIL\nS: C NO", ErrorKind::Protocol),
         ];
         for (security, transcript, kind) in cases {
-            let goal = Goal::Login { credentials: credentials("a", "b"), id: b"I ID NIL\r\n".to_vec() };
+            let goal = Goal::Login { credentials: credentials("a", "b"), id: b"I ID NIL\r\n".to_vec(), oauth: None };
             match play(*security, goal, transcript) {
                 Want::Failed(e) => assert_eq!(e.kind, *kind, "{transcript}: {e:?}"),
                 other => panic!("{transcript}: {other:?}"),
             }
+        }
+    }
+
+    fn oauth_login(mechanism: OAuthMechanism, message: &[u8]) -> Goal {
+        let parsed = match mechanism {
+            OAuthMechanism::XOAuth2 => oauth::parse_xoauth2(message),
+            OAuthMechanism::OAuthBearer => oauth::parse_oauthbearer(message),
+        }
+        .unwrap();
+        Goal::Login {
+            credentials: Credentials { username: parsed.username, password: parsed.token },
+            id: b"I ID NIL\r\n".to_vec(),
+            oauth: Some(OAuthReplay { mechanism, message: parsed.message }),
+        }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        String::from_utf8(sasl::encode(bytes).expose().clone()).unwrap()
+    }
+
+    const OAUTH_CAPABILITIES: &str = "
+        S: * OK ready
+        C: C CAPABILITY
+        C: I ID NIL
+        S: * CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER
+        S: C OK done
+        S: I OK ID completed.";
+
+    #[test]
+    fn oauth_messages_are_replayed_unchanged() {
+        let message = b"n,a=bob@example.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer t0k3n\x01\x01";
+        let transcript = format!(
+            "{OAUTH_CAPABILITIES}
+            C: L AUTHENTICATE OAUTHBEARER {}
+            S: L OK [CAPABILITY IMAP4rev1 IDLE] Logged in",
+            b64(message)
+        );
+        let goal = oauth_login(OAuthMechanism::OAuthBearer, message);
+        assert!(matches!(play(Security::Plain, goal, &transcript), Want::Done(_)));
+        // Without SASL-IR: the message follows the continuation.
+        let message = b"user=alice@example.org\x01auth=Bearer ya29.x\x01\x01";
+        let transcript = format!(
+            "S: * OK ready
+            C: C CAPABILITY
+            C: I ID NIL
+            S: * CAPABILITY IMAP4rev1 AUTH=XOAUTH2
+            S: C OK done
+            S: I OK ID completed.
+            C: L AUTHENTICATE XOAUTH2
+            S: +
+            C: {}
+            S: L OK [CAPABILITY IMAP4rev1 IDLE] Logged in",
+            b64(message)
+        );
+        assert!(matches!(
+            play(Security::Plain, oauth_login(OAuthMechanism::XOAuth2, message), &transcript),
+            Want::Done(_)
+        ));
+    }
+
+    #[test]
+    fn oauth_falls_back_to_the_mechanism_the_backend_offers() {
+        let message = b"user=alice@example.org\x01auth=Bearer ya29.x\x01\x01";
+        let transcript = format!(
+            "S: * OK ready
+            C: C CAPABILITY
+            C: I ID NIL
+            S: * CAPABILITY IMAP4rev1 SASL-IR AUTH=OAUTHBEARER
+            S: C OK done
+            S: I OK ID completed.
+            C: L AUTHENTICATE OAUTHBEARER {}
+            S: L OK [CAPABILITY IMAP4rev1] Logged in",
+            b64(b"n,a=alice@example.org,\x01auth=Bearer ya29.x\x01\x01")
+        );
+        assert!(matches!(
+            play(Security::Plain, oauth_login(OAuthMechanism::XOAuth2, message), &transcript),
+            Want::Done(_)
+        ));
+        let transcript = "
+            S: * OK ready
+            C: C CAPABILITY
+            C: I ID NIL
+            S: * CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN
+            S: C OK done
+            S: I OK ID completed.";
+        match play(Security::Plain, oauth_login(OAuthMechanism::XOAuth2, message), transcript) {
+            Want::Failed(e) => assert_eq!(e.kind, ErrorKind::TempFail, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Dovecot 2.3's failure exchange (mech-oauth2.c), with the acknowledgement the proxy gives.
+    #[test]
+    fn oauth_error_challenge_is_acknowledged_and_kept_for_the_client() {
+        let challenge = b64(br#"{"status":"invalid_token"}"#);
+        for (mechanism, message, ack) in [
+            (OAuthMechanism::OAuthBearer, &b"n,a=bob@example.com,\x01auth=Bearer old\x01\x01"[..], "AQ=="),
+            (OAuthMechanism::XOAuth2, &b"user=bob@example.com\x01auth=Bearer old\x01\x01"[..], ""),
+        ] {
+            let transcript = format!(
+                "{OAUTH_CAPABILITIES}
+                C: L AUTHENTICATE {} {}
+                S: + {challenge}
+                C: {ack}
+                S: L NO [AUTHENTICATIONFAILED] Authentication failed.",
+                mechanism.as_str(),
+                b64(message)
+            );
+            match play(Security::Plain, oauth_login(mechanism, message), &transcript) {
+                Want::Failed(e) => {
+                    assert_eq!(e.kind, ErrorKind::AuthFailed);
+                    assert_eq!(e.challenge.as_deref(), Some(challenge.as_str()));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A challenge that is not base64 is not passed on; a second challenge is a protocol error.
+        let message = b"user=bob@example.com\x01auth=Bearer old\x01\x01";
+        let transcript = format!(
+            "{OAUTH_CAPABILITIES}
+            C: L AUTHENTICATE XOAUTH2 {}
+            S: + not base64!
+            C: 
+            S: L NO [AUTHENTICATIONFAILED] Authentication failed.",
+            b64(message)
+        );
+        match play(Security::Plain, oauth_login(OAuthMechanism::XOAuth2, message), &transcript) {
+            Want::Failed(e) => assert_eq!((e.kind, e.challenge), (ErrorKind::AuthFailed, None)),
+            other => panic!("{other:?}"),
+        }
+        let transcript = format!(
+            "{OAUTH_CAPABILITIES}
+            C: L AUTHENTICATE XOAUTH2 {}
+            S: + {challenge}
+            C: 
+            S: + {challenge}",
+            b64(message)
+        );
+        match play(Security::Plain, oauth_login(OAuthMechanism::XOAuth2, message), &transcript) {
+            Want::Failed(e) => assert_eq!(e.kind, ErrorKind::Protocol),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -3,8 +3,9 @@
 //! and Microsoft's XOAUTH2 (`user=<name>^Aauth=Bearer <token>^A^A`). The user to route comes from the
 //! message (OAUTHBEARER's `a=`, XOAUTH2's `user=`); the token is a secret (redacted, wiped on drop), and the
 //! whole message is kept to be replayed to the backend unchanged. The backend validates the token.
-//!
-//! Not wired into the pre-auth machine yet (issue 11's OAuth part); depends on `credentials`.
+//! A message is rebuilt (same user and token, the other mechanism's framing, or another user name) only when
+//! the backend needs it so: a lookup renamed the user, or the backend offers only the other mechanism.
+//! Depends on `credentials`.
 
 use super::credentials::{Secret, Username};
 
@@ -13,6 +14,35 @@ use super::credentials::{Secret, Username};
 pub enum OAuthMechanism {
     OAuthBearer,
     XOAuth2,
+}
+
+impl OAuthMechanism {
+    /// The SASL name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthMechanism::OAuthBearer => "OAUTHBEARER",
+            OAuthMechanism::XOAuth2 => "XOAUTH2",
+        }
+    }
+
+    /// What a client answers to an error challenge, base64 (RFC 7628 3.2.3: a lone ^A; XOAUTH2 clients
+    /// answer an empty response, which Dovecot and Google accept as well).
+    pub fn error_acknowledgement(self) -> &'static [u8] {
+        match self {
+            OAuthMechanism::OAuthBearer => b"AQ==",
+            OAuthMechanism::XOAuth2 => b"",
+        }
+    }
+
+    /// The error challenge the proxy gives itself when it refuses a token without asking the backend (a
+    /// token already refused): base64 of the JSON Dovecot sends, `{"status":"invalid_token"}` (RFC 7628)
+    /// and `{"status":"401","schemes":"bearer","scope":"mail"}` (Google's XOAUTH2).
+    pub fn error_challenge(self) -> &'static str {
+        match self {
+            OAuthMechanism::OAuthBearer => "eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=",
+            OAuthMechanism::XOAuth2 => "eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0=",
+        }
+    }
 }
 
 /// A parsed client message.
@@ -155,13 +185,32 @@ pub fn parse_xoauth2(message: &[u8]) -> Result<OAuthMessage, OAuthError> {
     })
 }
 
-/// The client's answer to a server's error challenge (RFC 7628 3.2.3): OAUTHBEARER sends a lone ^A,
-/// XOAUTH2 clients an empty response.
-pub fn is_error_acknowledgement(mechanism: OAuthMechanism, decoded: &[u8]) -> bool {
+/// A message for `mechanism` carrying `user` and `token` (a token that came out of a parsed message, so in
+/// b64token syntax): `n,a=<saslname>,^Aauth=Bearer <token>^A^A` or `user=<name>^Aauth=Bearer <token>^A^A`.
+pub fn build(mechanism: OAuthMechanism, user: &Username, token: &Secret<Vec<u8>>) -> Secret<Vec<u8>> {
+    let mut out = Vec::with_capacity(user.as_str().len() + token.expose().len() + 32);
     match mechanism {
-        OAuthMechanism::OAuthBearer => decoded == b"\x01",
-        OAuthMechanism::XOAuth2 => decoded.is_empty(),
+        OAuthMechanism::OAuthBearer => {
+            out.extend_from_slice(b"n,a=");
+            for &b in user.as_str().as_bytes() {
+                match b {
+                    b',' => out.extend_from_slice(b"=2C"),
+                    b'=' => out.extend_from_slice(b"=3D"),
+                    b => out.push(b),
+                }
+            }
+            out.extend_from_slice(b",\x01");
+        }
+        OAuthMechanism::XOAuth2 => {
+            out.extend_from_slice(b"user=");
+            out.extend_from_slice(user.as_str().as_bytes());
+            out.push(0x01);
+        }
     }
+    out.extend_from_slice(b"auth=Bearer ");
+    out.extend_from_slice(token.expose());
+    out.extend_from_slice(b"\x01\x01");
+    Secret::new(out)
 }
 
 #[cfg(test)]
@@ -211,9 +260,15 @@ mod tests {
     }
 
     #[test]
-    fn error_acknowledgements() {
-        assert!(is_error_acknowledgement(OAuthMechanism::OAuthBearer, b"\x01"));
-        assert!(!is_error_acknowledgement(OAuthMechanism::OAuthBearer, b""));
-        assert!(is_error_acknowledgement(OAuthMechanism::XOAuth2, b""));
+    fn built_messages_parse_back_to_the_same_user_and_token() {
+        let user = Username::parse(b"we,ird=name@example.org").unwrap();
+        let token = Secret::new(b"ya29.a0-b_c~d+e/f==".to_vec());
+        let bearer = build(OAuthMechanism::OAuthBearer, &user, &token);
+        assert_eq!(bearer.expose(), b"n,a=we=2Cird=3Dname@example.org,\x01auth=Bearer ya29.a0-b_c~d+e/f==\x01\x01");
+        let parsed = parse_oauthbearer(bearer.expose()).unwrap();
+        assert_eq!((parsed.username.as_str(), parsed.token.expose()), (user.as_str(), token.expose()));
+        let xoauth2 = build(OAuthMechanism::XOAuth2, &user, &token);
+        let parsed = parse_xoauth2(xoauth2.expose()).unwrap();
+        assert_eq!((parsed.username.as_str(), parsed.token.expose()), (user.as_str(), token.expose()));
     }
 }

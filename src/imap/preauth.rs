@@ -2,19 +2,64 @@
 //!
 //! Bytes from the client go in with [`PreAuth::feed`]; [`PreAuth::next_action`] says what to do: send bytes,
 //! try a login at a backend, or close. Only `CAPABILITY`, `NOOP`, `LOGOUT`, `ID`, `LOGIN` and `AUTHENTICATE`
-//! are served; nothing the client sends before login is ever forwarded. Depends on `framing`, `command`,
-//! `sasl` and `credentials`.
+//! are served; nothing the client sends before login is ever forwarded. The mechanisms on offer are the
+//! configuration's ([`Offer`]); OAuth messages are parsed here and replayed by the backend login, and a
+//! backend's OAuth error challenge is played back to the client ([`PreAuth::oauth_failed`]). Depends on
+//! `framing`, `command`, `sasl`, `oauth` and `credentials`.
 
 use std::collections::VecDeque;
 
 use super::command::{self, CommandBody, IdParams, ParseErrorKind, Tag};
-use super::credentials::{Credentials, Username};
+use super::credentials::{Credentials, Secret, Username};
 use super::framing::{Event, Framer, FramingError, Limits};
+use super::oauth::{self, OAuthError, OAuthMechanism};
 pub use super::reply::Rejection;
 use super::sasl::{self, SaslError};
 
-/// What the proxy advertises before login: only what it implements itself.
-pub const CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN";
+/// What the proxy advertises before login, before the `AUTH=` of the mechanisms on offer: only what it
+/// implements itself.
+pub const BASE_CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL- ID";
+
+/// The SASL mechanisms on offer (`[auth] mechanisms`). Without PLAIN and LOGIN, passwords are not taken at
+/// all: `LOGINDISABLED` is advertised and the `LOGIN` command refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    pub plain: bool,
+    pub login: bool,
+    pub xoauth2: bool,
+    pub oauthbearer: bool,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Self { plain: true, login: true, xoauth2: false, oauthbearer: false }
+    }
+}
+
+impl Offer {
+    fn passwords(self) -> bool {
+        self.plain || self.login
+    }
+
+    /// The capability list for the greeting and `CAPABILITY`.
+    pub fn capabilities(self) -> String {
+        let mut caps = BASE_CAPABILITIES.to_owned();
+        for (offered, name) in [
+            (self.plain, " AUTH=PLAIN"),
+            (self.login, " AUTH=LOGIN"),
+            (self.xoauth2, " AUTH=XOAUTH2"),
+            (self.oauthbearer, " AUTH=OAUTHBEARER"),
+        ] {
+            if offered {
+                caps.push_str(name);
+            }
+        }
+        if !self.passwords() {
+            caps.push_str(" LOGINDISABLED");
+        }
+        caps
+    }
+}
 
 /// Bad commands tolerated before the connection is closed.
 pub const MAX_BAD_COMMANDS: u32 = 3;
@@ -28,6 +73,10 @@ pub enum Mechanism {
     Plain,
     /// `AUTHENTICATE LOGIN`.
     SaslLogin,
+    /// `AUTHENTICATE XOAUTH2`.
+    XOAuth2,
+    /// `AUTHENTICATE OAUTHBEARER`.
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -36,6 +85,17 @@ impl Mechanism {
             Mechanism::Login => "LOGIN-command",
             Mechanism::Plain => "PLAIN",
             Mechanism::SaslLogin => "LOGIN",
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+
+    /// The OAuth mechanism, for the two OAuth logins.
+    pub fn oauth(self) -> Option<OAuthMechanism> {
+        match self {
+            Mechanism::XOAuth2 => Some(OAuthMechanism::XOAuth2),
+            Mechanism::OAuthBearer => Some(OAuthMechanism::OAuthBearer),
+            Mechanism::Login | Mechanism::Plain | Mechanism::SaslLogin => None,
         }
     }
 }
@@ -44,8 +104,11 @@ impl Mechanism {
 #[derive(Debug)]
 pub struct LoginRequest {
     pub tag: Tag,
+    /// For an OAuth login the password is the bearer token: the defence fingerprints it like a password.
     pub credentials: Credentials,
     pub mechanism: Mechanism,
+    /// An OAuth login's message as the client sent it (decoded), for the backend.
+    pub oauth_message: Option<Secret<Vec<u8>>>,
 }
 
 /// Why the machine wants the connection closed.
@@ -77,6 +140,10 @@ enum State {
     LoginUsername { tag: Tag },
     /// Expects the password of AUTHENTICATE LOGIN.
     LoginPassword { tag: Tag, username: Username },
+    /// Expects an OAuth client message after an empty continuation.
+    OAuthResponse { tag: Tag, mechanism: OAuthMechanism },
+    /// The backend's OAuth error challenge was played back; expects the client's acknowledgement.
+    OAuthFailure { tag: Tag },
     /// A login is being tried at a backend; no input is read.
     AwaitingLogin,
     /// Nothing more happens.
@@ -86,6 +153,7 @@ enum State {
 /// The pre-authentication state machine for one client connection.
 #[derive(Debug)]
 pub struct PreAuth {
+    offer: Offer,
     framer: Framer,
     state: State,
     actions: VecDeque<Action>,
@@ -100,8 +168,14 @@ impl Default for PreAuth {
 }
 
 impl PreAuth {
+    /// A machine offering the default mechanisms (PLAIN and LOGIN).
     pub fn new() -> Self {
+        Self::offering(Offer::default())
+    }
+
+    pub fn offering(offer: Offer) -> Self {
         Self {
+            offer,
             framer: Framer::new(Limits::CLIENT_PREAUTH),
             state: State::Command,
             actions: VecDeque::new(),
@@ -112,7 +186,7 @@ impl PreAuth {
 
     /// The greeting to send first.
     pub fn greeting(&self) -> Vec<u8> {
-        format!("* OK [CAPABILITY {CAPABILITIES}] Server ready.\r\n").into_bytes()
+        format!("* OK [CAPABILITY {}] Server ready.\r\n", self.offer.capabilities()).into_bytes()
     }
 
     /// Bytes received from the client. Drain [`PreAuth::next_action`] before feeding more.
@@ -140,6 +214,8 @@ impl PreAuth {
                     State::PlainResponse { tag } => self.plain_response(tag, frame.first_line()),
                     State::LoginUsername { tag } => self.login_username(tag, frame.first_line()),
                     State::LoginPassword { tag, username } => self.login_password(tag, username, frame.first_line()),
+                    State::OAuthResponse { tag, mechanism } => self.oauth_response(tag, mechanism, frame.first_line()),
+                    State::OAuthFailure { tag } => self.oauth_acknowledged(&tag, frame.first_line()),
                     // Returned above before reading input; keep the state as it was.
                     state @ (State::AwaitingLogin | State::Closed) => self.state = state,
                 },
@@ -152,6 +228,14 @@ impl PreAuth {
     pub fn login_failed(&mut self, tag: &Tag, rejection: Rejection) {
         self.state = State::Command;
         self.send(format!("{} NO [{}] {}\r\n", tag.as_str(), rejection.code, rejection.text));
+    }
+
+    /// The backend refused an OAuth login with an error challenge (base64 JSON, RFC 7628 3.2.2): the client
+    /// gets it as a continuation, answers it (`AQ==` or an empty line), then gets the generic `NO`.
+    pub fn oauth_failed(&mut self, tag: &Tag, challenge: &str) {
+        self.send(format!("+ {challenge}\r\n"));
+        self.framer.expect_raw_line();
+        self.state = State::OAuthFailure { tag: tag.clone() };
     }
 
     /// The session timed out waiting for the client.
@@ -190,7 +274,7 @@ impl PreAuth {
 
     fn login(&mut self, tag: Tag, credentials: Credentials, mechanism: Mechanism) {
         self.state = State::AwaitingLogin;
-        self.actions.push_back(Action::Login(LoginRequest { tag, credentials, mechanism }));
+        self.actions.push_back(Action::Login(LoginRequest { tag, credentials, mechanism, oauth_message: None }));
     }
 
     fn command(&mut self, frame: &super::framing::Frame) {
@@ -206,9 +290,11 @@ impl PreAuth {
         };
         let tag = command.tag;
         match command.body {
-            CommandBody::Capability => {
-                self.send(format!("* CAPABILITY {CAPABILITIES}\r\n{} OK Capability completed.\r\n", tag.as_str()))
-            }
+            CommandBody::Capability => self.send(format!(
+                "* CAPABILITY {}\r\n{} OK Capability completed.\r\n",
+                self.offer.capabilities(),
+                tag.as_str()
+            )),
             CommandBody::Noop => self.send(format!("{} OK NOOP completed.\r\n", tag.as_str())),
             CommandBody::Logout => self.close_with(
                 format!("* BYE Logging out.\r\n{} OK Logout completed.\r\n", tag.as_str()),
@@ -220,6 +306,9 @@ impl PreAuth {
             }
             CommandBody::StartTls => self.bad(Some(&tag), "TLS is already active."),
             CommandBody::NotAllowed(_) => self.bad(Some(&tag), "Command not permitted before authentication."),
+            CommandBody::Login(_) if !self.offer.passwords() => {
+                self.send(format!("{} NO [CANNOT] Password logins are disabled.\r\n", tag.as_str()))
+            }
             CommandBody::Login(credentials) => self.login(tag, credentials, Mechanism::Login),
             CommandBody::Authenticate { mechanism, initial_response } => {
                 self.authenticate(tag, &mechanism, initial_response)
@@ -228,6 +317,32 @@ impl PreAuth {
     }
 
     fn authenticate(&mut self, tag: Tag, mechanism: &str, initial_response: Option<Vec<u8>>) {
+        let offer = self.offer;
+        let offered = match mechanism {
+            "PLAIN" => offer.plain,
+            "LOGIN" => offer.login,
+            "XOAUTH2" => offer.xoauth2,
+            "OAUTHBEARER" => offer.oauthbearer,
+            _ => false,
+        };
+        if !offered {
+            return self.send(format!("{} NO Unsupported authentication mechanism.\r\n", tag.as_str()));
+        }
+        let oauth = match mechanism {
+            "XOAUTH2" => Some(OAuthMechanism::XOAuth2),
+            "OAUTHBEARER" => Some(OAuthMechanism::OAuthBearer),
+            _ => None,
+        };
+        if let Some(mechanism) = oauth {
+            return match initial_response {
+                Some(response) => self.oauth_response(tag, mechanism, &response),
+                None => {
+                    self.send("+ \r\n".into());
+                    self.framer.expect_raw_line();
+                    self.state = State::OAuthResponse { tag, mechanism };
+                }
+            };
+        }
         match (mechanism, initial_response) {
             ("PLAIN", Some(response)) => self.plain_response(tag, &response),
             ("PLAIN", None) => {
@@ -270,6 +385,45 @@ impl PreAuth {
         match password {
             Ok(password) => self.login(tag, Credentials { username, password }, Mechanism::SaslLogin),
             Err(error) => self.sasl_error(&tag, &error),
+        }
+    }
+
+    fn oauth_response(&mut self, tag: Tag, mechanism: OAuthMechanism, line: &[u8]) {
+        let decoded = match sasl::decode_response(line) {
+            Ok(decoded) => decoded,
+            Err(error) => return self.sasl_error(&tag, &error),
+        };
+        let parsed = match mechanism {
+            OAuthMechanism::OAuthBearer => oauth::parse_oauthbearer(decoded.expose()),
+            OAuthMechanism::XOAuth2 => oauth::parse_xoauth2(decoded.expose()),
+        };
+        match parsed {
+            Ok(message) => {
+                let mechanism = match mechanism {
+                    OAuthMechanism::OAuthBearer => Mechanism::OAuthBearer,
+                    OAuthMechanism::XOAuth2 => Mechanism::XOAuth2,
+                };
+                let credentials = Credentials { username: message.username, password: message.token };
+                self.state = State::AwaitingLogin;
+                self.actions.push_back(Action::Login(LoginRequest {
+                    tag,
+                    credentials,
+                    mechanism,
+                    oauth_message: Some(message.message),
+                }));
+            }
+            Err(_) if decoded.expose().is_empty() => self.sasl_error(&tag, &SaslError::Empty),
+            Err(OAuthError::ChannelBinding) => {
+                self.send(format!("{} NO [CANNOT] Channel binding is not supported.\r\n", tag.as_str()))
+            }
+            Err(_) => self.bad(Some(&tag), "Malformed SASL response."),
+        }
+    }
+
+    fn oauth_acknowledged(&mut self, tag: &Tag, line: &[u8]) {
+        match sasl::decode_response(line) {
+            Err(SaslError::Cancelled) => self.sasl_error(tag, &SaslError::Cancelled),
+            _ => self.login_failed(tag, Rejection::AUTHENTICATION_FAILED),
         }
     }
 
@@ -350,7 +504,10 @@ mod tests {
         let mut m = PreAuth::new();
         assert_eq!(
             run(&mut m, b"a CAPABILITY\r\nb NOOP\r\n"),
-            format!("* CAPABILITY {CAPABILITIES}\r\na OK Capability completed.\r\nb OK NOOP completed.\r\n")
+            format!(
+                "* CAPABILITY {}\r\na OK Capability completed.\r\nb OK NOOP completed.\r\n",
+                Offer::default().capabilities()
+            )
         );
         assert_eq!(run(&mut m, b"c ID (\"name\" \"mutt\")\r\n"), "* ID NIL\r\nc OK ID completed.\r\n");
         assert_eq!(m.client_id(), &vec![("name".to_owned(), Some("mutt".to_owned()))]);
@@ -451,6 +608,124 @@ mod tests {
         );
         let mut m = PreAuth::new();
         assert_eq!(run(&mut m, &[b'x'; 9000]), "* BYE [TOOBIG] Line too long.\r\n[close Framing]");
+    }
+
+    fn oauth_offer() -> Offer {
+        Offer { xoauth2: true, oauthbearer: true, ..Offer::default() }
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn oauth_is_offered_only_when_configured() {
+        let m = PreAuth::offering(oauth_offer());
+        assert_eq!(
+            m.greeting(),
+            b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL- ID AUTH=PLAIN AUTH=LOGIN AUTH=XOAUTH2 AUTH=OAUTHBEARER] \
+              Server ready.\r\n"
+        );
+        let message = b64(b"user=alice@example.org\x01auth=Bearer tok.en\x01\x01");
+        let mut m = PreAuth::new();
+        assert_eq!(
+            run(&mut m, format!("a AUTHENTICATE XOAUTH2 {message}\r\n").as_bytes()),
+            "a NO Unsupported authentication mechanism.\r\n"
+        );
+        // OAuth only: no passwords taken at all.
+        let offer = Offer { plain: false, login: false, ..oauth_offer() };
+        let mut m = PreAuth::offering(offer);
+        assert_eq!(offer.capabilities(), "IMAP4rev1 SASL-IR LITERAL- ID AUTH=XOAUTH2 AUTH=OAUTHBEARER LOGINDISABLED");
+        assert_eq!(run(&mut m, b"a LOGIN alice pw\r\n"), "a NO [CANNOT] Password logins are disabled.\r\n");
+        assert_eq!(
+            run(&mut m, b"b AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            "b NO Unsupported authentication mechanism.\r\n"
+        );
+    }
+
+    /// Runs until the login action and returns it.
+    fn oauth_login(m: &mut PreAuth, input: &[u8]) -> LoginRequest {
+        m.feed(input);
+        loop {
+            match m.next_action() {
+                Some(Action::Login(request)) => return request,
+                Some(Action::Send(bytes)) => assert_eq!(bytes, b"+ \r\n"),
+                other => panic!("expected a login, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oauth_logins_with_and_without_initial_response() {
+        let xoauth2 = b"user=alice@example.org\x01auth=Bearer ya29.tok-en\x01\x01";
+        let bearer = b"n,a=bob@example.com,\x01host=imap.example.com\x01port=993\x01auth=Bearer eyJ0.eXA~\x01\x01";
+        for (mechanism, message, user, token) in [
+            (Mechanism::XOAuth2, &xoauth2[..], "alice@example.org", &b"ya29.tok-en"[..]),
+            (Mechanism::OAuthBearer, &bearer[..], "bob@example.com", &b"eyJ0.eXA~"[..]),
+        ] {
+            let name = mechanism.as_str();
+            let inputs = [
+                format!("a AUTHENTICATE {name} {}\r\n", b64(message)),
+                format!("a AUTHENTICATE {name}\r\n{}\r\n", b64(message)),
+            ];
+            for input in inputs {
+                let mut m = PreAuth::offering(oauth_offer());
+                let request = oauth_login(&mut m, input.as_bytes());
+                assert_eq!(request.mechanism, mechanism);
+                assert_eq!(request.credentials.username.as_str(), user);
+                assert_eq!(request.credentials.password.expose(), token, "the token is what the defence counts");
+                assert_eq!(request.oauth_message.as_ref().map(|m| m.expose().as_slice()), Some(message));
+                assert!(!format!("{request:?}").contains("tok-en") && !format!("{request:?}").contains("eyJ0"));
+            }
+        }
+    }
+
+    #[test]
+    fn oauth_error_challenge_is_played_back_then_no() {
+        let challenge = b64(br#"{"status":"invalid_token"}"#);
+        let message = b64(b"n,a=bob@example.com,\x01auth=Bearer expired\x01\x01");
+        let tag = Tag::parse(b"a").unwrap();
+        for (answer, reply) in [
+            ("AQ==", "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            ("", "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            ("*", "a BAD Authentication cancelled.\r\n"),
+        ] {
+            let mut m = PreAuth::offering(oauth_offer());
+            oauth_login(&mut m, format!("a AUTHENTICATE OAUTHBEARER {message}\r\n").as_bytes());
+            m.oauth_failed(&tag, &challenge);
+            assert_eq!(run(&mut m, b""), format!("+ {challenge}\r\n"));
+            // The acknowledgement is a SASL line, never a command, even when it looks like one.
+            assert_eq!(
+                run(&mut m, format!("{answer}\r\nb NOOP\r\n").as_bytes()),
+                format!("{reply}b OK NOOP completed.\r\n")
+            );
+        }
+        let mut m = PreAuth::offering(oauth_offer());
+        oauth_login(&mut m, format!("a AUTHENTICATE OAUTHBEARER {message}\r\n").as_bytes());
+        m.oauth_failed(&tag, &challenge);
+        assert_eq!(run(&mut m, b""), format!("+ {challenge}\r\n"));
+        assert_eq!(run(&mut m, b"c LOGOUT\r\n"), "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+    }
+
+    #[test]
+    fn malformed_oauth_messages() {
+        let mut m = PreAuth::offering(oauth_offer());
+        let cases = [
+            (
+                format!("a AUTHENTICATE OAUTHBEARER {}\r\n", b64(b"p=tls-unique,a=u@x.org,\x01auth=Bearer t\x01\x01")),
+                "a NO [CANNOT] Channel binding is not supported.\r\n",
+            ),
+            ("b AUTHENTICATE XOAUTH2 =\r\n".to_owned(), "b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+            (
+                format!("c AUTHENTICATE XOAUTH2 {}\r\n", b64(b"user=u@x.org\x01auth=Basic dTpw\x01\x01")),
+                "c BAD Malformed SASL response.\r\n",
+            ),
+            ("d AUTHENTICATE OAUTHBEARER\r\nnot-base64!\r\n".to_owned(), "+ \r\nd BAD Invalid base64 data.\r\n"),
+        ];
+        for (input, reply) in cases {
+            assert_eq!(run(&mut m, input.as_bytes()), reply);
+        }
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub enum Response {
     Status { tag: Option<String>, status: Status, code: Option<String>, text: String },
     /// `* CAPABILITY ...`
     Capability(Vec<String>),
-    /// `+ ...`
-    Continuation,
+    /// `+ ...`, with the text after `+ ` (a SASL challenge, or a human-readable text).
+    Continuation(String),
     /// Any other untagged data (e.g. `* ID (...)`), ignored during login.
     Data,
     /// A line that is not a response.
@@ -37,11 +37,11 @@ impl Response {
         let text = String::from_utf8_lossy(line);
         let mut words = text.splitn(3, ' ');
         let (Some(tag), Some(second)) = (words.next(), words.next()) else {
-            return if text == "+" { Response::Continuation } else { Response::Malformed };
+            return if text == "+" { Response::Continuation(String::new()) } else { Response::Malformed };
         };
         let rest = words.next().unwrap_or("");
         if tag == "+" {
-            return Response::Continuation;
+            return Response::Continuation(text.split_once(' ').map_or("", |(_, rest)| rest).to_owned());
         }
         let status = match second.to_ascii_uppercase().as_str() {
             "OK" => Status::Ok,
@@ -199,8 +199,10 @@ mod tests {
             parse("* CAPABILITY IMAP4rev1 AUTH=PLAIN"),
             Response::Capability(vec!["IMAP4rev1".into(), "AUTH=PLAIN".into()])
         );
-        assert_eq!(parse("+ "), Response::Continuation);
-        assert_eq!(parse("+"), Response::Continuation);
+        assert_eq!(parse("+ "), Response::Continuation(String::new()));
+        assert_eq!(parse("+"), Response::Continuation(String::new()));
+        assert_eq!(parse("+ eyJzdGF0dXMiOiI0MDEifQ=="), Response::Continuation("eyJzdGF0dXMiOiI0MDEifQ==".into()));
+        assert_eq!(parse("+ Ready for literal data"), Response::Continuation("Ready for literal data".into()));
         assert_eq!(parse("* ID NIL"), Response::Data);
         assert_eq!(parse("garbage"), Response::Malformed);
         assert_eq!(parse("S WHAT"), Response::Malformed);

@@ -1,4 +1,5 @@
-//! SASL for the two mechanisms the proxy terminates: PLAIN (RFC 4616) and LOGIN.
+//! SASL for the two password mechanisms the proxy terminates, PLAIN (RFC 4616) and LOGIN, and the base64
+//! of every SASL exchange (OAuth's messages are parsed in `oauth`).
 //!
 //! Base64 is strict: canonical padding, no whitespace, no trailing bits; a lone `=` is the empty response
 //! (RFC 4959). Depends on `credentials`.
@@ -76,6 +77,11 @@ pub fn encode_plain(username: &Username, password: &Password) -> Password {
     message.extend_from_slice(password.expose());
     let message = credentials::Secret::new(message);
     credentials::Secret::new(STANDARD.encode(message.expose()).into_bytes())
+}
+
+/// Base64 of a SASL message that may hold a secret (wiped when dropped).
+pub fn encode(message: &[u8]) -> credentials::Secret<Vec<u8>> {
+    credentials::Secret::new(STANDARD.encode(message).into_bytes())
 }
 
 #[cfg(test)]

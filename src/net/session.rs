@@ -14,6 +14,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
+use crate::imap::backend_login::OAuthReplay;
 use crate::imap::command::{self, Tag};
 use crate::imap::inspect::Observer;
 use crate::imap::preauth::{Action, CloseReason, LoginRequest, PreAuth, Rejection};
@@ -290,7 +291,7 @@ async fn pre_auth(
     let id = facts.session.clone();
     let id = id.as_str();
     let forwarding_trusted = prefix::contains(&shared.config.server.id_forwarded_from, peer.ip());
-    let mut machine = PreAuth::new();
+    let mut machine = PreAuth::offering(offer(&shared.config.auth));
     // Logins tried on this connection (the lookup's Auth-Login-Attempt).
     let mut attempts = 0u32;
     let write_limit = shared.config.server.write_timeout;
@@ -342,11 +343,15 @@ async fn pre_auth(
                             // like the wrong pair it is.
                             record_attempt(shared, facts, &request, Attempt::Refused(refusal));
                             wait_tarpit(shared, shared.defence.refusal_delay(peer.ip(), refusal), phase).await;
-                            let rejection = match refusal {
-                                Refusal::Repeated => Rejection::AUTHENTICATION_FAILED,
-                                _ => Rejection::UNAVAILABLE,
-                            };
-                            machine.login_failed(&request.tag, rejection);
+                            match (refusal, request.mechanism.oauth()) {
+                                (Refusal::Repeated, Some(oauth)) => {
+                                    machine.oauth_failed(&request.tag, oauth.error_challenge())
+                                }
+                                (Refusal::Repeated, None) => {
+                                    machine.login_failed(&request.tag, Rejection::AUTHENTICATION_FAILED)
+                                }
+                                _ => machine.login_failed(&request.tag, Rejection::UNAVAILABLE),
+                            }
                             continue;
                         }
                     };
@@ -378,7 +383,10 @@ async fn pre_auth(
                             if let Some(delay) = tarpit {
                                 wait_tarpit(shared, delay, phase).await;
                             }
-                            machine.login_failed(&request.tag, failure.rejection());
+                            match &failure.challenge {
+                                Some(challenge) => machine.oauth_failed(&request.tag, challenge),
+                                None => machine.login_failed(&request.tag, failure.rejection()),
+                            }
                         }
                     }
                 }
@@ -394,6 +402,17 @@ async fn pre_auth(
             () = tokio::time::sleep_until(time_limit) => machine.time_limit(),
             () = crate::lifecycle::stopping(phase) => return Err(farewell(client).await),
         }
+    }
+}
+
+/// The pre-auth machine's mechanisms, from `[auth]`.
+fn offer(auth: &crate::config::AuthConfig) -> crate::imap::preauth::Offer {
+    use crate::config::AuthMechanism as M;
+    crate::imap::preauth::Offer {
+        plain: auth.offers(M::Plain),
+        login: auth.offers(M::Login),
+        xoauth2: auth.offers(M::XOAuth2),
+        oauthbearer: auth.offers(M::OAuthBearer),
     }
 }
 
@@ -429,6 +448,7 @@ fn rules_plan(shared: &Shared, user: &crate::imap::credentials::Username) -> Res
         side: Side::Proxy,
         kind: Kind::NoRoute,
         detail: "no route and no default backend".into(),
+        challenge: None,
     })?;
     let backends =
         route.candidates.iter().filter_map(|&i| shared.router.backend(i)).map(|b| (b.clone(), true)).collect();
@@ -441,14 +461,22 @@ async fn plan(shared: &Shared, request: &LoginRequest, peer: SocketAddr, attempt
     use crate::route::lookup::{Answer, Question};
     let user = &request.credentials.username;
     let Some(lookup) = &shared.lookup else { return rules_plan(shared, user) };
+    use crate::imap::preauth::Mechanism;
     let question = Question {
-        method: if request.mechanism == crate::imap::preauth::Mechanism::SaslLogin { "login" } else { "plain" },
+        // nginx's Auth-Method names; OAuth (which nginx does not proxy) as the lower-case mechanism, with
+        // the token as the password.
+        method: match request.mechanism {
+            Mechanism::SaslLogin => "login",
+            Mechanism::Login | Mechanism::Plain => "plain",
+            Mechanism::XOAuth2 => "xoauth2",
+            Mechanism::OAuthBearer => "oauthbearer",
+        },
         user: user.as_str(),
         password: lookup.config.send_password.then(|| request.credentials.password.expose().as_slice()),
         attempt,
         client: peer.ip(),
     };
-    let lookup_failure = |detail: String| Failure { side: Side::Proxy, kind: Kind::Lookup, detail };
+    let lookup_failure = |detail: String| Failure { side: Side::Proxy, kind: Kind::Lookup, detail, challenge: None };
     match lookup.find(&question, &shared.metrics).await {
         Ok(Answer::Server { ip, port, user: login_as }) => {
             let configured = shared.config.backends.iter().find(|b| {
@@ -480,7 +508,12 @@ async fn plan(shared: &Shared, request: &LoginRequest, peer: SocketAddr, attempt
             if let Some(wait) = wait {
                 tokio::time::sleep(wait).await;
             }
-            Err(Failure { side: Side::Client, kind: Kind::AuthFailed, detail: format!("lookup refused: {status}") })
+            Err(Failure {
+                side: Side::Client,
+                kind: Kind::AuthFailed,
+                detail: format!("lookup refused: {status}"),
+                challenge: None,
+            })
         }
         Err(error) => match lookup.config.on_error {
             crate::config::OnError::Static => {
@@ -517,6 +550,17 @@ async fn login(
         }
         None => &request.credentials,
     };
+    // An OAuth message names the user: a renamed login gets a message for the new name.
+    let oauth = match (request.mechanism.oauth(), &request.oauth_message) {
+        (Some(mechanism), Some(message)) => Some(OAuthReplay {
+            mechanism,
+            message: match &plan.login_as {
+                Some(name) => crate::imap::oauth::build(mechanism, name, &request.credentials.password),
+                None => message.clone(),
+            },
+        }),
+        _ => None,
+    };
     let mut last = None;
     for (attempt, (backend, tracked)) in plan.backends.iter().enumerate() {
         let name = backend.name.as_str();
@@ -532,7 +576,7 @@ async fn login(
         if attempt > 0 {
             tracing::info!(user = %user, backend = name, pool = plan.pool.as_deref().unwrap_or("-"), "failing over");
         }
-        let target = Target { backend, tracked: *tracked, credentials };
+        let target = Target { backend, tracked: *tracked, credentials, oauth: oauth.as_ref() };
         match login_at(shared, target, request, machine, peer, local, id).await {
             Ok(upstream) => return Ok((upstream, backend.name.clone())),
             // Another member may serve the user (shared storage) when the pool fails over.
@@ -549,6 +593,7 @@ struct Target<'a> {
     /// Its circuit is kept (a configured backend).
     tracked: bool,
     credentials: &'a crate::imap::credentials::Credentials,
+    oauth: Option<&'a OAuthReplay>,
 }
 
 /// One login attempt at one backend, recorded in its metrics and its circuit.
@@ -561,12 +606,13 @@ async fn login_at(
     local: SocketAddr,
     id: &str,
 ) -> Result<Upstream, Failure> {
-    let Target { backend, tracked, credentials } = target;
+    let Target { backend, tracked, credentials, oauth } = target;
     let config = &shared.config;
     let started = Instant::now();
     let result = upstream::login(LoginContext {
         leg: upstream::Leg::new(backend, config, &shared.backend_tls).for_client(peer, local),
         credentials,
+        oauth,
         id_fields: vec![
             ("x-session-id", id.to_owned()),
             ("x-originating-ip", peer.ip().to_string()),

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::{Backend, BackendMode, SendProxy};
 use crate::failure::{Failure, Kind, Side};
-use crate::imap::backend_login::{BackendLogin, ErrorKind, Goal, LoggedIn, Security, Want};
+use crate::imap::backend_login::{BackendLogin, ErrorKind, Goal, LoggedIn, OAuthReplay, Security, Want};
 use crate::imap::command::IdParams;
 use crate::imap::credentials::Credentials;
 use crate::imap::response;
@@ -103,6 +103,8 @@ impl<'a> Leg<'a> {
 pub struct LoginContext<'a> {
     pub leg: Leg<'a>,
     pub credentials: &'a Credentials,
+    /// An OAuth login's message (the password is then the token).
+    pub oauth: Option<&'a OAuthReplay>,
     /// The proxy's own `x-` ID fields (session id, client address, ...).
     pub id_fields: Vec<(&'static str, String)>,
     /// The client's ID fields; its `x-` fields are dropped.
@@ -144,7 +146,7 @@ async fn connect(leg: &Leg<'_>) -> Result<TcpStream, Failure> {
 pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
     let tcp = connect(&ctx.leg).await?;
     let id = response::id_command("I", &ctx.id_fields, ctx.client_id);
-    let goal = Goal::Login { credentials: ctx.credentials.clone(), id };
+    let goal = Goal::Login { credentials: ctx.credentials.clone(), id, oauth: ctx.oauth.cloned() };
     let (stream, done) =
         timeout(ctx.leg.login_timeout, drive(tcp, &ctx.leg, goal).instrument(tracing::info_span!("authenticate")))
             .await
@@ -208,7 +210,9 @@ async fn drive(tcp: TcpStream, leg: &Leg<'_>, goal: Goal) -> Result<(BackendStre
                     ErrorKind::Protocol => Failure::backend(Kind::Protocol, e.detail),
                     ErrorKind::StartTls => Failure::backend(Kind::Starttls, e.detail),
                     ErrorKind::TempFail => Failure::backend(Kind::TempFail, e.detail),
-                    ErrorKind::AuthFailed => Failure { side: Side::Client, kind: Kind::AuthFailed, detail: e.detail },
+                    ErrorKind::AuthFailed => {
+                        Failure { side: Side::Client, kind: Kind::AuthFailed, detail: e.detail, challenge: e.challenge }
+                    }
                 });
             }
         }

@@ -64,7 +64,7 @@ const PROXY_RESULTS: &[&str] =
     &["v1", "v2", "none", "untrusted", "missing", "oversized", "invalid", "timeout", "local", "io"];
 const TLS_FAILURES: &[&str] =
     &["timeout", "alpn", "incompatible", "alert_received", "protocol", "tls_error", "closed", "io"];
-const MECHANISMS: &[&str] = &["LOGIN-command", "PLAIN", "LOGIN"];
+const MECHANISMS: &[&str] = &["LOGIN-command", "PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"];
 const AUTH_RESULTS: &[&str] = &[
     "success",
     "bad_credentials",

@@ -68,6 +68,17 @@ impl Dovecot {
     /// Starts an instance named `name` (its greeting says so) with the certificate from `pki` and `extra`
     /// accounts on top of [`USERS`].
     pub fn start(name: &str, pki: &Pki, extra_users: &[(String, String)]) -> Dovecot {
+        Self::start_with(name, pki, extra_users, None)
+    }
+
+    /// Starts an instance that also takes OAuth 2.0 bearer tokens (XOAUTH2 and OAUTHBEARER, Dovecot's
+    /// `oauth2` passdb) and validates them at `introspection_url` (RFC 7662, POST), as an organisation's
+    /// identity provider answers.
+    pub fn start_with_oauth(name: &str, pki: &Pki, introspection_url: &str) -> Dovecot {
+        Self::start_with(name, pki, &[], Some(introspection_url))
+    }
+
+    fn start_with(name: &str, pki: &Pki, extra_users: &[(String, String)], oauth: Option<&str>) -> Dovecot {
         let dir = tempfile::Builder::new().prefix(&format!("imapgate-dovecot-{name}-")).tempdir().unwrap().keep();
         for sub in ["run", "home", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -93,6 +104,23 @@ impl Dovecot {
         let haproxy_port = free_port();
         let log_path = dir.join("dovecot.log");
         let d = dir.display();
+        let (mechanisms, oauth_passdb) = match oauth {
+            None => ("plain login", String::new()),
+            Some(url) => {
+                std::fs::write(
+                    dir.join("dovecot-oauth2.conf.ext"),
+                    format!(
+                        "introspection_mode = post\nintrospection_url = {url}\nusername_attribute = username\n\
+                         active_attribute = active\nactive_value = true\ntimeout_msecs = 5000\n"
+                    ),
+                )
+                .unwrap();
+                let passdb = format!(
+                    "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {d}/dovecot-oauth2.conf.ext\n}}\n"
+                );
+                ("plain login xoauth2 oauthbearer", passdb)
+            }
+        };
         let conf = format!(
             r#"# Private test instance: nothing here touches the system's Dovecot.
 instance_name = imapgate-{name}-{imap_port}
@@ -109,7 +137,7 @@ ssl_cert = <{cert}
 ssl_key = <{key}
 ssl_min_protocol = TLSv1.2
 disable_plaintext_auth = yes
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
 # Allow UTF-8 usernames (the default allows only ASCII letters, digits and .-_@).
 auth_username_chars =
@@ -122,8 +150,10 @@ mail_location = maildir:~/Maildir
 mail_max_userip_connections = 2000
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=PLAIN username_format=%u {d}/users
 }}
+{oauth_passdb}
 userdb {{
   driver = static
   args = uid={mail_uid} gid={mail_gid} home={d}/home/%u

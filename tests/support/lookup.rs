@@ -2,8 +2,7 @@
 //! Debian's python3 on a loopback port chosen at run time, answering from a JSON file the test writes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Child;
 
 pub struct LookupService {
     pub port: u16,
@@ -16,27 +15,11 @@ impl LookupService {
     /// Starts the service with `answers` (user -> answer, see the script) in `dir`.
     pub fn start(dir: &Path, answers: &serde_json::Value) -> LookupService {
         let port = super::free_port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/lookup_service.py");
         let (answers_path, log) = (dir.join(format!("answers-{port}.json")), dir.join(format!("lookups-{port}.log")));
         std::fs::write(&answers_path, answers.to_string()).unwrap();
         std::fs::write(&log, "").unwrap();
-        let child = Command::new("python3")
-            .arg(&script)
-            .args(["--port", &port.to_string()])
-            .arg("--answers")
-            .arg(&answers_path)
-            .arg("--log")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 (Debian package 'python3'; scripts/test.sh installs it)");
-        let mut service = LookupService { port, answers: answers_path, log, child: Some(child) };
-        let up = super::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
-        assert!(up.is_some(), "lookup service did not start");
-        service.child.as_mut().map(|c| c.try_wait().map(|s| assert!(s.is_none(), "lookup service exited")));
-        service
+        let child = super::python_service("lookup_service.py", port, &[("--answers", &answers_path), ("--log", &log)]);
+        LookupService { port, answers: answers_path, log, child: Some(child) }
     }
 
     pub fn url(&self) -> String {

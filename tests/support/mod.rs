@@ -11,6 +11,7 @@ pub mod lookup;
 pub mod pki;
 pub mod proxy;
 pub mod redis;
+pub mod tokens;
 
 use std::net::TcpListener;
 
@@ -126,4 +127,25 @@ pub async fn scrape_until(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Starts `tests/support/<script>` with Debian's python3 on `port` (its `--port`) and `args` (flag, path),
+/// and waits until it accepts connections.
+pub fn python_service(script: &str, port: u16, args: &[(&str, &std::path::Path)]) -> std::process::Child {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script);
+    let mut command = std::process::Command::new("python3");
+    command.arg(&path).args(["--port", &port.to_string()]);
+    for (flag, value) in args {
+        command.arg(flag).arg(value);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 (Debian package 'python3'; scripts/test.sh installs it)");
+    let up = wait_until(std::time::Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    assert!(up.is_some(), "{script} did not start");
+    assert!(child.try_wait().ok().flatten().is_none(), "{script} exited");
+    child
 }
