@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::admin::{self, AdminState};
 use crate::config::{BackendMode, Config};
 use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
@@ -16,10 +17,10 @@ use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::session::Mode;
 use crate::net::tls::{self, TlsConfigError};
 use crate::net::{Shared, session};
+use crate::registry::Registry;
 use crate::route::Router;
 use crate::route::health::Circuits;
 use crate::security::{Defence, DefenceEvent};
-use crate::telemetry::admin::{self, AdminState};
 use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub enum StartError {
     Lookup(String),
     #[error(transparent)]
     StateStore(#[from] crate::fleet::SetupError),
+    #[error("admin.token_file: {0}")]
+    AdminTokens(#[from] admin::auth::TokenError),
 }
 
 fn defence_audit_event(event: &DefenceEvent) -> AuditEvent {
@@ -74,6 +77,7 @@ struct Lasting {
     audit: Option<Arc<AuditLog>>,
     circuits: Arc<Circuits>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sessions: Arc<Registry>,
 }
 
 impl Lasting {
@@ -84,13 +88,14 @@ impl Lasting {
             audit: shared.audit.clone(),
             circuits: Arc::clone(&shared.circuits),
             ticketer: Arc::clone(&shared.ticketer),
+            sessions: Arc::clone(&shared.sessions),
         }
     }
 }
 
 /// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
-    let Lasting { defence, metrics, audit, circuits, ticketer } = lasting;
+    let Lasting { defence, metrics, audit, circuits, ticketer, sessions } = lasting;
     circuits.reconfigure(config.health.clone());
     let (server, expiries) = tls::server_config(&config.tls, &ticketer)?;
     // The names of the set now served (a reload may drop some).
@@ -108,7 +113,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
         None => None,
     };
-    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit, ticketer })
+    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit, ticketer, sessions })
 }
 
 /// What `[state]` needs before anything starts: the Redis client (not connected) and the fleet's
@@ -123,6 +128,7 @@ pub struct Prepared {
     shared: Arc<Shared>,
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
+    tokens: Option<admin::auth::Tokens>,
 }
 
 impl Prepared {
@@ -143,8 +149,11 @@ impl Prepared {
         }
         let circuits = Arc::new(Circuits::new(config.health.clone()));
         let ticketer = tls::ticketer()?;
-        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits, ticketer })?;
-        Ok(Self { shared: Arc::new(shared), config_path: None, store })
+        // Sessions are bounded by the connection limit; so is their registry (a restart changes both).
+        let sessions = Registry::new(config.server.max_connections);
+        let tokens = config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
+        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits, ticketer, sessions })?;
+        Ok(Self { shared: Arc::new(shared), config_path: None, store, tokens })
     }
 
     /// Everything `new` checks (certificates, keys, routes, the lookup URL) without opening the audit
@@ -158,7 +167,9 @@ impl Prepared {
         let circuits = Arc::new(Circuits::new(config.health.clone()));
         state_setup(&config)?;
         let ticketer = tls::ticketer()?;
-        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer }).map(|_| ())
+        config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
+        let sessions = Registry::new(1);
+        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer, sessions }).map(|_| ())
     }
 
     /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).
@@ -186,7 +197,14 @@ impl Prepared {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
             listeners.push((listener, mode));
         }
-        Ok(Proxy { shared: self.shared, listeners, admin, config_path: self.config_path, store: self.store })
+        Ok(Proxy {
+            shared: self.shared,
+            listeners,
+            admin,
+            config_path: self.config_path,
+            store: self.store,
+            tokens: self.tokens,
+        })
     }
 }
 
@@ -197,6 +215,7 @@ pub struct Proxy {
     admin: TcpListener,
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
+    tokens: Option<admin::auth::Tokens>,
 }
 
 /// The configuration new connections get; a reload swaps it, sessions keep the one they started with.
@@ -256,9 +275,26 @@ impl Proxy {
                 Box::new(move || crate::net::health::ready(&current(&live)))
             },
             phase: phase_rx.clone(),
+            tokens: std::sync::RwLock::new(self.tokens.map(Arc::new)),
+            current: {
+                let live = Arc::clone(&live);
+                Box::new(move || current(&live))
+            },
+            reload: self.config_path.clone().map(|path| {
+                let live = Arc::clone(&live);
+                let reload: admin::Reloader =
+                    Box::new(move |state: &AdminState| reload_config(&live, &path, Some(state)));
+                reload
+            }),
+            history: admin::console::History::default(),
         });
         tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
-        tokio::spawn(on_signals(Arc::clone(&live), self.config_path.clone(), phase_rx.clone()));
+        tokio::spawn(on_signals(
+            Arc::clone(&live),
+            self.config_path.clone(),
+            Arc::clone(&admin_state),
+            phase_rx.clone(),
+        ));
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
@@ -451,7 +487,12 @@ fn log_defence_stats(defence: &Defence) {
 
 /// SIGHUP reloads the configuration (when it came from a file) and reopens the audit log; SIGUSR1 only
 /// reopens the audit log (logrotate).
-async fn on_signals(live: Current, config_path: Option<PathBuf>, mut phase: watch::Receiver<Phase>) {
+async fn on_signals(
+    live: Current,
+    config_path: Option<PathBuf>,
+    admin: Arc<AdminState>,
+    mut phase: watch::Receiver<Phase>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut hup), Ok(mut usr1)) = (signal(SignalKind::hangup()), signal(SignalKind::user_defined1())) else {
         tracing::warn!("cannot install SIGHUP/SIGUSR1 handlers: no reload, no audit log reopening");
@@ -468,18 +509,22 @@ async fn on_signals(live: Current, config_path: Option<PathBuf>, mut phase: watc
             audit.reopen();
         }
         if let (true, Some(path)) = (reload, config_path.as_deref()) {
-            reload_config(&live, path);
+            let _ = reload_config(&live, path, Some(&admin));
         }
     }
 }
 
 /// Loads and validates the file again and swaps it in for new connections. Listener and admin addresses,
 /// the defence's settings and the audit target need a restart; a change to them is reported and ignored.
-fn reload_config(live: &Current, path: &Path) {
+/// The admin API's token file is read again (a broken one fails the reload and keeps the old tokens).
+fn reload_config(live: &Current, path: &Path, admin: Option<&AdminState>) -> admin::ReloadResult {
     let old = current(live);
     let outcome = Config::load(path).map_err(|e| e.to_string()).and_then(|config| {
+        if let Some(admin) = admin {
+            admin.reload_tokens(config.admin.token_file.as_deref()).map_err(|e| format!("admin.token_file: {e}"))?;
+        }
         let mut notes = Vec::new();
-        if config.server.listen != old.config.server.listen || config.admin != old.config.admin {
+        if config.server.listen != old.config.server.listen || config.admin.listen != old.config.admin.listen {
             notes.push("listen and admin addresses");
         }
         if config.defence != old.config.defence {
@@ -513,4 +558,5 @@ fn reload_config(live: &Current, path: &Path) {
         reason: (!reason.is_empty()).then_some(reason),
         ..AuditEvent::default()
     });
+    outcome
 }

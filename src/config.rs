@@ -193,6 +193,8 @@ impl Default for RawAudit {
 struct RawAdmin {
     #[serde(default = "RawAdmin::default_listen")]
     listen: String,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
 }
 
 impl RawAdmin {
@@ -203,7 +205,7 @@ impl RawAdmin {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        Self { listen: Self::default_listen() }
+        Self { listen: Self::default_listen(), token_file: None }
     }
 }
 
@@ -211,6 +213,9 @@ impl Default for RawAdmin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The API's bearer tokens (`name role token` per line); without it only `/metrics`, `/healthz` and
+    /// `/readyz` are served.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1034,7 +1039,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         state,
         auth: AuthConfig { mechanisms },
         defence,
-        admin: AdminConfig { listen: admin_listen },
+        admin: AdminConfig { listen: admin_listen, token_file: raw.admin.token_file.map(|p| resolve(base, p)) },
         server,
         tls,
         backend_tls,

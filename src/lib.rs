@@ -12,15 +12,18 @@
 //!   `auth_http` lookup protocol and cache.
 //! - [`security`]: brute-force defence with limits that follow evidence: standing per prefix, accounts, bans,
 //!   bounded tables, behind a state interface; admission before TLS.
-//! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers)
-//!   and the admin HTTP server.
+//! - [`registry`]: the logged-in sessions (bounded): their facts, live counters and the administrator's kick.
+//! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers).
 //! - [`fleet`]: the defence's evidence shared by several instances through Redis (scripts, store, probe).
 //! - [`net`]: sockets: PROXY protocol header (read, and written toward backends), TLS listener and its
 //!   certificates per server name, what sessions share, the per-connection session
 //!   (deadlines on every wait), the backend leg (I/O of the login machine), health checks, the HTTP lookup
 //!   client, the relay.
+//! - [`admin`]: the admin HTTP server: metrics and probes, and with a token file the JSON API (sessions and
+//!   kicks, bans, backends, reload) and the live console.
 //! - [`app`]: builds the shared parts, binds the listeners, accepts, reloads and drains.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod failure;
@@ -28,6 +31,7 @@ pub mod fleet;
 pub mod imap;
 pub mod lifecycle;
 pub mod net;
+pub mod registry;
 pub mod route;
 pub mod security;
 pub mod telemetry;

@@ -74,7 +74,7 @@ fn manifests_container_and_config_agree_with_the_binary() {
     );
     assert!(container.contains(&format!("EXPOSE {imaps} {admin}")));
     // Probes on the admin server's own paths.
-    let admin_source = read("src/telemetry/admin.rs");
+    let admin_source = read("src/admin/mod.rs");
     for path in ["/readyz", "/healthz"] {
         assert!(
             deployment.contains(&format!("path: {path}")) && admin_source.contains(&format!("\"{path}\"")),

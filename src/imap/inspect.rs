@@ -292,6 +292,16 @@ impl Observer {
         self.bye_seen
     }
 
+    /// The command started last among those in flight.
+    pub fn latest(&self) -> Option<&'static str> {
+        self.in_flight.back().map(|(_, label, _)| *label)
+    }
+
+    /// The client is in `IDLE`.
+    pub fn idling(&self) -> bool {
+        self.in_flight.iter().any(|(_, label, _)| *label == "IDLE")
+    }
+
     /// The backend's stream is between responses: a line of the proxy's own (`* BYE`) would not land
     /// inside a response or a literal.
     pub fn at_response_boundary(&self) -> bool {

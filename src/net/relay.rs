@@ -9,7 +9,9 @@
 //! The client's end-of-stream shuts down the backend's write half (half-close). The relay ends when the
 //! backend has closed and its last bytes reached the client (the session then decides about a closing
 //! `BYE`), on an I/O error, when a write makes no progress for the write timeout, when nothing moved for
-//! the idle timeout, or on shutdown.
+//! the idle timeout, on shutdown, or — after an administrator's kick — at the backend stream's next
+//! response boundary (a message on its way arrives whole; [`KICK_DRAIN`] bounds the wait). The session's
+//! registry entry gets its byte and command counts as they move.
 
 use std::future::poll_fn;
 use std::io;
@@ -22,12 +24,23 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::imap::inspect::{Completed, Observer};
+use crate::registry::Session;
 use crate::telemetry::metrics::Metrics;
+
+/// After a kick, the longest the relay waits for a response boundary; then it closes without a `BYE`.
+pub const KICK_DRAIN: Duration = Duration::from_secs(30);
 
 const IDLE_BUFFER: usize = 512;
 const BURST_BUFFER: usize = 16 * 1024;
 /// No write is blocked (milliseconds-since-start marker).
 const NOT_BLOCKED: u64 = u64::MAX;
+
+/// Where the relay reports what moves: the metrics, and the session's registry entry (whose kick it obeys).
+#[derive(Clone, Copy)]
+pub struct Report<'a> {
+    pub metrics: &'a Metrics,
+    pub session: Option<&'a Session>,
+}
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -52,6 +65,8 @@ pub enum RelayEnd {
     BackendError(io::Error),
     /// The guard could no longer follow the client's stream (see `Observer::guard_lost`).
     GuardLost,
+    /// An administrator kicked the session.
+    Kicked,
 }
 
 impl RelayEnd {
@@ -68,6 +83,7 @@ impl RelayEnd {
             RelayEnd::ClientError(_) => "client_error",
             RelayEnd::BackendError(_) => "backend_error",
             RelayEnd::GuardLost => "guard_lost",
+            RelayEnd::Kicked => "kicked",
         }
     }
 }
@@ -298,20 +314,22 @@ impl Direction {
 /// Relays between `client` and `backend` until the backend closes, an error, a stalled write, the idle
 /// timeout, or `stop` resolves. `pipelined` are client bytes read before the relay began (behind the login).
 /// The observer sees both directions (and neutralises what must not pass); finished commands, bytes and
-/// the observer's health go to `metrics` as they happen.
+/// the observer's health go to `metrics` as they happen, and counts to the registry's `session`, whose kick
+/// ends the relay at the next response boundary.
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
     limits: Limits,
     pipelined: Vec<u8>,
     mut observer: Observer,
-    metrics: &Metrics,
+    report: Report<'_>,
     stop: impl std::future::Future<Output = ()>,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    let Report { metrics, session } = report;
     let mut up = Direction::preloaded(true, &pipelined);
     drop(pipelined);
     let mut down = Direction::new(false);
@@ -322,6 +340,8 @@ where
     let down_bytes = metrics.bytes.with_label_values(&["backend_to_client"]);
     // The write-stall markers, read by the loop below while the copy owns the directions.
     let stalls = Stalls::default();
+    // Kicked: end at the next response boundary.
+    let draining = std::sync::atomic::AtomicBool::new(false);
     let mut copy = poll_fn(|cx| {
         let mut moved = false;
         let now = std::time::Instant::now();
@@ -344,9 +364,18 @@ where
             last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
             up_bytes.inc_by(up.bytes - up_before);
             down_bytes.inc_by(down.bytes - down_before);
+            let mut finished = None;
             for completed in observer.drain() {
+                finished = Some(completed.command);
                 record(metrics, completed);
             }
+            if let Some(session) = session {
+                session.bytes(up.bytes, down.bytes);
+                session.commands(observer.commands(), observer.latest().or(finished), observer.idling());
+            }
+        }
+        if draining.load(Ordering::Relaxed) && down.drained() && observer.at_response_boundary() {
+            return Poll::Ready(Step::Done(Err(RelayEnd::Kicked)));
         }
         if observer.guard_lost() {
             return Poll::Ready(Step::Done(Err(RelayEnd::GuardLost)));
@@ -366,11 +395,20 @@ where
         }
     });
     tokio::pin!(stop);
+    let kick = async {
+        match session {
+            Some(session) => session.kicked().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(kick);
+    let mut kick_deadline = None;
     let end = loop {
         let at = |ms: u64| started + Duration::from_millis(ms);
         let idle_deadline = at(last_activity.load(Ordering::Relaxed)) + limits.idle;
         let stall = stalls.earliest().map(|(ms, _)| at(ms) + limits.write);
         let deadline = stall.map_or(idle_deadline, |s| s.min(idle_deadline));
+        let deadline = kick_deadline.map_or(deadline, |k: Instant| k.min(deadline));
         tokio::select! {
             step = &mut copy => match step {
                 Step::Done(Ok(true)) => break RelayEnd::ClientClosed,
@@ -379,7 +417,15 @@ where
                 Step::Rearm => {}
             },
             () = &mut stop => break RelayEnd::Shutdown,
+            // The copy is polled again right away (a new select), and ends at the next boundary.
+            () = &mut kick, if kick_deadline.is_none() => {
+                draining.store(true, Ordering::Relaxed);
+                kick_deadline = Some(Instant::now() + KICK_DRAIN);
+            }
             () = tokio::time::sleep_until(deadline) => {
+                if kick_deadline.is_some_and(|k| k.elapsed() > Duration::ZERO) {
+                    break RelayEnd::Kicked;
+                }
                 if let Some((ms, up_side)) = stalls.earliest() {
                     if at(ms).elapsed() >= limits.write {
                         break if up_side { RelayEnd::BackendWriteTimeout } else { RelayEnd::ClientWriteTimeout };
@@ -473,7 +519,7 @@ mod tests {
                 LIMITS,
                 Vec::new(),
                 Observer::new(),
-                &Metrics::new(&[]),
+                Report { metrics: &Metrics::new(&[]), session: None },
                 std::future::pending(),
             )
             .await
@@ -509,7 +555,7 @@ mod tests {
             Limits { idle: Duration::from_secs(1860), write: Duration::from_secs(60) },
             Vec::new(),
             Observer::new(),
-            &Metrics::new(&[]),
+            Report { metrics: &Metrics::new(&[]), session: None },
             std::future::pending(),
         )
         .await;

@@ -201,7 +201,9 @@ async fn serve(
     {
         Ok(logged_in) => {
             let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
-            (relay_session(shared, client, logged_in, phase).await, Some(user), Some(backend))
+            let registration = shared.sessions.register(registry_info(&facts, &logged_in));
+            let session = registration.as_ref().map(|r| r.session().as_ref());
+            (relay_session(shared, client, logged_in, session, phase).await, Some(user), Some(backend))
         }
         Err(end) => (end, None, None),
     };
@@ -272,6 +274,36 @@ struct LoggedIn {
     backend: String,
     /// The user, for the audit log.
     user: String,
+    /// The client's `ID` name and version, for the session registry.
+    client_id: (Option<String>, Option<String>),
+}
+
+/// What the registry lists about a session that just logged in.
+fn registry_info(facts: &SessionFacts, logged_in: &LoggedIn) -> crate::registry::SessionInfo {
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    crate::registry::SessionInfo {
+        id: facts.session.clone(),
+        user: logged_in.user.clone(),
+        client: facts.client.unwrap_or(unspecified),
+        listener: facts.listener.unwrap_or(unspecified),
+        sni: facts.sni.clone(),
+        tls_version: facts.tls_version.clone(),
+        backend: logged_in.backend.clone(),
+        started: std::time::SystemTime::now(),
+        client_name: logged_in.client_id.0.clone(),
+        client_version: logged_in.client_id.1.clone(),
+    }
+}
+
+/// The `name` and `version` of a client's `ID`, each cut to 64 characters.
+fn client_name_version(id: &command::IdParams) -> (Option<String>, Option<String>) {
+    let field = |key: &str| {
+        id.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| v.chars().filter(|c| !c.is_control()).take(64).collect::<String>())
+    };
+    (field("name"), field("version"))
 }
 
 /// The pre-auth conversation until a login succeeds or the connection ends. Its buffers live on the heap
@@ -366,9 +398,10 @@ async fn pre_auth(
                             shared.defence.login_succeeded(permit);
                             admitted.logged_in();
                             record_attempt(shared, facts, &request, Attempt::Success(&backend));
+                            let client_id = client_name_version(machine.client_id());
                             let pipelined = machine.into_pipelined();
                             let user = user.to_string();
-                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user });
+                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user, client_id });
                         }
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
@@ -732,6 +765,7 @@ async fn relay_session(
     shared: &Shared,
     mut client: Box<TlsStream<TcpStream>>,
     logged_in: LoggedIn,
+    session: Option<&crate::registry::Session>,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
     let LoggedIn { tag, upstream, pipelined, backend: backend_name, .. } = logged_in;
@@ -759,7 +793,8 @@ async fn relay_session(
     let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);
     sessions.inc();
     let started = Instant::now();
-    let outcome = relay::relay(&mut client, &mut backend, limits, pipelined, observer, metrics, stop).await;
+    let report = relay::Report { metrics, session };
+    let outcome = relay::relay(&mut client, &mut backend, limits, pipelined, observer, report, stop).await;
     sessions.dec();
     metrics.session_seconds.observe(started.elapsed().as_secs_f64());
     metrics.bytes.with_label_values(&["backend_to_client"]).inc_by(early_down);
@@ -774,6 +809,7 @@ async fn relay_session(
         RelayEnd::Shutdown => Some(b"* BYE Server shutting down.\r\n"),
         RelayEnd::BackendWriteTimeout => Some(b"* BYE Backend not responding.\r\n"),
         RelayEnd::GuardLost => Some(b"* BYE Connection closed by proxy.\r\n"),
+        RelayEnd::Kicked => Some(b"* BYE Disconnected by an administrator.\r\n"),
     };
     let client_gone = matches!(outcome.end, RelayEnd::ClientError(_) | RelayEnd::ClientWriteTimeout);
     if !client_gone {

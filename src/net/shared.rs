@@ -26,6 +26,8 @@ pub struct Shared {
     pub audit: Option<Arc<AuditLog>>,
     /// TLS session tickets (keys rotate by themselves); kept across reloads, so that clients resume.
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    /// The logged-in sessions (the admin API's); kept across reloads.
+    pub sessions: Arc<crate::registry::Registry>,
 }
 
 impl Shared {

@@ -86,6 +86,17 @@ impl Bans {
         lifted
     }
 
+    /// An administrator lifts the ban on `key` and forgives its history (the next ban starts from the
+    /// base length). Returns whether a ban was in force.
+    pub fn lift(&mut self, key: IpNet, now: Instant) -> bool {
+        let Some(ban) = self.table.peek_mut(&key) else { return false };
+        let was = ban.active && ban.until > now;
+        ban.active = false;
+        ban.count = 0;
+        ban.until = now;
+        was
+    }
+
     pub fn entries(&self) -> usize {
         self.table.len()
     }

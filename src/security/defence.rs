@@ -366,6 +366,23 @@ impl Defence {
         self.state.stats(Instant::now())
     }
 
+    /// The bans in force: (prefix, time left, how many times it was banned lately), longest first.
+    pub fn bans(&self) -> Vec<(ipnet::IpNet, Duration, u32)> {
+        let mut bans = self.state.bans_in_force(Instant::now());
+        bans.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        bans
+    }
+
+    /// An administrator lifts the ban on `prefix` here (and forgives its failures). Whether one was in force.
+    pub fn unban(&self, prefix: ipnet::IpNet) -> bool {
+        let lifted = self.state.lift_ban(prefix, Instant::now());
+        if lifted {
+            tracing::info!(event = "unbanned", prefix = %prefix, "ban lifted by an administrator");
+            self.emit(DefenceEvent::Unbanned { prefix });
+        }
+        lifted
+    }
+
     /// Whether the address's prefix is banned right now.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         self.state.banned(&self.keys(ip), Instant::now()).is_some()

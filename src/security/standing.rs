@@ -268,6 +268,12 @@ impl Standing {
         self.failures(now, limits) > self.tolerated(now, limits)
     }
 
+    /// An administrator let the prefix back in: its failures are forgotten.
+    pub fn forgive(&mut self, now: Instant) {
+        self.failures = 0.0;
+        self.failures_at = now;
+    }
+
     /// What the fleet has seen: failures and standing at least as high as its figures (which include this
     /// instance's own, when it could report them).
     pub fn absorb(&mut self, now: Instant, limits: &Limits, failures: f64, successes: f64) {

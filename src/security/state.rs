@@ -167,6 +167,8 @@ pub trait DefenceState: Send + Sync {
     /// The bans in force here (key, time left, count): what an instance brings back to the fleet after
     /// deciding alone.
     fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)>;
+    /// An administrator lifts the ban on `key` and forgives its failures; whether a ban was in force.
+    fn lift_ban(&self, key: IpNet, now: Instant) -> bool;
 }
 
 struct Tables {
@@ -472,6 +474,14 @@ impl DefenceState for LocalState {
 
     fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)> {
         self.lock().bans.in_force(now)
+    }
+
+    fn lift_ban(&self, key: IpNet, now: Instant) -> bool {
+        let mut tables = self.lock();
+        if let Some(standing) = tables.prefixes.peek_mut(&key) {
+            standing.forgive(now);
+        }
+        tables.bans.lift(key, now)
     }
 
     fn stats(&self, now: Instant) -> DefenceStats {

@@ -60,6 +60,15 @@ pub struct AuditEvent {
     pub bytes_to_client: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commands: Option<u64>,
+    /// `admin_action`: the name of the token that acted (never the token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// `admin_action`: `kick`, `unban`, `reload`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+    /// `admin_action`: what it acted on (`session:<id>`, `user:<name>`, a prefix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// A summary line: this many more events like it in the last `window_secs`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeated: Option<u64>,

@@ -98,6 +98,7 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("relay", "client_error"),
     ("relay", "backend_error"),
     ("relay", "guard_lost"),
+    ("relay", "kicked"),
 ];
 const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail", "circuit_open"];
 /// Circuit states (see `route::health::State`).
@@ -385,6 +386,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Every family's current values (what `render` encodes), for in-process readers such as the console.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

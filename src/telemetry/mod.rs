@@ -1,8 +1,7 @@
 //! Telemetry: diagnostic logging with `tracing` (human-readable or JSON lines, filtered by `RUST_LOG` or the
-//! configured level), optional OpenTelemetry trace export over OTLP/gRPC, Prometheus metrics, the admin
-//! HTTP server and the audit log.
+//! configured level), optional OpenTelemetry trace export over OTLP/gRPC, Prometheus metrics and the audit
+//! log.
 
-pub mod admin;
 pub mod audit;
 pub mod metrics;
 

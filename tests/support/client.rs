@@ -167,13 +167,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ImapClient<S> {
 
     /// Reads until end of stream; what was received.
     pub async fn rest(&mut self) -> String {
+        String::from_utf8_lossy(&self.rest_bytes().await).into_owned()
+    }
+
+    /// Reads until end of stream (or a read times out); the bytes not consumed yet.
+    pub async fn rest_bytes(&mut self) -> Vec<u8> {
         loop {
             match self.fill().await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
         }
-        String::from_utf8_lossy(&self.buf[self.start..]).into_owned()
+        self.buf[self.start..].to_vec()
     }
 
     pub fn into_inner(self) -> S {

@@ -91,9 +91,30 @@ pub fn env(name: &str, extra_users: &[(String, String)]) -> &'static Env {
 
 /// A plain HTTP/1.1 GET against the admin server: (status, body).
 pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    admin_request(addr, "GET", path, None, None).await
+}
+
+/// An HTTP/1.1 request to the admin server, with a bearer token and a JSON body when given: (status, body).
+pub async fn admin_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method != "GET" {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
+    tcp.write_all(head.as_bytes()).await.unwrap();
     let mut out = String::new();
     tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_string(&mut out)).await.unwrap().unwrap();
     let status = out.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
