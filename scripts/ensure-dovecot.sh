@@ -4,8 +4,9 @@
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
 # (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service), redis-server (shared
-# defence state for several instances; private instances on run-time ports) and systemd (systemd-analyze,
-# which checks the unit file), and kubernetes-validate from PyPI in a venv under target/.
+# defence state for several instances; private instances on run-time ports), systemd (systemd-analyze,
+# which checks the unit file), chromium and chromium-driver (the console's test in a real headless browser),
+# and kubernetes-validate from PyPI in a venv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 packages=()
@@ -19,6 +20,8 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
   [ -x /usr/bin/redis-server ] || packages+=(redis-server)
+  [ -x /usr/bin/chromium ] || packages+=(chromium)
+  [ -x /usr/bin/chromedriver ] || packages+=(chromium-driver)
   # A venv for PyPI's kubernetes-validate (below) needs Debian's python3-venv.
   command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 fi

@@ -3,6 +3,7 @@
 //! demo (which include this file by path).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod browser;
 pub mod client;
 pub mod dovecot;
 pub mod gate;
