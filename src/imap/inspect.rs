@@ -18,11 +18,18 @@
 //! as commands). [`Observer::client`] says how many bytes may go; the relay keeps the rest and offers them
 //! again once [`Observer::holding`] is false, so they are read exactly as the backend will read them.
 //!
-//! Memory is bounded: tags and names are truncated, at most [`MAX_IN_FLIGHT`] commands are tracked; beyond
-//! that, or on anything it cannot follow, the observer stops observing (the relay goes on) and says so.
+//! Beside names and statuses it keeps what the mailbox signals need (see `mailbox`): the first line's
+//! arguments of each command (bounded), the tagged response's code, `* n EXISTS`, the mailbox selected and
+//! the literal bytes a whole-body `FETCH` brings.
+//!
+//! Memory is bounded: tags, names, arguments and codes are truncated, at most [`MAX_IN_FLIGHT`] commands are
+//! tracked; beyond that, or on anything it cannot follow, the observer stops observing (the relay goes on)
+//! and says so.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use super::mailbox::{self, Intent};
 
 /// Command names neutralised after login, upper-case (at most 8 of them: a bit each in a `u8`).
 const BLOCKED: [&[u8]; 5] = [b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE", b"AUTHENTICATE", b"LOGIN"];
@@ -30,6 +37,10 @@ const BLOCKED: [&[u8]; 5] = [b"STARTTLS", b"COMPRESS", b"UNAUTHENTICATE", b"AUTH
 pub const MAX_IN_FLIGHT: usize = 128;
 const MAX_TAG: usize = 64;
 const MAX_NAME: usize = 24;
+/// The part of a command's first line kept after its name (enough for a mailbox name and fetch items).
+const MAX_ARGS: usize = 256;
+/// The start of a response's text kept after its status (a response code, or `EXISTS`).
+const MAX_REST: usize = 24;
 
 /// Labels for metrics: a fixed list, so label cardinality stays bounded whatever clients send.
 const COMMANDS: &[&str] = &[
@@ -127,11 +138,38 @@ impl Status {
 }
 
 /// A finished command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completed {
     pub command: &'static str,
     pub status: Status,
     pub elapsed: Duration,
+    /// The tagged response's code, by `mailbox::code_label` (`None` without one).
+    pub code: Option<&'static str>,
+    pub detail: Detail,
+}
+
+/// What a finished command did to mailboxes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Detail {
+    #[default]
+    None,
+    /// A `SELECT`/`EXAMINE`, with the `EXISTS` it reported.
+    Selected { mailbox: Option<String>, exists: Option<u64> },
+    /// A whole-body `FETCH` in the selected mailbox: of every message (`1:*`) or not, and its literal bytes.
+    BodyFetch { mailbox: Option<String>, exists: Option<u64>, full_range: bool, bytes: u64 },
+}
+
+/// A command in flight.
+#[derive(Debug)]
+struct InFlight {
+    tag: Vec<u8>,
+    label: &'static str,
+    at: Instant,
+    intent: Intent,
+    /// `EXISTS` seen while it ran (a SELECT's size).
+    exists: Option<u64>,
+    /// Literal bytes of the responses while it ran (a whole-body FETCH).
+    bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +257,14 @@ pub struct Observer {
     server_literal: Literal,
     server_tag: Vec<u8>,
     server_status: Vec<u8>,
-    in_flight: VecDeque<(Vec<u8>, &'static str, Instant)>,
+    in_flight: VecDeque<InFlight>,
+    /// The first line's arguments of the command being read (bounded).
+    args: Vec<u8>,
+    /// The start of the response line's text after its status (bounded).
+    server_rest: Vec<u8>,
+    /// The mailbox selected, and its last `EXISTS`.
+    selected: Option<String>,
+    exists: Option<u64>,
     completed: Vec<Completed>,
     neutralised: u64,
     commands: u64,
@@ -250,6 +295,10 @@ impl Observer {
             server_tag: Vec::new(),
             server_status: Vec::new(),
             in_flight: VecDeque::new(),
+            args: Vec::new(),
+            server_rest: Vec::new(),
+            selected: None,
+            exists: None,
             completed: Vec::new(),
             neutralised: 0,
             commands: 0,
@@ -294,12 +343,12 @@ impl Observer {
 
     /// The command started last among those in flight.
     pub fn latest(&self) -> Option<&'static str> {
-        self.in_flight.back().map(|(_, label, _)| *label)
+        self.in_flight.back().map(|c| c.label)
     }
 
     /// The client is in `IDLE`.
     pub fn idling(&self) -> bool {
-        self.in_flight.iter().any(|(_, label, _)| *label == "IDLE")
+        self.in_flight.iter().any(|c| c.label == "IDLE")
     }
 
     /// The backend's stream is between responses: a line of the proxy's own (`* BYE`) would not land
@@ -316,10 +365,12 @@ impl Observer {
     /// At session end: commands without a tagged response get status `none`.
     pub fn finish(&mut self, now: Instant) -> Vec<Completed> {
         let mut out: Vec<Completed> = self.completed.drain(..).collect();
-        out.extend(self.in_flight.drain(..).map(|(_, command, at)| Completed {
-            command,
+        out.extend(self.in_flight.drain(..).map(|c| Completed {
+            command: c.label,
             status: Status::None,
-            elapsed: now.duration_since(at),
+            elapsed: now.duration_since(c.at),
+            code: None,
+            detail: Detail::None,
         }));
         out
     }
@@ -358,6 +409,7 @@ impl Observer {
                     self.tag.clear();
                     self.name.clear();
                     self.sub.clear();
+                    self.args.clear();
                     self.registered = false;
                     push_bounded(&mut self.tag, b, MAX_TAG);
                     ClientState::Tag
@@ -393,7 +445,12 @@ impl Observer {
                     push_bounded(&mut self.sub, b, MAX_NAME);
                     ClientState::Sub
                 }
-                ClientState::Args => ClientState::Args,
+                ClientState::Args => {
+                    if !self.registered {
+                        push_bounded(&mut self.args, b, MAX_ARGS);
+                    }
+                    ClientState::Args
+                }
                 data @ ClientState::Data { .. } => data,
             };
             i += 1;
@@ -403,7 +460,7 @@ impl Observer {
 
     /// A command now waits for the backend's continuation: hold what follows.
     fn await_continuation(&mut self, literal: bool) {
-        let same_tag = self.in_flight.iter().filter(|(tag, _, _)| *tag == self.tag).count();
+        let same_tag = self.in_flight.iter().filter(|c| c.tag == self.tag).count();
         self.awaiting_continuation = Some(Awaiting {
             tag: self.tag.clone(),
             // The waiting command itself is in flight once its name was read.
@@ -427,7 +484,15 @@ impl Observer {
                 if self.in_flight.len() >= MAX_IN_FLIGHT {
                     self.desync();
                 } else {
-                    self.in_flight.push_back((self.tag.clone(), label, now));
+                    let intent = mailbox::intent(label, &self.args);
+                    self.in_flight.push_back(InFlight {
+                        tag: self.tag.clone(),
+                        label,
+                        at: now,
+                        intent,
+                        exists: None,
+                        bytes: 0,
+                    });
                 }
             }
         }
@@ -468,6 +533,7 @@ impl Observer {
                 ServerState::LineStart => {
                     self.server_tag.clear();
                     self.server_status.clear();
+                    self.server_rest.clear();
                     push_bounded(&mut self.server_tag, b, MAX_TAG);
                     ServerState::Tag
                 }
@@ -481,15 +547,28 @@ impl Observer {
                     push_bounded(&mut self.server_status, b, 8);
                     ServerState::Status
                 }
-                ServerState::Rest => ServerState::Rest,
+                ServerState::Rest => {
+                    push_bounded(&mut self.server_rest, b, MAX_REST);
+                    ServerState::Rest
+                }
                 data @ ServerState::Data { .. } => data,
             };
         }
     }
 
+    /// The response code at the start of the text (`[OVERQUOTA] ...`), by label.
+    fn response_code(&self) -> Option<&'static str> {
+        let rest = self.server_rest.strip_prefix(b"[")?;
+        let end = rest.iter().position(|&b| b == b']' || b == b' ').unwrap_or(rest.len());
+        (end > 0).then(|| mailbox::code_label(&rest[..end]))
+    }
+
     fn server_line_end(&mut self, now: Instant) {
         if let Literal::Closed { length, .. } = self.server_literal {
             self.server_literal = Literal::None;
+            if let Some(fetch) = self.in_flight.iter_mut().find(|c| matches!(c.intent, Intent::BodyFetch { .. })) {
+                fetch.bytes = fetch.bytes.saturating_add(length);
+            }
             self.server = if length > 0 { ServerState::Data { remaining: length } } else { ServerState::Rest };
             return;
         }
@@ -502,6 +581,15 @@ impl Observer {
         }
         if self.server_tag == b"*" {
             self.bye_seen |= self.server_status.eq_ignore_ascii_case(b"BYE");
+            let word = self.server_rest.split(|&b| b == b' ' || b == b'\r').next().unwrap_or_default();
+            if word.eq_ignore_ascii_case(b"EXISTS") {
+                if let Some(n) = std::str::from_utf8(&self.server_status).ok().and_then(|n| n.parse::<u64>().ok()) {
+                    self.exists = Some(n);
+                    for select in self.in_flight.iter_mut().filter(|c| matches!(c.intent, Intent::Select { .. })) {
+                        select.exists = Some(n);
+                    }
+                }
+            }
             return;
         }
         if self.server_tag.is_empty() {
@@ -533,10 +621,35 @@ impl Observer {
                 }
             }
         }
-        if let Some(pos) = self.in_flight.iter().position(|(tag, _, _)| *tag == self.server_tag) {
-            if let Some((_, command, at)) = self.in_flight.remove(pos) {
-                self.completed.push(Completed { command, status, elapsed: now.duration_since(at) });
+        if let Some(pos) = self.in_flight.iter().position(|c| c.tag == self.server_tag) {
+            if let Some(done) = self.in_flight.remove(pos) {
+                let detail = self.detail(done.intent, done.exists, done.bytes, status);
+                self.completed.push(Completed {
+                    command: done.label,
+                    status,
+                    elapsed: now.duration_since(done.at),
+                    code: self.response_code(),
+                    detail,
+                });
             }
+        }
+    }
+}
+
+impl Observer {
+    /// A finished command's effect on mailboxes; a SELECT's outcome changes the selected mailbox.
+    fn detail(&mut self, intent: Intent, exists: Option<u64>, bytes: u64, status: Status) -> Detail {
+        match intent {
+            Intent::Select { mailbox } => {
+                // A failed SELECT leaves no mailbox selected (RFC 9051 6.3.2).
+                self.selected = if status == Status::Ok { mailbox.clone() } else { None };
+                self.exists = if status == Status::Ok { exists } else { None };
+                Detail::Selected { mailbox, exists }
+            }
+            Intent::BodyFetch { full_range } => {
+                Detail::BodyFetch { mailbox: self.selected.clone(), exists: self.exists, full_range, bytes }
+            }
+            Intent::Other => Detail::None,
         }
     }
 }
@@ -671,7 +784,16 @@ mod tests {
         assert_eq!(o.drain().count(), 0, "the faked OK inside the literal completed the command");
         o.server(&server[server.len() - 12..], t0 + Duration::from_millis(5));
         let done: Vec<_> = o.drain().collect();
-        assert_eq!(done, vec![Completed { command: "FETCH", status: Status::Ok, elapsed: Duration::from_millis(5) }]);
+        assert_eq!(
+            done,
+            vec![Completed {
+                command: "FETCH",
+                status: Status::Ok,
+                elapsed: Duration::from_millis(5),
+                code: None,
+                detail: Detail::BodyFetch { mailbox: None, exists: None, full_range: false, bytes: 27 },
+            }]
+        );
     }
 
     #[test]
@@ -791,6 +913,44 @@ mod tests {
         let mut long = vec![b'x'; 100_000];
         long.extend_from_slice(b" NOOP\r\n");
         o.client(&mut long, Instant::now());
-        assert!(o.in_flight[0].0.len() <= MAX_TAG);
+        assert!(o.in_flight[0].tag.len() <= MAX_TAG);
+    }
+
+    #[test]
+    fn mailboxes_codes_and_whole_body_fetches() {
+        let now = Instant::now();
+        let mut o = Observer::new();
+        let feed = |o: &mut Observer, client: &[u8], server: &[u8]| {
+            let mut c = client.to_vec();
+            assert_eq!(o.client(&mut c, now), c.len());
+            o.server(server, now);
+            o.drain().collect::<Vec<_>>()
+        };
+        let done = feed(&mut o, b"s SELECT \"Sent Items\"\r\n", b"* 1200 EXISTS\r\n* OK [UIDVALIDITY 1] x\r\ns OK [READ-WRITE] done\r\n");
+        assert_eq!(done[0].code, Some("READ-WRITE"));
+        assert_eq!(done[0].detail, Detail::Selected { mailbox: Some("Sent Items".into()), exists: Some(1200) });
+        let done = feed(
+            &mut o,
+            b"f UID FETCH 1:* (UID BODY.PEEK[])\r\n",
+            b"* 1 FETCH (UID 7 BODY[] {5}\r\nhello)\r\n* 2 FETCH (UID 8 BODY[] {3}\r\nabc)\r\nf OK done\r\n",
+        );
+        assert_eq!(
+            done[0].detail,
+            Detail::BodyFetch { mailbox: Some("Sent Items".into()), exists: Some(1200), full_range: true, bytes: 8 }
+        );
+        assert_eq!(done[0].code, None);
+        let done = feed(&mut o, b"a APPEND INBOX {3+}\r\nabc\r\n", b"a NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n");
+        assert_eq!((done[0].command, done[0].status, done[0].code), ("APPEND", Status::No, Some("OVERQUOTA")));
+        let done = feed(&mut o, b"x SELECT Nope\r\n", b"x NO [NONEXISTENT] Mailbox doesn't exist\r\n");
+        assert_eq!(done[0].code, Some("NONEXISTENT"));
+        let done = feed(&mut o, b"g FETCH 1:* BODY.PEEK[]\r\n", b"g BAD No mailbox selected\r\n");
+        assert_eq!(done[0].detail, Detail::BodyFetch { mailbox: None, exists: None, full_range: true, bytes: 0 }, "deselected");
+        // Arguments are bounded whatever the client sends.
+        let mut long = b"l SELECT ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 10_000));
+        long.extend_from_slice(b"\r\n");
+        let mut c = long.clone();
+        o.client(&mut c, now);
+        assert!(o.args.len() <= MAX_ARGS);
     }
 }

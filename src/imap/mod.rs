@@ -6,6 +6,7 @@ pub mod command;
 pub mod credentials;
 pub mod framing;
 pub mod inspect;
+pub mod mailbox;
 pub mod oauth;
 pub mod preauth;
 pub mod reply;
