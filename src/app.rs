@@ -21,6 +21,7 @@ use crate::registry::Registry;
 use crate::route::Router;
 use crate::route::health::Circuits;
 use crate::security::{Defence, DefenceEvent};
+use crate::signals::Signals;
 use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,7 @@ struct Lasting {
     circuits: Arc<Circuits>,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     sessions: Arc<Registry>,
+    signals: Arc<Signals>,
 }
 
 impl Lasting {
@@ -89,13 +91,14 @@ impl Lasting {
             circuits: Arc::clone(&shared.circuits),
             ticketer: Arc::clone(&shared.ticketer),
             sessions: Arc::clone(&shared.sessions),
+            signals: Arc::clone(&shared.signals),
         }
     }
 }
 
 /// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
-    let Lasting { defence, metrics, audit, circuits, ticketer, sessions } = lasting;
+    let Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals } = lasting;
     circuits.reconfigure(config.health.clone());
     let (server, expiries) = tls::server_config(&config.tls, &ticketer)?;
     // The names of the set now served (a reload may drop some).
@@ -113,7 +116,20 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
         None => None,
     };
-    Ok(Shared { config, router, acceptor, backend_tls, defence, lookup, circuits, metrics, audit, ticketer, sessions })
+    Ok(Shared {
+        config,
+        router,
+        acceptor,
+        backend_tls,
+        defence,
+        lookup,
+        circuits,
+        metrics,
+        audit,
+        ticketer,
+        sessions,
+        signals,
+    })
 }
 
 /// What `[state]` needs before anything starts: the Redis client (not connected) and the fleet's
@@ -152,7 +168,9 @@ impl Prepared {
         // Sessions are bounded by the connection limit; so is their registry (a restart changes both).
         let sessions = Registry::new(config.server.max_connections);
         let tokens = config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
-        let shared = build_shared(config, Lasting { defence, metrics, audit, circuits, ticketer, sessions })?;
+        let signals = Arc::new(Signals::default());
+        let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals };
+        let shared = build_shared(config, lasting)?;
         Ok(Self { shared: Arc::new(shared), config_path: None, store, tokens })
     }
 
@@ -169,7 +187,9 @@ impl Prepared {
         let ticketer = tls::ticketer()?;
         config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
         let sessions = Registry::new(1);
-        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer, sessions }).map(|_| ())
+        let signals = Arc::new(Signals::default());
+        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer, sessions, signals })
+            .map(|_| ())
     }
 
     /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).

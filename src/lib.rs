@@ -13,6 +13,8 @@
 //! - [`security`]: brute-force defence with limits that follow evidence: standing per prefix, accounts, bans,
 //!   bounded tables, behind a state interface; admission before TLS.
 //! - [`registry`]: the logged-in sessions (bounded): their facts, live counters and the administrator's kick.
+//! - [`signals`]: the mailbox problems made visible (stale passwords, quota, resyncs, slow mailboxes, client
+//!   families): bounded tables for the admin API, the console and the audit log.
 //! - [`telemetry`]: diagnostic logging and traces, metrics, the audit log (written off the async workers).
 //! - [`fleet`]: the defence's evidence shared by several instances through Redis (scripts, store, probe).
 //! - [`net`]: sockets: PROXY protocol header (read, and written toward backends), TLS listener and its
@@ -34,4 +36,5 @@ pub mod net;
 pub mod registry;
 pub mod route;
 pub mod security;
+pub mod signals;
 pub mod telemetry;

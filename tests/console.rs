@@ -94,6 +94,9 @@ async fn the_console_in_a_real_browser() {
     let row = row.as_str().unwrap().to_owned();
     assert!(row.contains("Thunderbird 128.4.1") && row.contains("SELECT") && row.contains("mbox"), "{row}");
     browser.wait_for("return document.getElementById('t-sessions').textContent === '1' || null;", WAIT).await;
+    browser
+        .wait_for("return document.querySelector('#clients tbody').textContent.includes('thunderbird') || null;", WAIT)
+        .await;
     browser.wait_for("return document.getElementById('t-bans').textContent === '1' || null;", WAIT).await;
     browser
         .wait_for("return document.querySelector('#bans tbody tr[data-prefix=\"127.0.0.60/32\"]') ? true : null;", WAIT)

@@ -105,6 +105,7 @@ pub fn handle(state: &AdminState, caller: &Caller, call: Call<'_>) -> Response<F
         (&Method::GET, "/api/v1/backends") => Ok(backends(state)),
         (&Method::POST, "/api/v1/reload") => reload(state, caller),
         (&Method::GET, "/api/v1/overview") => Ok(super::console::overview(state)),
+        (&Method::GET, "/api/v1/attention") => Ok(attention(state)),
         (_, p) if KNOWN.contains(&p) || p.starts_with("/api/v1/bans/") => {
             Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed".to_owned()))
         }
@@ -124,6 +125,7 @@ const KNOWN: &[&str] = &[
     "/api/v1/backends",
     "/api/v1/reload",
     "/api/v1/overview",
+    "/api/v1/attention",
 ];
 
 type ApiResult = Result<Value, (StatusCode, String)>;
@@ -277,6 +279,61 @@ fn reload(state: &AdminState, caller: &Caller) -> ApiResult {
         Ok(notes) => Ok(json!({ "result": "success", "unchanged_until_restart": notes })),
         Err(e) => Err((StatusCode::UNPROCESSABLE_ENTITY, format!("reload failed, the old configuration stays: {e}"))),
     }
+}
+
+/// The attention lists in full: accounts with a device retrying an old password, accounts over quota,
+/// mailboxes a client keeps re-downloading, the slowest mailboxes to open.
+pub fn attention(state: &AdminState) -> Value {
+    let a = (state.current)().signals.attention();
+    let stale: Vec<Value> = a
+        .stale_passwords
+        .iter()
+        .map(|s| {
+            json!({
+                "user": s.user, "client_ip": s.address.to_string(), "client": s.client, "count": s.count,
+                "first_seen": rfc3339(s.first), "last_seen": rfc3339(s.last),
+                "summary": format!("{}: a device{} at {} retried an old password {} times (last {})",
+                    s.user, s.client.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(), s.address, s.count,
+                    rfc3339(s.last)),
+            })
+        })
+        .collect();
+    let quota: Vec<Value> = a
+        .over_quota
+        .iter()
+        .map(|q| {
+            json!({
+                "user": q.user, "command": q.command, "count": q.count,
+                "first_seen": rfc3339(q.first), "last_seen": rfc3339(q.last),
+                "summary": format!("{}: {} refused for quota {} times (last {})", q.user, q.command, q.count, rfc3339(q.last)),
+            })
+        })
+        .collect();
+    let resyncs: Vec<Value> = a
+        .resyncs
+        .iter()
+        .map(|r| {
+            json!({
+                "user": r.user, "mailbox": r.mailbox, "client": r.client, "fetches": r.fetches, "bytes": r.bytes,
+                "exists": r.exists, "first_seen": rfc3339(r.first), "last_seen": rfc3339(r.last),
+                "summary": format!("{} / {}: fetched whole {} times in the last hour ({} bytes){}", r.user, r.mailbox,
+                    r.fetches, r.bytes, r.client.as_deref().map(|c| format!(", {c}")).unwrap_or_default()),
+            })
+        })
+        .collect();
+    let slow: Vec<Value> = a
+        .slow_mailboxes
+        .iter()
+        .map(|m| {
+            json!({
+                "user": m.user, "mailbox": m.mailbox, "exists": m.exists,
+                "millis": m.elapsed.as_secs_f64() * 1000.0, "at": rfc3339(m.at),
+                "summary": format!("{} / {}: opened in {:.0} ms ({} messages)", m.user, m.mailbox,
+                    m.elapsed.as_secs_f64() * 1000.0, m.exists.map_or("?".to_owned(), |e| e.to_string())),
+            })
+        })
+        .collect();
+    json!({ "stale_passwords": stale, "over_quota": quota, "resyncs": resyncs, "slow_mailboxes": slow })
 }
 
 #[cfg(test)]

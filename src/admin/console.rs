@@ -167,7 +167,25 @@ pub fn overview(state: &AdminState) -> Value {
         .collect();
     commands.sort_by(|a, b| b["per_s"].as_f64().partial_cmp(&a["per_s"].as_f64()).unwrap_or(std::cmp::Ordering::Equal));
     let last = series.last();
+    drop(rings);
+    let mut clients: Vec<(String, u64)> = families
+        .iter()
+        .filter(|f| f.name() == "imapgate_clients_total")
+        .flat_map(|f| f.get_metric())
+        .filter_map(|m| {
+            let label = m.get_label().iter().find(|l| l.name() == "client")?;
+            let count = m.get_counter().get_value() as u64;
+            (count > 0).then(|| (label.value().to_owned(), count))
+        })
+        .collect();
+    clients.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut attention = super::api::attention(state);
+    // The console shows the slowest mailboxes in their own table, not as something to act on.
+    let slow = attention.as_object_mut().and_then(|a| a.remove("slow_mailboxes")).unwrap_or(Value::Null);
     json!({
+        "attention": attention,
+        "slow_mailboxes": slow,
+        "clients": clients.iter().map(|(c, n)| json!({ "client": c, "logins": n })).collect::<Vec<_>>(),
         "sessions": current.sessions,
         "logins_per_s": last.map_or(json!(0.0), |l| l["logins_per_s"].clone()),
         "failure_ratio": last.map_or(json!(0.0), |l| l["failure_ratio"].clone()),

@@ -926,7 +926,11 @@ mod tests {
             o.server(server, now);
             o.drain().collect::<Vec<_>>()
         };
-        let done = feed(&mut o, b"s SELECT \"Sent Items\"\r\n", b"* 1200 EXISTS\r\n* OK [UIDVALIDITY 1] x\r\ns OK [READ-WRITE] done\r\n");
+        let done = feed(
+            &mut o,
+            b"s SELECT \"Sent Items\"\r\n",
+            b"* 1200 EXISTS\r\n* OK [UIDVALIDITY 1] x\r\ns OK [READ-WRITE] done\r\n",
+        );
         assert_eq!(done[0].code, Some("READ-WRITE"));
         assert_eq!(done[0].detail, Detail::Selected { mailbox: Some("Sent Items".into()), exists: Some(1200) });
         let done = feed(
@@ -939,12 +943,20 @@ mod tests {
             Detail::BodyFetch { mailbox: Some("Sent Items".into()), exists: Some(1200), full_range: true, bytes: 8 }
         );
         assert_eq!(done[0].code, None);
-        let done = feed(&mut o, b"a APPEND INBOX {3+}\r\nabc\r\n", b"a NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n");
+        let done = feed(
+            &mut o,
+            b"a APPEND INBOX {3+}\r\nabc\r\n",
+            b"a NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n",
+        );
         assert_eq!((done[0].command, done[0].status, done[0].code), ("APPEND", Status::No, Some("OVERQUOTA")));
         let done = feed(&mut o, b"x SELECT Nope\r\n", b"x NO [NONEXISTENT] Mailbox doesn't exist\r\n");
         assert_eq!(done[0].code, Some("NONEXISTENT"));
         let done = feed(&mut o, b"g FETCH 1:* BODY.PEEK[]\r\n", b"g BAD No mailbox selected\r\n");
-        assert_eq!(done[0].detail, Detail::BodyFetch { mailbox: None, exists: None, full_range: true, bytes: 0 }, "deselected");
+        assert_eq!(
+            done[0].detail,
+            Detail::BodyFetch { mailbox: None, exists: None, full_range: true, bytes: 0 },
+            "deselected"
+        );
         // Arguments are bounded whatever the client sends.
         let mut long = b"l SELECT ".to_vec();
         long.extend(std::iter::repeat_n(b'x', 10_000));

@@ -10,10 +10,14 @@ pub const MAX_MAILBOX: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intent {
     /// `SELECT`/`EXAMINE`: the mailbox, when it was on the command's first line (not a literal).
-    Select { mailbox: Option<String> },
+    Select {
+        mailbox: Option<String>,
+    },
     /// `FETCH`/`UID FETCH` of whole bodies (`BODY[]`, `BODY.PEEK[]`, `RFC822`, `BINARY[]`, ...);
     /// `full_range`: the sequence set is `1:*` (or `*:1`).
-    BodyFetch { full_range: bool },
+    BodyFetch {
+        full_range: bool,
+    },
     Other,
 }
 
@@ -132,7 +136,10 @@ mod tests {
     #[test]
     fn selects_and_fetches() {
         assert_eq!(intent("SELECT", b"INBOX\r"), Intent::Select { mailbox: Some("INBOX".into()) });
-        assert_eq!(intent("EXAMINE", b"\"Sent \\\"Items\\\"\" (CONDSTORE)"), Intent::Select { mailbox: Some("Sent \"Items\"".into()) });
+        assert_eq!(
+            intent("EXAMINE", b"\"Sent \\\"Items\\\"\" (CONDSTORE)"),
+            Intent::Select { mailbox: Some("Sent \"Items\"".into()) }
+        );
         assert_eq!(intent("SELECT", b"{5}"), Intent::Select { mailbox: None });
         assert_eq!(intent("FETCH", b"1:* BODY.PEEK[]"), Intent::BodyFetch { full_range: true });
         assert_eq!(intent("UID FETCH", b"1:* (UID RFC822)"), Intent::BodyFetch { full_range: true });
@@ -147,6 +154,9 @@ mod tests {
     fn codes_and_sizes() {
         assert_eq!(code_label(b"overquota"), "OVERQUOTA");
         assert_eq!(code_label(b"X-MADE-UP"), "other");
-        assert_eq!((size_class(999), size_class(1000), size_class(99_999), size_class(100_000)), ("lt_1k", "lt_10k", "lt_100k", "ge_100k"));
+        assert_eq!(
+            (size_class(999), size_class(1000), size_class(99_999), size_class(100_000)),
+            ("lt_1k", "lt_10k", "lt_100k", "ge_100k")
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Sockets: the PROXY protocol header, the TLS listener's configuration, one task per client connection,
-//! the backend leg, its health checks, and the relay. Knows sockets, not IMAP grammar (that lives in `imap`).
+//! the backend leg, its health checks, the relay, and what sessions report to the mailbox signals. Knows sockets, not IMAP grammar (that lives in `imap`).
 
 pub mod certs;
 pub mod health;
 pub mod lookup;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod report;
 pub mod session;
 pub mod shared;
 pub mod tls;

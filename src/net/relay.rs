@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::imap::inspect::{Completed, Observer};
+use crate::imap::inspect::{Completed, Detail, Observer, Status as InspectStatus};
 use crate::registry::Session;
 use crate::telemetry::metrics::Metrics;
 
@@ -35,11 +35,13 @@ const BURST_BUFFER: usize = 16 * 1024;
 /// No write is blocked (milliseconds-since-start marker).
 const NOT_BLOCKED: u64 = u64::MAX;
 
-/// Where the relay reports what moves: the metrics, and the session's registry entry (whose kick it obeys).
+/// Where the relay reports what moves: the metrics, the session's registry entry (whose kick it obeys), and
+/// each finished command (for the mailbox signals).
 #[derive(Clone, Copy)]
 pub struct Report<'a> {
     pub metrics: &'a Metrics,
     pub session: Option<&'a Session>,
+    pub completed: Option<&'a (dyn Fn(&Completed) + Sync)>,
 }
 
 /// Why the relay stopped.
@@ -329,7 +331,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let Report { metrics, session } = report;
+    let Report { metrics, session, completed: on_completed } = report;
     let mut up = Direction::preloaded(true, &pipelined);
     drop(pipelined);
     let mut down = Direction::new(false);
@@ -367,7 +369,7 @@ where
             let mut finished = None;
             for completed in observer.drain() {
                 finished = Some(completed.command);
-                record(metrics, completed);
+                record(metrics, on_completed, completed);
             }
             if let Some(session) = session {
                 session.bytes(up.bytes, down.bytes);
@@ -443,7 +445,7 @@ where
         end => end,
     };
     for completed in observer.finish(std::time::Instant::now()) {
-        record(metrics, completed);
+        record(metrics, on_completed, completed);
     }
     if observer.desynced() {
         metrics.observer_desync.inc();
@@ -491,13 +493,24 @@ impl Stalls {
     }
 }
 
-fn record(metrics: &Metrics, completed: Completed) {
-    metrics.commands.with_label_values(&[completed.command, completed.status.as_str()]).inc();
+fn record(metrics: &Metrics, hook: Option<&(dyn Fn(&Completed) + Sync)>, completed: Completed) {
+    let status = completed.status.as_str();
+    metrics.commands.with_label_values(&[completed.command, status]).inc();
+    if completed.status != crate::imap::inspect::Status::None {
+        let code = completed.code.unwrap_or("none");
+        metrics.command_responses.with_label_values(&[completed.command, status, code]).inc();
+    }
     let seconds = completed.elapsed.as_secs_f64();
     if completed.command == "IDLE" {
         metrics.idle_seconds.observe(seconds);
     } else {
         metrics.command_seconds.with_label_values(&[completed.command]).observe(seconds);
+    }
+    if let (Detail::Selected { exists: Some(exists), .. }, InspectStatus::Ok) = (&completed.detail, completed.status) {
+        metrics.select_seconds.with_label_values(&[crate::imap::mailbox::size_class(*exists)]).observe(seconds);
+    }
+    if let Some(hook) = hook {
+        hook(&completed);
     }
 }
 
@@ -519,7 +532,7 @@ mod tests {
                 LIMITS,
                 Vec::new(),
                 Observer::new(),
-                Report { metrics: &Metrics::new(&[]), session: None },
+                Report { metrics: &Metrics::new(&[]), session: None, completed: None },
                 std::future::pending(),
             )
             .await
@@ -555,7 +568,7 @@ mod tests {
             Limits { idle: Duration::from_secs(1860), write: Duration::from_secs(60) },
             Vec::new(),
             Observer::new(),
-            Report { metrics: &Metrics::new(&[]), session: None },
+            Report { metrics: &Metrics::new(&[]), session: None, completed: None },
             std::future::pending(),
         )
         .await;

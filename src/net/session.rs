@@ -23,6 +23,7 @@ use crate::lifecycle::Phase;
 use crate::net::Shared;
 use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
+use crate::net::report;
 use crate::net::upstream::{self, LoginContext, Upstream};
 use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
@@ -203,7 +204,7 @@ async fn serve(
             let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
             let registration = shared.sessions.register(registry_info(&facts, &logged_in));
             let session = registration.as_ref().map(|r| r.session().as_ref());
-            (relay_session(shared, client, logged_in, session, phase).await, Some(user), Some(backend))
+            (relay_session(shared, &facts, client, logged_in, session, phase).await, Some(user), Some(backend))
         }
         Err(end) => (end, None, None),
     };
@@ -374,6 +375,11 @@ async fn pre_auth(
                             // tarpit, so a refused attacker cannot spin; a repeated wrong pair is answered
                             // like the wrong pair it is.
                             record_attempt(shared, facts, &request, Attempt::Refused(refusal));
+                            if refusal == Refusal::Repeated {
+                                let (name, version) = client_name_version(machine.client_id());
+                                let app = report::client_app(name.as_deref(), version.as_deref());
+                                report::stale_password(shared, facts, user.as_str(), peer.ip(), app.as_deref());
+                            }
                             wait_tarpit(shared, shared.defence.refusal_delay(peer.ip(), refusal), phase).await;
                             match (refusal, request.mechanism.oauth()) {
                                 (Refusal::Repeated, Some(oauth)) => {
@@ -399,6 +405,7 @@ async fn pre_auth(
                             admitted.logged_in();
                             record_attempt(shared, facts, &request, Attempt::Success(&backend));
                             let client_id = client_name_version(machine.client_id());
+                            report::logged_in(shared, client_id.0.as_deref());
                             let pipelined = machine.into_pipelined();
                             let user = user.to_string();
                             return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user, client_id });
@@ -763,12 +770,16 @@ fn log_failure(request: &LoginRequest, failure: &Failure, tarpit: Option<Duratio
 /// gone by the relay.
 async fn relay_session(
     shared: &Shared,
+    facts: &SessionFacts,
     mut client: Box<TlsStream<TcpStream>>,
     logged_in: LoggedIn,
     session: Option<&crate::registry::Session>,
     mut phase: watch::Receiver<Phase>,
 ) -> End {
-    let LoggedIn { tag, upstream, pipelined, backend: backend_name, .. } = logged_in;
+    let LoggedIn { tag, upstream, pipelined, backend: backend_name, user, client_id } = logged_in;
+    let app = report::client_app(client_id.0.as_deref(), client_id.1.as_deref());
+    let subject = report::Subject { shared, facts, user: &user, client: app.as_deref() };
+    let on_completed = |completed: &crate::imap::inspect::Completed| report::completed(&subject, completed);
     let Upstream { stream: mut backend, pending, capabilities } = upstream;
     // What the backend sent behind its reply is the first the observer sees from it.
     let mut observer = Observer::new();
@@ -793,7 +804,7 @@ async fn relay_session(
     let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);
     sessions.inc();
     let started = Instant::now();
-    let report = relay::Report { metrics, session };
+    let report = relay::Report { metrics, session, completed: Some(&on_completed) };
     let outcome = relay::relay(&mut client, &mut backend, limits, pipelined, observer, report, stop).await;
     sessions.dec();
     metrics.session_seconds.observe(started.elapsed().as_secs_f64());

@@ -28,6 +28,8 @@ pub struct Shared {
     pub ticketer: Arc<dyn rustls::server::ProducesTickets>,
     /// The logged-in sessions (the admin API's); kept across reloads.
     pub sessions: Arc<crate::registry::Registry>,
+    /// The mailbox problems seen (stale passwords, quota, resyncs, slow mailboxes); kept across reloads.
+    pub signals: Arc<crate::signals::Signals>,
 }
 
 impl Shared {

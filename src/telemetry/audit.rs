@@ -60,6 +60,22 @@ pub struct AuditEvent {
     pub bytes_to_client: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commands: Option<u64>,
+    /// Signals (`stale_password`, `over_quota`, `resync_suspected`): the mailbox concerned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mailbox: Option<String>,
+    /// The client application (its `ID` name and version).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_app: Option<String>,
+    /// Signals: how many times so far (tries of an old password, refusals, whole-mailbox fetches).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// `resync_suspected`: body bytes fetched in the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
     /// `admin_action`: the name of the token that acted (never the token).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub state_store_seconds: HistogramVec,
     pub state_store_bans_received: IntCounter,
     pub config_reloads: IntCounterVec,
+    pub command_responses: IntCounterVec,
+    pub select_seconds: HistogramVec,
+    pub resync_suspected: IntCounter,
+    pub clients: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -338,6 +342,32 @@ impl Metrics {
                 "Configuration reloads (SIGHUP) by result.",
                 &["result"],
             ),
+            command_responses: counter_vec(
+                &r,
+                "imapgate_command_responses_total",
+                "Tagged responses after login by command, status and response code (a fixed list, else other; none \
+                 without a code).",
+                &["command", "status", "code"],
+            ),
+            select_seconds: histogram_vec(
+                &r,
+                "imapgate_select_duration_seconds",
+                "SELECT and EXAMINE latency by mailbox size class (EXISTS: lt_1k, lt_10k, lt_100k, ge_100k).",
+                &["size"],
+                LATENCY,
+            ),
+            resync_suspected: counter(
+                &r,
+                "imapgate_resync_suspected_total",
+                "Mailboxes a client fetched whole (1:* bodies) three times within an hour: a client re-downloading \
+                 everything.",
+            ),
+            clients: counter_vec(
+                &r,
+                "imapgate_clients_total",
+                "Logins by client application family (from the client's ID name; none without ID).",
+                &["client"],
+            ),
             build_info: gauge_vec(&r, "imapgate_build_info", "Build information.", &["version"]),
             registry: r,
         };
@@ -365,6 +395,16 @@ impl Metrics {
         }
         for result in ["success", "failure"] {
             m.config_reloads.with_label_values(&[result]).inc_by(0);
+        }
+        for client in crate::signals::CLIENT_FAMILIES {
+            m.clients.with_label_values(&[client]).inc_by(0);
+        }
+        for size in crate::imap::mailbox::SIZE_CLASSES {
+            let _ = m.select_seconds.with_label_values(&[size]);
+        }
+        // The responses the quota alert watches.
+        for command in ["APPEND", "COPY", "MOVE", "UID COPY", "UID MOVE"] {
+            m.command_responses.with_label_values(&[command, "NO", "OVERQUOTA"]).inc_by(0);
         }
         for direction in ["client_to_backend", "backend_to_client"] {
             m.bytes.with_label_values(&[direction]).inc_by(0);
@@ -427,6 +467,6 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
         // state store's errors once one fails.
-        assert_eq!(families, 31, "{text}");
+        assert_eq!(families, 35, "{text}");
     }
 }

@@ -25,6 +25,9 @@ pub const USERS: &[(&str, &str)] = &[
     ("fetcher@example.org", "fetch-pw"),
 ];
 
+/// Accounts with a small quota (Dovecot's quota plugin, maildir backend): (user, password, quota rule).
+pub const QUOTA_USERS: &[(&str, &str, &str)] = &[("quota@example.org", "quota-pw", "*:storage=48K")];
+
 pub fn password(user: &str) -> &'static str {
     USERS.iter().find(|(u, _)| *u == user).map(|(_, p)| *p).expect("known user")
 }
@@ -97,6 +100,9 @@ impl Dovecot {
         for (user, pass) in USERS.iter().map(|(u, p)| (u.to_string(), p.to_string())).chain(extra_users.iter().cloned())
         {
             users.push_str(&format!("{user}:{{PLAIN}}{pass}::::::\n"));
+        }
+        for (user, pass, rule) in QUOTA_USERS {
+            users.push_str(&format!("{user}:{{PLAIN}}{pass}::::::userdb_quota_rule={rule}\n"));
         }
         std::fs::write(dir.join("users"), users).unwrap();
         let imap_port = free_port();
@@ -175,6 +181,11 @@ service imap-login {{
 }}
 service imap {{
   process_limit = 2000
+}}
+# Quotas: only the accounts with a quota_rule (QUOTA_USERS) have one.
+mail_plugins = $mail_plugins quota
+plugin {{
+  quota = maildir:User quota
 }}
 # COMPRESS=DEFLATE after login, so that tests of the post-login guard can fail: a backend without it
 # would refuse a smuggled COMPRESS by itself.
