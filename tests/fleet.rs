@@ -150,6 +150,52 @@ async fn failures_spread_over_two_instances_ban_after_the_budget_of_one_and_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_lifts_a_ban_on_one_instance_and_the_whole_fleet_lets_the_client_in() {
+    let url = shared_redis().url();
+    let defence = "failures = 2\nban_secs = 600\n";
+    let token = "fleet-ops-0123456789abcdef0123456789abcdef";
+    let dir = support::scratch_dir("imapgate-fleet-admin-");
+    std::fs::write(dir.join("tokens"), format!("ops operator {token}\n")).unwrap();
+    let env = env();
+    let rest = format!(
+        "{}\n[route]\ndefault = \"mbox\"\n[defence]\ntarpit_ms = [10]\n{defence}\n\
+         [state]\nredis = \"{url}\"\nprefix = \"unban\"\n",
+        backend("mbox", env.dovecot.imap_port)
+    );
+    let text = config_text(&env.pki, &rest).replacen(
+        "[admin]\n",
+        &format!("[admin]\ntoken_file = \"{}\"\n", dir.join("tokens").display()),
+        1,
+    );
+    let a = TestProxy::start(&text).await;
+    let b = instance(&url, "unban", "", defence, "").await;
+    let (user, source) = ("fl-user@example.org", "127.0.0.38");
+    fail_in_turn(&[&a, &b], source, user, |i| format!("wrong-{i}"), 3).await;
+    assert!(
+        within(Duration::from_secs(1), || a.defence.is_banned(ip(source)) && b.defence.is_banned(ip(source)))
+            .await
+            .is_some()
+    );
+    let (status, body) =
+        support::admin_request(a.admin, "DELETE", &format!("/api/v1/bans/{source}"), Some(token), None).await;
+    assert_eq!(status, 200, "{body}");
+    // B hears of it: the client is let in there, and its failures were forgiven fleet-wide.
+    let took = within(Duration::from_secs(1), || !b.defence.is_banned(ip(source))).await;
+    assert!(took.is_some(), "the lifted ban did not reach B within 1 s");
+    assert!(!a.defence.is_banned(ip(source)));
+    let mut c = connect(b.addr, source).await.unwrap();
+    assert!(login(&mut c, user, PASSWORD).await.starts_with("l OK"));
+    let score = shared_redis().command(&format!("ZSCORE unban:bans {source}/32"));
+    assert_eq!(score.as_deref(), Some("$-1\r\n"), "the ban left the set of bans in force");
+    // One more wrong password is one failure again, not a ban.
+    let mut c = connect(a.addr, source).await.unwrap();
+    assert_eq!(login(&mut c, user, "wrong-again").await, format!("l {AUTH_FAILED}"));
+    assert!(!a.defence.is_banned(ip(source)) && !b.defence.is_banned(ip(source)));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_account_attacked_through_one_instance_is_protected_on_the_other_and_keeps_its_familiar_prefix() {
     let url = shared_redis().url();
     // Budgets per prefix wide open: this is about the account.

@@ -91,7 +91,7 @@ fn page(pairs: &[(String, String)]) -> Result<(usize, usize), String> {
     Ok((offset, limit))
 }
 
-pub fn handle(state: &AdminState, caller: &Caller, call: Call<'_>) -> Response<Full<Bytes>> {
+pub async fn handle(state: &AdminState, caller: &Caller, call: Call<'_>) -> Response<Full<Bytes>> {
     let mutation = *call.method != Method::GET;
     if mutation && caller.role != Role::Operator {
         return error(StatusCode::FORBIDDEN, "this token is read-only");
@@ -101,7 +101,9 @@ pub fn handle(state: &AdminState, caller: &Caller, call: Call<'_>) -> Response<F
         (&Method::GET, "/api/v1/sessions") => sessions(state, call.query),
         (&Method::POST, "/api/v1/sessions/kick") => kick(state, caller, call.body),
         (&Method::GET, "/api/v1/bans") => bans(state, call.query),
-        (&Method::DELETE, p) if p.starts_with("/api/v1/bans/") => unban(state, caller, &p["/api/v1/bans/".len()..]),
+        (&Method::DELETE, p) if p.starts_with("/api/v1/bans/") => {
+            unban(state, caller, &p["/api/v1/bans/".len()..]).await
+        }
         (&Method::GET, "/api/v1/backends") => Ok(backends(state)),
         (&Method::POST, "/api/v1/reload") => reload(state, caller),
         (&Method::GET, "/api/v1/overview") => Ok(super::console::overview(state)),
@@ -227,7 +229,7 @@ fn bans(state: &AdminState, query: &str) -> ApiResult {
     Ok(json!({ "total": all.len(), "offset": offset, "limit": limit, "bans": listed }))
 }
 
-fn unban(state: &AdminState, caller: &Caller, raw: &str) -> ApiResult {
+async fn unban(state: &AdminState, caller: &Caller, raw: &str) -> ApiResult {
     let shared = (state.current)();
     let text = percent_decode(raw);
     let prefix = match (text.parse::<ipnet::IpNet>(), text.parse::<std::net::IpAddr>()) {
@@ -235,7 +237,7 @@ fn unban(state: &AdminState, caller: &Caller, raw: &str) -> ApiResult {
         (_, Ok(ip)) => shared.defence.prefix_of(ip),
         _ => return Err(bad(format!("{text:?} is neither a prefix (203.0.113.7/32) nor an address"))),
     };
-    let lifted = shared.defence.unban(prefix);
+    let lifted = shared.defence.unban(prefix).await;
     let result = if lifted { "success" } else { "not_found" };
     shared.audit(&admin_event(caller, "unban", prefix.to_string(), result));
     tracing::info!(event = "admin_action", admin = %caller.name, action = "unban", target = %prefix, lifted, "unban");

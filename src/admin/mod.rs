@@ -105,11 +105,8 @@ async fn handle(req: Request<Incoming>, state: Arc<AdminState>) -> Result<Respon
                             Ok(body) => body.to_bytes(),
                             Err(_) => return Ok(api::error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")),
                         };
-                        api::handle(
-                            &state,
-                            &caller,
-                            api::Call { method: &method, path: &path, query: &query, body: &body },
-                        )
+                        let call = api::Call { method: &method, path: &path, query: &query, body: &body };
+                        api::handle(&state, &caller, call).await
                     }
                 }
             }

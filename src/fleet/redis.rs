@@ -18,7 +18,7 @@ use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Val
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::scripts::{self, Layout};
+use super::scripts::{self, Announcement, Layout};
 use crate::config::{DefenceConfig, StateConfig, StateOnError};
 use crate::lifecycle::Phase;
 use crate::security::accounts::Fingerprint;
@@ -27,7 +27,7 @@ use crate::security::state::{DefenceState, Keys};
 use crate::telemetry::metrics::Metrics;
 
 /// Operations, as metric labels.
-const OPS: &[&str] = &["view", "failure", "success", "ban", "sync", "subscribe"];
+const OPS: &[&str] = &["view", "failure", "success", "ban", "unban", "sync", "subscribe"];
 /// Bans read back at most per sync.
 const SYNC_MAX: usize = 100_000;
 /// Between full reads of the bans in force while the store is up (pub/sub carries them in between).
@@ -133,6 +133,7 @@ struct Inner {
     success: Script,
     ban: Script,
     adopt: Script,
+    unban: Script,
     bans_in_force: Script,
     /// The store answered after an outage: the probe brings this instance's own bans back.
     rejoined: AtomicBool,
@@ -188,6 +189,7 @@ impl RedisStore {
             success: Script::new(scripts::SUCCESS),
             ban: Script::new(scripts::BAN),
             adopt: Script::new(scripts::ADOPT),
+            unban: Script::new(scripts::UNBAN),
             rejoined: AtomicBool::new(false),
             bans_in_force: Script::new(scripts::BANS_IN_FORCE),
         };
@@ -378,9 +380,18 @@ fn hear(push: &PushInfo, channel: &str, state: &dyn DefenceState, metrics: &Metr
     if name != channel {
         return;
     }
-    let Some(ban) = scripts::parse_announcement(&message) else {
-        tracing::warn!(event = "state_store_message", "unreadable ban announcement ignored");
-        return;
+    let ban = match scripts::parse_announcement(&message) {
+        Some(Announcement::Ban(ban)) => ban,
+        Some(Announcement::Lift(key)) => {
+            if state.lift_ban(key, Instant::now()) {
+                tracing::info!(event = "fleet_unban", prefix = %key, "ban lifted by an administrator elsewhere");
+            }
+            return;
+        }
+        None => {
+            tracing::warn!(event = "state_store_message", "unreadable ban announcement ignored");
+            return;
+        }
     };
     if state.apply_ban(ban.key, ban.remaining, ban.count, Instant::now()) {
         metrics.state_store_bans_received.inc();
@@ -441,6 +452,23 @@ impl SharedStore for RedisStore {
             let reply: Vec<String> =
                 store.call("ban", false, async move { invocation.invoke_async(&mut manager).await }).await?;
             scripts::parse_ban(key, &reply).map_err(|e| StoreError(e.to_string()))
+        })
+    }
+
+    fn unban(&self, key: IpNet) -> StoreFuture<bool> {
+        let store = self.clone();
+        Box::pin(async move {
+            let inner = &store.inner;
+            let mut invocation = inner.unban.key(inner.layout.ban(&key));
+            invocation
+                .key(inner.layout.bans())
+                .key(inner.layout.record(&key))
+                .arg(key.to_string())
+                .arg(inner.layout.channel());
+            let mut manager = inner.manager.clone();
+            let reply: i64 =
+                store.call("unban", false, async move { invocation.invoke_async(&mut manager).await }).await?;
+            Ok(reply == 1)
         })
     }
 

@@ -10,7 +10,8 @@
 //! - `{ns}:ak:{account}`: the last success `ok` and `k:{net}` for prefixes it logged in from; expires
 //!   `account_forget` after the last success.
 //! - `{ns}:ban:{net}`: `until`, `count` and `last` (ms) of a ban; `{ns}:bans`: the bans in force (score
-//!   `until`), for instances that (re)join; channel `{ns}:bans`: `"{net} {ms} {count}"` per new ban.
+//!   `until`), for instances that (re)join; channel `{ns}:bans`: `"{net} {ms} {count}"` per new ban,
+//!   `"{net} lift"` when an administrator lifts one.
 //!
 //! Account names are hashed into keys (SHA-256, hex), so that a Redis shared by several clusters holds no
 //! user names. Scripts return numbers as strings (Redis truncates Lua floats to integers).
@@ -154,6 +155,23 @@ redis.call('PUBLISH', ARGV[5], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. tostring(coun
 return 1
 ";
 
+/// An administrator lifts a ban: `KEYS` = the ban, the set of bans in force, the prefix's record; `ARGV` =
+/// prefix, channel. The ban and its history go, the prefix's failures are forgiven, every instance hears
+/// of it. Returns 1 when a ban was in force.
+pub const UNBAN: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local untilv = tonumber(redis.call('HGET', KEYS[1], 'until')) or 0
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'f', '0', 'ft', tostring(now))
+end
+redis.call('PUBLISH', ARGV[2], ARGV[1] .. ' lift')
+if untilv > now then return 1 end
+return 0
+";
+
 /// The bans in force: `KEYS` = the set of bans; `ARGV` = the most to return. Pairs of prefix, ms left.
 pub const BANS_IN_FORCE: &str = r"
 local t = redis.call('TIME')
@@ -262,16 +280,28 @@ pub fn parse_ban(key: IpNet, reply: &[String]) -> Result<SharedBan, BadReply> {
     Ok(SharedBan { key, remaining, count: number(Some(count), "ban count")?.clamp(1.0, 64.0) as u32 })
 }
 
-/// A message on the ban channel: `"{net} {ms} {count}"`.
-pub fn parse_announcement(message: &str) -> Option<SharedBan> {
+/// What an instance announced on the ban channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    Ban(SharedBan),
+    /// An administrator lifted the ban on this prefix.
+    Lift(IpNet),
+}
+
+/// A message on the ban channel: `"{net} {ms} {count}"` or `"{net} lift"`.
+pub fn parse_announcement(message: &str) -> Option<Announcement> {
     let mut parts = message.split(' ');
     let key = parts.next()?.parse::<IpNet>().ok()?;
-    let ms = parts.next()?.parse::<u64>().ok()?;
+    let second = parts.next()?;
+    if second == "lift" {
+        return parts.next().is_none().then_some(Announcement::Lift(key));
+    }
+    let ms = second.parse::<u64>().ok()?;
     let count = parts.next()?.parse::<u32>().ok()?;
     if parts.next().is_some() || ms == 0 {
         return None;
     }
-    Some(SharedBan { key, remaining: Duration::from_millis(ms), count: count.clamp(1, 64) })
+    Some(Announcement::Ban(SharedBan { key, remaining: Duration::from_millis(ms), count: count.clamp(1, 64) }))
 }
 
 /// `BANS_IN_FORCE`'s reply: entries that do not parse are skipped.
@@ -329,8 +359,10 @@ mod tests {
 
     #[test]
     fn announcements_and_ban_lists() {
-        let ban = parse_announcement("192.0.2.0/24 60000 3").unwrap();
+        let Some(Announcement::Ban(ban)) = parse_announcement("192.0.2.0/24 60000 3") else { panic!() };
         assert_eq!((ban.key, ban.remaining, ban.count), (net("192.0.2.0/24"), Duration::from_secs(60), 3));
+        assert_eq!(parse_announcement("2001:db8::/64 lift"), Some(Announcement::Lift(net("2001:db8::/64"))));
+        assert_eq!(parse_announcement("2001:db8::/64 lift 1"), None);
         assert_eq!(parse_announcement("192.0.2.0/24 60000"), None);
         assert_eq!(parse_announcement("192.0.2.0/24 0 1"), None);
         assert_eq!(parse_announcement("nonsense 1 1"), None);

@@ -373,9 +373,19 @@ impl Defence {
         bans
     }
 
-    /// An administrator lifts the ban on `prefix` here (and forgives its failures). Whether one was in force.
-    pub fn unban(&self, prefix: ipnet::IpNet) -> bool {
-        let lifted = self.state.lift_ban(prefix, Instant::now());
+    /// An administrator lifts the ban on `prefix` (and forgives its failures): here, and with a shared
+    /// store in the whole fleet (every instance hears of it). Whether one was in force here or in the fleet;
+    /// a store that cannot be reached leaves the other instances' bans to run out (logged).
+    pub async fn unban(&self, prefix: ipnet::IpNet) -> bool {
+        let mut lifted = self.state.lift_ban(prefix, Instant::now());
+        if let Some(store) = self.store.get() {
+            match store.unban(prefix).await {
+                Ok(in_fleet) => lifted |= in_fleet,
+                Err(e) => {
+                    tracing::warn!(prefix = %prefix, error = %e, "ban lifted here only: the shared store did not answer")
+                }
+            }
+        }
         if lifted {
             tracing::info!(event = "unbanned", prefix = %prefix, "ban lifted by an administrator");
             self.emit(DefenceEvent::Unbanned { prefix });

@@ -76,6 +76,9 @@ pub trait SharedStore: Send + Sync {
     /// Bans `key` for the fleet (doubling on repeats, as one instance does); a ban already in force is
     /// returned as it is. Every instance hears of it.
     fn ban(&self, key: IpNet) -> StoreFuture<SharedBan>;
+    /// An administrator lifts the ban on `key` fleet-wide (and forgives its failures); whether one was in
+    /// force. Every instance hears of it.
+    fn unban(&self, key: IpNet) -> StoreFuture<bool>;
     /// Whether logins should be refused rather than decided locally while the store is unreachable.
     fn closed_on_error(&self) -> bool;
 }
