@@ -254,6 +254,14 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_a_few_hundred_bytes() {
+        // The entry itself (352 bytes on x86-64); its strings (id, user, names) and the map's key add about
+        // 150 bytes more.
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 448, "{size} bytes");
+    }
+
+    #[test]
     fn counters_and_last_command() {
         let registry = Registry::new(1);
         let r = registry.register(info("s", "u", "b", 1)).unwrap();

@@ -306,6 +306,16 @@ async fn bans_are_listed_and_lifted() {
     assert_eq!((status, bans["total"].as_u64()), (200, Some(1)), "{bans}");
     assert_eq!(bans["bans"][0]["prefix"], "127.0.0.50/32");
     assert!(bans["bans"][0]["remaining_secs"].as_u64().unwrap() > 500);
+    let (_, standing) = call(p, "GET", "/api/v1/standing?ip=127.0.0.50", Some(READER), None).await;
+    assert_eq!(
+        (standing["prefix"].as_str(), standing["budget"].as_f64()),
+        (Some("127.0.0.50/32"), Some(2.0)),
+        "{standing}"
+    );
+    assert!(
+        standing["failures"].as_f64().unwrap() > 2.0 && standing["banned_secs"].as_u64().unwrap() > 500,
+        "{standing}"
+    );
     assert_eq!(call(p, "DELETE", "/api/v1/bans/127.0.0.50%2F32", Some(READER), None).await.0, 403);
     let (status, lifted) = call(p, "DELETE", "/api/v1/bans/127.0.0.50%2F32", Some(OPERATOR), None).await;
     assert_eq!((status, lifted["unbanned"].as_str()), (200, Some("127.0.0.50/32")), "{lifted}");
@@ -315,6 +325,11 @@ async fn bans_are_listed_and_lifted() {
     back.line().await.unwrap();
     assert!(back.command("l", "LOGIN alice@example.org alice-pw").await.unwrap().tagged.starts_with("l OK"));
     assert_eq!(call(p, "DELETE", "/api/v1/bans/127.0.0.50", Some(OPERATOR), None).await.0, 404);
+    // Forgiven, and the owner's login gives the prefix standing.
+    let (_, standing) = call(p, "GET", "/api/v1/standing?ip=127.0.0.50", Some(READER), None).await;
+    assert!(standing["failures"].as_f64().unwrap() < 0.1 && standing["banned_secs"].is_null(), "{standing}");
+    assert!(standing["successes"].as_f64().unwrap() > 0.9, "{standing}");
+    assert_eq!(call(p, "GET", "/api/v1/standing", Some(READER), None).await.0, 400);
     assert_eq!(call(p, "DELETE", "/api/v1/bans/not-an-address", Some(OPERATOR), None).await.0, 400);
     let event = wait_audit(&a.audit, "admin_action", |v| v["action"] == "unban" && v["result"] == "success");
     assert_eq!((event["admin"].as_str(), event["target"].as_str()), (Some("alice-ops"), Some("127.0.0.50/32")));

@@ -108,6 +108,7 @@ pub async fn handle(state: &AdminState, caller: &Caller, call: Call<'_>) -> Resp
         (&Method::POST, "/api/v1/reload") => reload(state, caller),
         (&Method::GET, "/api/v1/overview") => Ok(super::console::overview(state)),
         (&Method::GET, "/api/v1/attention") => Ok(attention(state)),
+        (&Method::GET, "/api/v1/standing") => standing(state, call.query),
         (_, p) if KNOWN.contains(&p) || p.starts_with("/api/v1/bans/") => {
             Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed".to_owned()))
         }
@@ -128,6 +129,7 @@ const KNOWN: &[&str] = &[
     "/api/v1/reload",
     "/api/v1/overview",
     "/api/v1/attention",
+    "/api/v1/standing",
 ];
 
 type ApiResult = Result<Value, (StatusCode, String)>;
@@ -246,6 +248,28 @@ async fn unban(state: &AdminState, caller: &Caller, raw: &str) -> ApiResult {
     } else {
         Err((StatusCode::NOT_FOUND, format!("no ban in force on {prefix}")))
     }
+}
+
+/// `?ip=`: what the defence holds on the address's prefix: failures against its budget (which recent
+/// successes raise: the crowd behind a NAT or a webmail server), successes, connections, a ban.
+fn standing(state: &AdminState, query: &str) -> ApiResult {
+    let pairs = query_pairs(query);
+    let ip = pairs
+        .iter()
+        .find(|(k, _)| k == "ip")
+        .and_then(|(_, v)| v.parse::<std::net::IpAddr>().ok())
+        .ok_or_else(|| bad("give ip=<address>"))?;
+    let (prefix, standing, banned) = (state.current)().defence.standing(ip);
+    Ok(json!({
+        "prefix": prefix.to_string(),
+        "tracked": standing.is_some(),
+        "failures": standing.as_ref().map(|s| (s.failures * 100.0).round() / 100.0),
+        "budget": standing.as_ref().map(|s| s.tolerated),
+        "successes": standing.as_ref().map(|s| (s.successes * 100.0).round() / 100.0),
+        "unauthenticated": standing.as_ref().map(|s| s.unauthenticated),
+        "logins_in_flight": standing.as_ref().map(|s| s.in_flight),
+        "banned_secs": banned.map(|d| d.as_secs()),
+    }))
 }
 
 fn backends(state: &AdminState) -> Value {

@@ -393,6 +393,13 @@ impl Defence {
         lifted
     }
 
+    /// The address's prefix, its standing when tracked (not for trusted networks), and the ban in force.
+    pub fn standing(&self, ip: IpAddr) -> (ipnet::IpNet, Option<super::state::StandingView>, Option<Duration>) {
+        let keys = self.keys(ip);
+        let now = Instant::now();
+        (keys.prefix, self.state.standing(&keys, now), self.state.banned(&keys, now))
+    }
+
     /// Whether the address's prefix is banned right now.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         self.state.banned(&self.keys(ip), Instant::now()).is_some()

@@ -128,6 +128,19 @@ pub struct DefenceStats {
     pub max_in_flight: u64,
 }
 
+/// A prefix's standing as the admin API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StandingView {
+    /// Counted failures still in the bucket.
+    pub failures: f64,
+    /// Failures tolerated before a ban: the budget plus what recent successes earned.
+    pub tolerated: f64,
+    /// Recent successful logins (decayed).
+    pub successes: f64,
+    pub unauthenticated: u32,
+    pub in_flight: u32,
+}
+
 /// Housekeeping results.
 #[derive(Debug, Default)]
 pub struct Swept {
@@ -169,6 +182,8 @@ pub trait DefenceState: Send + Sync {
     fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)>;
     /// An administrator lifts the ban on `key` and forgives its failures; whether a ban was in force.
     fn lift_ban(&self, key: IpNet, now: Instant) -> bool;
+    /// The standing of the keys' prefix, when it is tracked (not for trusted networks).
+    fn standing(&self, keys: &Keys, now: Instant) -> Option<StandingView>;
 }
 
 struct Tables {
@@ -474,6 +489,22 @@ impl DefenceState for LocalState {
 
     fn bans_in_force(&self, now: Instant) -> Vec<(IpNet, Duration, u32)> {
         self.lock().bans.in_force(now)
+    }
+
+    fn standing(&self, keys: &Keys, now: Instant) -> Option<StandingView> {
+        if keys.trusted {
+            return None;
+        }
+        let limits = self.limits(keys, &keys.prefix);
+        let mut tables = self.lock();
+        let standing = tables.prefixes.peek_mut(&keys.prefix)?;
+        Some(StandingView {
+            failures: standing.failures(now, limits),
+            tolerated: standing.tolerated(now, limits),
+            successes: standing.successes(now, limits),
+            unauthenticated: standing.unauthenticated,
+            in_flight: standing.in_flight + standing.in_flight_familiar,
+        })
     }
 
     fn lift_ban(&self, key: IpNet, now: Instant) -> bool {
