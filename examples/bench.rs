@@ -26,9 +26,11 @@ struct Options {
     clients: usize,
     login_seconds: u64,
     noops: usize,
+    /// Sequential logins timed for the LOGIN latency rows.
+    logins: usize,
     sessions: usize,
     mailbox_mb: usize,
-    /// Run only this part: memory, logins, noop or fetch.
+    /// Run only this part: memory, logins, login-latency, noop or fetch.
     only: Option<String>,
 }
 
@@ -39,7 +41,15 @@ impl Options {
 }
 
 fn options() -> Options {
-    let mut o = Options { clients: 50, login_seconds: 8, noops: 3000, sessions: 1000, mailbox_mb: 110, only: None };
+    let mut o = Options {
+        clients: 50,
+        login_seconds: 8,
+        noops: 3000,
+        logins: 400,
+        sessions: 1000,
+        mailbox_mb: 110,
+        only: None,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         if pair[0] == "--only" && pair.len() == 2 {
@@ -51,11 +61,12 @@ fn options() -> Options {
             ("--clients", Some(v)) => o.clients = v,
             ("--login-seconds", Some(v)) => o.login_seconds = v as u64,
             ("--noops", Some(v)) => o.noops = v,
+            ("--logins", Some(v)) => o.logins = v,
             ("--sessions", Some(v)) => o.sessions = v,
             ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
             _ => {
                 eprintln!(
-                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--sessions N] [--mailbox-mb M] [--only memory|logins|noop|fetch]"
+                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--mailbox-mb M] [--only memory|logins|login-latency|noop|fetch]"
                 );
                 std::process::exit(64);
             }
@@ -126,6 +137,21 @@ async fn noop_samples(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, coun
 }
 
 /// (p50, p99) of the samples.
+/// `count` logins one after another, each on a new connection: the LOGIN command's round trip (ms).
+async fn login_samples(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, count: usize) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut c = TlsClient::connect_with(addr, Arc::clone(config)).await.unwrap();
+        c.line().await.unwrap();
+        let started = std::time::Instant::now();
+        let reply = c.command("l", "LOGIN alice@example.org alice-pw").await.unwrap();
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(reply.tagged.starts_with("l OK"), "{reply:?}");
+        let _ = c.command("o", "LOGOUT").await;
+    }
+    samples
+}
+
 fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
@@ -295,6 +321,55 @@ fn main() {
                 ">=0.95x",
                 proxy_rate >= 0.95 * direct_rate,
             );
+        }
+        if o.runs("login-latency") {
+            // The same build with the pool switched off, for comparison (the shipped default has it on).
+            let nopool = Gate::start_with_env(
+                &dir,
+                &pki,
+                &dovecot,
+                "nopool",
+                BENCH_DEFENCE,
+                &[("IMAPGATE_BACKEND_TLS__POOL_SIZE", "0")],
+            );
+            logged_in(nopool.addr, &config, "alice@example.org", "alice-pw").await;
+            let ready = "imapgate_backend_pool_ready{backend=\"dovecot\"}";
+            for _ in 0..100 {
+                if support::metric(gate.admin, ready).await >= 1.0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let pooled_before = support::metric(
+                gate.admin,
+                "imapgate_backend_pool_logins_total{backend=\"dovecot\",connection=\"pooled\"}",
+            )
+            .await;
+            let (mut direct_samples, mut pool_samples, mut nopool_samples) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..4 {
+                direct_samples.extend(login_samples(direct, &config, o.logins / 4).await);
+                pool_samples.extend(login_samples(gate.addr, &config, o.logins / 4).await);
+                nopool_samples.extend(login_samples(nopool.addr, &config, o.logins / 4).await);
+            }
+            let pooled = support::metric(
+                gate.admin,
+                "imapgate_backend_pool_logins_total{backend=\"dovecot\",connection=\"pooled\"}",
+            )
+            .await
+                - pooled_before;
+            let (p50_direct, p99_direct) = percentiles(direct_samples);
+            let (p50_pool, p99_pool) = percentiles(pool_samples);
+            let (p50_nopool, p99_nopool) = percentiles(nopool_samples);
+            ratio_line("LOGIN p50 (ms), pool", p50_direct, p50_pool, "-", true);
+            ratio_line("LOGIN p99 (ms), pool", p99_direct, p99_pool, "-", true);
+            ratio_line("LOGIN p50 (ms), pool off", p50_direct, p50_nopool, "-", true);
+            ratio_line("LOGIN p99 (ms), pool off", p99_direct, p99_nopool, "-", true);
+            println!(
+                "  (one login at a time, {} each; {pooled} of {} proxied logins took a pooled connection; pool off: \
+                 IMAPGATE_BACKEND_TLS__POOL_SIZE=0)",
+                o.logins, o.logins
+            );
+            drop(nopool);
         }
         if o.runs("noop") {
             let (mut direct_samples, mut proxy_samples) = (Vec::new(), Vec::new());

@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{BackendMode, Config};
 use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
+use crate::net::pool::Pool;
 use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::session::Mode;
 use crate::net::tls::{self, TlsConfigError};
@@ -80,6 +81,7 @@ struct Lasting {
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     sessions: Arc<Registry>,
     signals: Arc<Signals>,
+    pool: Arc<Pool>,
 }
 
 impl Lasting {
@@ -92,13 +94,14 @@ impl Lasting {
             ticketer: Arc::clone(&shared.ticketer),
             sessions: Arc::clone(&shared.sessions),
             signals: Arc::clone(&shared.signals),
+            pool: Arc::clone(&shared.pool),
         }
     }
 }
 
 /// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
-    let Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals } = lasting;
+    let Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool } = lasting;
     circuits.reconfigure(config.health.clone());
     let (server, expiries) = tls::server_config(&config.tls, &ticketer)?;
     // The names of the set now served (a reload may drop some).
@@ -129,6 +132,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         ticketer,
         sessions,
         signals,
+        pool,
     })
 }
 
@@ -169,7 +173,8 @@ impl Prepared {
         let sessions = Registry::new(config.server.max_connections);
         let tokens = config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
         let signals = Arc::new(Signals::default());
-        let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals };
+        let pool = Arc::new(Pool::default());
+        let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool };
         let shared = build_shared(config, lasting)?;
         Ok(Self { shared: Arc::new(shared), config_path: None, store, tokens })
     }
@@ -188,8 +193,9 @@ impl Prepared {
         config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
         let sessions = Registry::new(1);
         let signals = Arc::new(Signals::default());
-        build_shared(config, Lasting { defence, metrics, audit: None, circuits, ticketer, sessions, signals })
-            .map(|_| ())
+        let pool = Arc::new(Pool::default());
+        let lasting = Lasting { defence, metrics, audit: None, circuits, ticketer, sessions, signals, pool };
+        build_shared(config, lasting).map(|_| ())
     }
 
     /// The file the configuration came from: SIGHUP reloads it (certificates, backends, routes, timeouts).
@@ -286,6 +292,10 @@ impl Proxy {
         {
             let live = Arc::clone(&live);
             tokio::spawn(crate::net::health::run(move || current(&live), phase_rx.clone()));
+        }
+        {
+            let live = Arc::clone(&live);
+            tokio::spawn(crate::net::pool::run(move || current(&live), phase_rx.clone()));
         }
         let admin_state = Arc::new(AdminState {
             metrics: Arc::clone(&self.shared.metrics),

@@ -437,6 +437,10 @@ struct RawBackendTls {
     login_timeout_secs: u64,
     #[serde(default)]
     send_proxy: SendProxy,
+    #[serde(default = "defaults::pool_size")]
+    pool_size: usize,
+    #[serde(default = "defaults::pool_max_age")]
+    pool_max_age_secs: u64,
 }
 
 /// A PROXY protocol header toward the backends.
@@ -460,6 +464,8 @@ impl Default for RawBackendTls {
             connect_timeout_secs: defaults::connect_timeout(),
             send_proxy: SendProxy::Off,
             login_timeout_secs: defaults::login_timeout(),
+            pool_size: defaults::pool_size(),
+            pool_max_age_secs: defaults::pool_max_age(),
         }
     }
 }
@@ -674,6 +680,12 @@ mod defaults {
     pub fn login_timeout() -> u64 {
         30
     }
+    pub fn pool_size() -> usize {
+        4
+    }
+    pub fn pool_max_age() -> u64 {
+        30
+    }
 }
 
 /// How the proxy reaches backends.
@@ -759,6 +771,12 @@ pub struct BackendTlsConfig {
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
     pub send_proxy: SendProxy,
+    /// Ready connections kept per backend (greeted, STARTTLS and TLS done, capabilities known), so that a
+    /// login costs one round trip; 0 switches the pool off. Not used with `send_proxy` (the header names
+    /// the client).
+    pub pool_size: usize,
+    /// A ready connection older than this is closed unused (before the backend's own pre-login timeout).
+    pub pool_max_age: Duration,
 }
 
 /// One backend mail server.
@@ -964,7 +982,12 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         connect_timeout: secs("backend_tls.connect_timeout_secs", raw.backend_tls.connect_timeout_secs, &mut errors),
         login_timeout: secs("backend_tls.login_timeout_secs", raw.backend_tls.login_timeout_secs, &mut errors),
         send_proxy: raw.backend_tls.send_proxy,
+        pool_size: raw.backend_tls.pool_size,
+        pool_max_age: secs("backend_tls.pool_max_age_secs", raw.backend_tls.pool_max_age_secs, &mut errors),
     };
+    if raw.backend_tls.pool_size > 64 {
+        errors.push(err("backend_tls.pool_size", "at most 64 ready connections per backend"));
+    }
 
     let mut backends = Vec::new();
     let mut names = HashSet::new();

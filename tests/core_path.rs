@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use base64::Engine;
 use support::client::{self, TlsClient};
 use support::dovecot::password;
@@ -406,5 +408,51 @@ async fn an_id_of_rfc_size_before_login_is_answered_and_the_login_goes_on() {
     // The backend took the proxy's ID (with as many of the client's fields as fit): it logs the client.
     let logged = env.dovecot.wait_for_log_line(&["Login: user=<bob@example.com>", &format!("rport={client_port},")]);
     assert!(logged.is_some(), "{}", env.dovecot.log());
+    proxy.stop().await;
+}
+
+/// The ready-connection pool: filled in the background once the backend is known good, a login takes a
+/// pooled connection (the client's ID still reaches Dovecot, which logs the client's address), the pool
+/// refills, and with `pool_size = 0` every login dials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_take_ready_pooled_connections_and_the_pool_refills() {
+    let env = env();
+    env.dovecot.deliver("pipeline@example.org", "1.pool", &message("pooled", "Through a pooled connection."));
+    let proxy = support::proxy::in_front_of(&env.pki, env.dovecot.imap_port, "").await;
+    let ready = "imapgate_backend_pool_ready{backend=\"mbox\"}";
+    let text = support::scrape_until(proxy.admin, ready, 4.0, Duration::from_secs(15)).await;
+    assert_eq!(support::sample(&text, ready), 4.0, "the pool did not fill to its default size of 4");
+    let config = client::tls_config(&env.pki.ca, &[b"imap"]);
+    let source: std::net::IpAddr = "127.0.0.81".parse().unwrap();
+    let mut c = TlsClient::connect_from(Some(source), proxy.addr, config.clone()).await.unwrap();
+    c.line().await.unwrap();
+    let ok = c.command("a", &format!("LOGIN pipeline@example.org {}", password("pipeline@example.org"))).await.unwrap();
+    assert!(ok.tagged.starts_with("a OK [CAPABILITY"), "{ok:?}");
+    let fetch = c.command("b", "SELECT INBOX").await.unwrap();
+    assert!(fetch.tagged.starts_with("b OK"), "{fetch:?}");
+    // Other tests deliver to this mailbox too: the message is among them.
+    let body = c.command("c", "FETCH 1:* BODY.PEEK[TEXT]").await.unwrap();
+    assert!(body.literals.iter().any(|l| l.starts_with(b"Through a pooled connection.")), "{body:?}");
+    let text = support::admin_get(proxy.admin, "/metrics").await.1;
+    assert_eq!(
+        support::sample(&text, "imapgate_backend_pool_logins_total{backend=\"mbox\",connection=\"pooled\"}"),
+        1.0
+    );
+    let line = env.dovecot.wait_for_log_line(&["Login: user=<pipeline@example.org>", "rip=127.0.0.81"]);
+    assert!(line.is_some(), "Dovecot saw the client's address on the pooled connection");
+    let text = support::scrape_until(proxy.admin, ready, 4.0, Duration::from_secs(10)).await;
+    assert_eq!(support::sample(&text, ready), 4.0, "the pool refills");
+    c.command("z", "LOGOUT").await.unwrap();
+    proxy.stop().await;
+
+    let rest = format!("{}\n[route]\ndefault = \"mbox\"\n", backend("mbox", env.dovecot.imap_port));
+    let text = config_text(&env.pki, &rest).replacen("[backend_tls]\n", "[backend_tls]\npool_size = 0\n", 1);
+    let proxy = TestProxy::start(&text).await;
+    let mut c = TlsClient::greeted(proxy.addr, &env.pki.ca).await.0;
+    let ok = c.command("a", &format!("LOGIN pipeline@example.org {}", password("pipeline@example.org"))).await.unwrap();
+    assert!(ok.tagged.starts_with("a OK"), "{ok:?}");
+    let text = support::admin_get(proxy.admin, "/metrics").await.1;
+    assert_eq!(support::sample(&text, "imapgate_backend_pool_logins_total{backend=\"mbox\",connection=\"new\"}"), 1.0);
+    assert_eq!(support::sample(&text, ready), 0.0);
     proxy.stop().await;
 }

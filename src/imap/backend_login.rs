@@ -33,6 +33,9 @@ pub enum Goal {
     Login { credentials: Credentials, id: Vec<u8>, oauth: Option<OAuthReplay> },
     /// A health check: the login's path up to the credentials, then LOGOUT.
     Check,
+    /// A connection made ready for a later login (the pool's): the login's path up to the credentials, then
+    /// [`Want::Done`] with the capabilities, the connection left open; resumed by [`BackendLogin::resume`].
+    Ready,
 }
 
 /// An OAuth client message to replay.
@@ -151,6 +154,9 @@ pub struct BackendLogin {
     oauth_sent: Option<OAuthMechanism>,
     /// The backend's OAuth error challenge: `Some` once one came (empty when it was not base64).
     challenge: Option<String>,
+    /// A resumed (pooled) login sent its credentials with its `ID`: the state to go on in once the `ID` is
+    /// answered.
+    after_id: Option<State>,
 }
 
 impl std::fmt::Debug for BackendLogin {
@@ -173,7 +179,39 @@ impl BackendLogin {
             pieces: VecDeque::new(),
             oauth_sent: None,
             challenge: None,
+            after_id: None,
         }
+    }
+
+    /// A login on a connection a [`Goal::Ready`] machine prepared (greeting, STARTTLS, TLS and capabilities
+    /// done): the `ID` and, when the backend takes them in one line (SASL-IR), the credentials go in one
+    /// write, so the login costs one round trip.
+    pub fn resume(security: Security, capabilities: Vec<String>, goal: Goal) -> Self {
+        let mut machine = Self::new(security, goal);
+        machine.capabilities = capabilities;
+        let Goal::Login { id, oauth, .. } = &machine.goal else {
+            machine.fail(error(ErrorKind::Protocol, "internal: a resumed machine needs a login"));
+            return machine;
+        };
+        let caps = &machine.capabilities;
+        let one_line = response::has_capability(caps, "SASL-IR")
+            && match oauth {
+                Some(_) => {
+                    response::has_capability(caps, "AUTH=XOAUTH2") || response::has_capability(caps, "AUTH=OAUTHBEARER")
+                }
+                None => response::has_capability(caps, "AUTH=PLAIN"),
+            };
+        machine.send(id.clone());
+        machine.state = State::IdReply;
+        if one_line {
+            if let Err(e) = machine.authenticate() {
+                machine.fail(e);
+                return machine;
+            }
+            // The ID is answered first; then the login's reply.
+            machine.after_id = Some(std::mem::replace(&mut machine.state, State::IdReply));
+        }
+        machine
     }
 
     /// Bytes read from the backend.
@@ -232,6 +270,7 @@ impl BackendLogin {
         let second: &[u8] = match &self.goal {
             Goal::Login { id, .. } => id,
             Goal::Check => b"L LOGOUT\r\n",
+            Goal::Ready => b"",
         };
         let bytes = [b"C CAPABILITY\r\n".as_slice(), second].concat();
         self.send(bytes);
@@ -266,7 +305,7 @@ impl BackendLogin {
                 let Some(reply) = self.tagged("C", response)? else { return Ok(()) };
                 self.capabilities = self.capability_reply(reply)?;
                 match &self.goal {
-                    Goal::Check => self.finish(),
+                    Goal::Check | Goal::Ready => self.finish(),
                     Goal::Login { .. } => self.state = State::IdReply,
                 }
                 Ok(())
@@ -276,7 +315,14 @@ impl BackendLogin {
                 if reply.status != Status::Ok {
                     self.id_refused = Some(reply.describe());
                 }
-                self.authenticate()
+                match self.after_id.take() {
+                    Some(next) => {
+                        self.collected = None;
+                        self.state = next;
+                        Ok(())
+                    }
+                    None => self.authenticate(),
+                }
             }
             State::PlainContinuation | State::LoginPieces => match response {
                 Response::Continuation(_) => {
@@ -819,6 +865,51 @@ mod tests {
             Want::Failed(e) => assert_eq!(e.kind, ErrorKind::Protocol),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_pooled_connection_logs_in_in_one_round_trip() {
+        // Prepared: STARTTLS and capabilities, then left open.
+        let prepared = "
+            S: * OK [CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED] Dovecot ready.
+            C: S STARTTLS
+            S: S OK Begin TLS negotiation now.
+            TLS
+            C: C CAPABILITY
+            S: * CAPABILITY IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN
+            S: C OK Pre-login capabilities listed.
+        ";
+        let Want::Done(ready) = play(Security::StartTls, Goal::Ready, prepared) else { panic!("not ready") };
+        assert!(ready.pending.is_empty() && response::has_capability(&ready.capabilities, "AUTH=PLAIN"));
+        // Taken: ID and credentials in one go, both answered.
+        let mut m = BackendLogin::resume(Security::StartTls, ready.capabilities.clone(), login("I ID NIL"));
+        let mut sent = Vec::new();
+        while let Want::Send(bytes) = m.next_want() {
+            sent.extend_from_slice(bytes.expose());
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&sent),
+            "I ID NIL\r\nL AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUub3JnAGFsaWNlLXB3\r\n"
+        );
+        m.feed(b"* ID NIL\r\nI OK ID completed.\r\nL OK [CAPABILITY IMAP4rev1 IDLE MOVE] Logged in\r\n");
+        match m.next_want() {
+            Want::Done(done) => assert!(done.capabilities.contains(&"MOVE".to_owned())),
+            other => panic!("{other:?}"),
+        }
+        // Without SASL-IR the credentials wait for the ID's answer, as on a fresh connection.
+        let caps = vec!["IMAP4rev1".to_owned(), "AUTH=PLAIN".to_owned()];
+        let mut m = BackendLogin::resume(Security::StartTls, caps, login("I ID NIL"));
+        let Want::Send(first) = m.next_want() else { panic!() };
+        assert_eq!(first.expose(), b"I ID NIL\r\n");
+        assert!(matches!(m.next_want(), Want::Read));
+        m.feed(b"I OK ID completed.\r\n");
+        let Want::Send(second) = m.next_want() else { panic!() };
+        assert_eq!(second.expose(), b"L AUTHENTICATE PLAIN\r\n");
+        // A refusal on a pooled connection is a refusal.
+        let mut m = BackendLogin::resume(Security::StartTls, ready.capabilities, login("I ID NIL"));
+        while let Want::Send(_) = m.next_want() {}
+        m.feed(b"I OK ID completed.\r\nL NO [AUTHENTICATIONFAILED] Authentication failed.\r\n");
+        assert!(matches!(m.next_want(), Want::Failed(LoginError { kind: ErrorKind::AuthFailed, .. })));
     }
 
     #[test]

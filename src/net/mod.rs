@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod health;
 pub mod lookup;
+pub mod pool;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod report;

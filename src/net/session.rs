@@ -649,20 +649,31 @@ async fn login_at(
     let Target { backend, tracked, credentials, oauth } = target;
     let config = &shared.config;
     let started = Instant::now();
-    let result = upstream::login(LoginContext {
-        leg: upstream::Leg::new(backend, config, &shared.backend_tls).for_client(peer, local),
-        credentials,
-        oauth,
-        id_fields: vec![
-            ("x-session-id", id.to_owned()),
-            ("x-originating-ip", peer.ip().to_string()),
-            ("x-originating-port", peer.port().to_string()),
-            ("x-connected-ip", local.ip().to_string()),
-            ("x-connected-port", local.port().to_string()),
-            ("x-proxy-ttl", config.server.proxy_ttl.to_string()),
-        ],
-        client_id: machine.client_id(),
-    })
+    // A pooled connection for configured backends (a lookup's ad-hoc server has none).
+    let ready = (tracked && crate::net::pool::enabled(shared))
+        .then(|| shared.pool.take(backend, config.backend_tls.pool_max_age))
+        .flatten();
+    let connection = if ready.is_some() { "pooled" } else { "new" };
+    if tracked {
+        shared.metrics.backend_pool_logins.with_label_values(&[&backend.name, connection]).inc();
+    }
+    let result = upstream::login(
+        LoginContext {
+            leg: upstream::Leg::new(backend, config, &shared.backend_tls).for_client(peer, local),
+            credentials,
+            oauth,
+            id_fields: vec![
+                ("x-session-id", id.to_owned()),
+                ("x-originating-ip", peer.ip().to_string()),
+                ("x-originating-port", peer.port().to_string()),
+                ("x-connected-ip", local.ip().to_string()),
+                ("x-connected-port", local.port().to_string()),
+                ("x-proxy-ttl", config.server.proxy_ttl.to_string()),
+            ],
+            client_id: machine.client_id(),
+        },
+        ready,
+    )
     .await;
     let metrics = &shared.metrics;
     let name = backend.name.as_str();

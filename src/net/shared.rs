@@ -30,6 +30,8 @@ pub struct Shared {
     pub sessions: Arc<crate::registry::Registry>,
     /// The mailbox problems seen (stale passwords, quota, resyncs, slow mailboxes); kept across reloads.
     pub signals: Arc<crate::signals::Signals>,
+    /// Ready backend connections; kept across reloads.
+    pub pool: Arc<crate::net::pool::Pool>,
 }
 
 impl Shared {

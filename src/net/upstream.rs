@@ -142,15 +142,48 @@ async fn connect(leg: &Leg<'_>) -> Result<TcpStream, Failure> {
     Ok(tcp)
 }
 
-/// Connects to the backend and logs in as the client.
-pub async fn login(ctx: LoginContext<'_>) -> Result<Upstream, Failure> {
-    let tcp = connect(&ctx.leg).await?;
+/// A backend connection made ready for a login (see `net::pool`).
+pub struct Ready {
+    pub stream: BackendStream,
+    pub capabilities: Vec<String>,
+}
+
+/// Connects and runs the login's path up to the credentials, leaving the connection open.
+pub async fn prepare(leg: &Leg<'_>) -> Result<Ready, Failure> {
+    let tcp = connect(leg).await?;
+    let (stream, done) = timeout(leg.login_timeout, drive(tcp, leg, Goal::Ready))
+        .await
+        .map_err(|_| Failure::backend(Kind::Timeout, "backend preparation timed out"))??;
+    if !done.pending.is_empty() {
+        return Err(Failure::backend(Kind::Protocol, "backend sent data after its capabilities"));
+    }
+    Ok(Ready { stream, capabilities: done.capabilities })
+}
+
+/// Logs in as the client: on `ready` (a pooled connection: one round trip) when given, else on a new
+/// connection. A pooled connection the backend closed meanwhile is replaced by a new one.
+pub async fn login(ctx: LoginContext<'_>, ready: Option<Ready>) -> Result<Upstream, Failure> {
     let id = response::id_command("I", &ctx.id_fields, ctx.client_id);
-    let goal = Goal::Login { credentials: ctx.credentials.clone(), id, oauth: ctx.oauth.cloned() };
-    let (stream, done) =
-        timeout(ctx.leg.login_timeout, drive(tcp, &ctx.leg, goal).instrument(tracing::info_span!("authenticate")))
-            .await
-            .map_err(|_| Failure::backend(Kind::Timeout, "backend login timed out"))??;
+    let goal = || Goal::Login { credentials: ctx.credentials.clone(), id: id.clone(), oauth: ctx.oauth.cloned() };
+    let security = security(ctx.leg.mode);
+    let attempt = async {
+        if let Some(ready) = ready {
+            let machine = BackendLogin::resume(security, ready.capabilities, goal());
+            match run(ready.stream, None, machine).instrument(tracing::info_span!("authenticate", pooled = true)).await
+            {
+                Ok(done) => return Ok(done),
+                Err(failure) if failure.side == Side::Backend => {
+                    tracing::debug!(backend = %ctx.leg.backend.name, detail = %failure.detail, "pooled connection unusable; a new one");
+                }
+                Err(failure) => return Err(failure),
+            }
+        }
+        let tcp = connect(&ctx.leg).await?;
+        drive(tcp, &ctx.leg, goal()).instrument(tracing::info_span!("authenticate")).await
+    };
+    let (stream, done) = timeout(ctx.leg.login_timeout, attempt)
+        .await
+        .map_err(|_| Failure::backend(Kind::Timeout, "backend login timed out"))??;
     if let Some(reply) = &done.id_refused {
         tracing::warn!(backend = %ctx.leg.backend.name, reply = %reply, "backend refused ID; client address not passed on");
     }
@@ -168,18 +201,30 @@ pub async fn check(leg: &Leg<'_>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Runs the sans-IO login machine over the socket: its writes, its reads, its TLS handshake.
-async fn drive(tcp: TcpStream, leg: &Leg<'_>, goal: Goal) -> Result<(BackendStream, LoggedIn), Failure> {
-    let security = match leg.mode {
+fn security(mode: BackendMode) -> Security {
+    match mode {
         BackendMode::Tls => Security::Implicit,
         BackendMode::Starttls => Security::StartTls,
         BackendMode::Plain => Security::Plain,
-    };
-    let mut stream = match leg.mode {
+    }
+}
+
+/// Runs the sans-IO login machine over a new connection: its writes, its reads, its TLS handshake.
+async fn drive(tcp: TcpStream, leg: &Leg<'_>, goal: Goal) -> Result<(BackendStream, LoggedIn), Failure> {
+    let stream = match leg.mode {
         BackendMode::Tls => BackendStream::Tls(Box::new(handshake(tcp, leg).await?)),
         BackendMode::Starttls | BackendMode::Plain => BackendStream::Plain(tcp),
     };
-    let mut machine = BackendLogin::new(security, goal);
+    run(stream, Some(leg), BackendLogin::new(security(leg.mode), goal)).await
+}
+
+/// Runs `machine` over `stream`; `leg` does the STARTTLS handshake when the machine asks for one (a resumed
+/// machine on a prepared connection never does, and has none).
+async fn run(
+    mut stream: BackendStream,
+    leg: Option<&Leg<'_>>,
+    mut machine: BackendLogin,
+) -> Result<(BackendStream, LoggedIn), Failure> {
     // On the heap: an inline array would stay in every session task's allocation for its whole life.
     let mut buf = vec![0u8; 4096];
     loop {
@@ -196,7 +241,7 @@ async fn drive(tcp: TcpStream, leg: &Leg<'_>, goal: Goal) -> Result<(BackendStre
                 machine.feed(&buf[..n]);
             }
             Want::StartTls => {
-                let BackendStream::Plain(tcp) = stream else {
+                let (BackendStream::Plain(tcp), Some(leg)) = (stream, leg) else {
                     return Err(Failure::backend(Kind::Protocol, "internal: STARTTLS on a TLS stream"));
                 };
                 stream = BackendStream::Tls(Box::new(

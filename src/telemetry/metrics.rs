@@ -47,6 +47,8 @@ pub struct Metrics {
     pub select_seconds: HistogramVec,
     pub resync_suspected: IntCounter,
     pub clients: IntCounterVec,
+    pub backend_pool_ready: IntGaugeVec,
+    pub backend_pool_logins: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -368,6 +370,18 @@ impl Metrics {
                 "Logins by client application family (from the client's ID name; none without ID).",
                 &["client"],
             ),
+            backend_pool_ready: gauge_vec(
+                &r,
+                "imapgate_backend_pool_ready",
+                "Ready backend connections waiting for a login (greeted, TLS done), by backend.",
+                &["backend"],
+            ),
+            backend_pool_logins: counter_vec(
+                &r,
+                "imapgate_backend_pool_logins_total",
+                "Backend logins by connection: pooled (one round trip) or new (the pool was empty or off).",
+                &["backend", "connection"],
+            ),
             build_info: gauge_vec(&r, "imapgate_build_info", "Build information.", &["version"]),
             registry: r,
         };
@@ -410,6 +424,10 @@ impl Metrics {
             m.bytes.with_label_values(&[direction]).inc_by(0);
         }
         for backend in backends {
+            m.backend_pool_ready.with_label_values(&[backend]).set(0);
+            for connection in ["pooled", "new"] {
+                m.backend_pool_logins.with_label_values(&[backend.as_str(), connection]).inc_by(0);
+            }
             m.backend_sessions.with_label_values(&[backend]).set(0);
             m.backend_up.with_label_values(&[backend]).set(0);
             for state in CIRCUIT_STATES {
@@ -467,6 +485,6 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
         // state store's errors once one fails.
-        assert_eq!(families, 35, "{text}");
+        assert_eq!(families, 37, "{text}");
     }
 }

@@ -25,6 +25,18 @@ pub struct Gate {
 impl Gate {
     /// Starts imapgate on a free loopback port; `extra` adds sections such as `[defence]`.
     pub fn start(dir: &Path, pki: &Pki, dovecot: &Dovecot, name: &str, extra: &str) -> Gate {
+        Self::start_with_env(dir, pki, dovecot, name, extra, &[])
+    }
+
+    /// As `start`, with `IMAPGATE_...` overrides in the environment (`IMAPGATE_BACKEND_TLS__POOL_SIZE`).
+    pub fn start_with_env(
+        dir: &Path,
+        pki: &Pki,
+        dovecot: &Dovecot,
+        name: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Gate {
         let port = super::free_port();
         let admin_port = super::free_port();
         let config = dir.join(format!("{name}.toml"));
@@ -45,6 +57,7 @@ impl Gate {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut command = Command::new(imapgate_binary());
+        command.envs(env.iter().copied());
         // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
         if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
             command.env("TOKIO_WORKER_THREADS", workers);
