@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::client::{self, TlsClient};
-use support::proxy::{TestProxy, backend, config_text};
+use support::proxy::{TestProxy, backend, config_text, with_admin_tokens};
 
 const OPERATOR: &str = "op-0123456789abcdef0123456789abcdef";
 const READER: &str = "ro-fedcba9876543210fedcba9876543210";
@@ -63,20 +63,14 @@ struct Admin {
 async fn admin(defence: &str) -> Admin {
     let env = env();
     let dir = support::scratch_dir("imapgate-admin-");
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("# name role token\nalice-ops operator {OPERATOR}\ngrafana read {READER}\n"))
-        .unwrap();
     let audit = dir.join("audit.log");
     let rest = format!(
         "{}\n[route]\ndefault = \"mbox\"\n[audit]\npath = \"{}\"\n{defence}",
         backend("mbox", env.dovecot.imap_port),
         audit.display()
     );
-    let text = config_text(&env.pki, &rest).replacen(
-        "[admin]\n",
-        &format!("[admin]\ntoken_file = \"{}\"\n", tokens.display()),
-        1,
-    );
+    let tokens = format!("# name role token\nalice-ops operator {OPERATOR}\ngrafana read {READER}\n");
+    let text = with_admin_tokens(&config_text(&env.pki, &rest), &dir, &tokens);
     let config = dir.join("proxy.toml");
     std::fs::write(&config, text).unwrap();
     Admin { proxy: TestProxy::start_from_file(&config).await, audit, config }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use support::browser::Browser;
 use support::client::{self, TlsClient};
-use support::proxy::{TestProxy, backend, config_text};
+use support::proxy::{TestProxy, backend, config_text, with_admin_tokens};
 
 const OPERATOR: &str = "op-console-0123456789abcdef0123456789";
 const READER: &str = "ro-console-fedcba9876543210fedcba9876";
@@ -20,17 +20,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 async fn proxy(env: &support::Env) -> TestProxy {
     let dir = support::scratch_dir("imapgate-console-");
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("ops operator {OPERATOR}\nwall-screen read {READER}\n")).unwrap();
     let rest = format!(
         "{}\n[route]\ndefault = \"mbox\"\n[defence]\nfailures = 2\ntarpit_ms = [10]\nban_secs = 600\n",
         backend("mbox", env.dovecot.imap_port)
     );
-    let text = config_text(&env.pki, &rest).replacen(
-        "[admin]\n",
-        &format!("[admin]\ntoken_file = \"{}\"\n", tokens.display()),
-        1,
-    );
+    let tokens = format!("ops operator {OPERATOR}\nwall-screen read {READER}\n");
+    let text = with_admin_tokens(&config_text(&env.pki, &rest), &dir, &tokens);
     TestProxy::start(&text).await
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use support::client::{self, TlsClient};
 use support::haproxy::Haproxy;
-use support::proxy::{TestProxy, backend, config_text};
+use support::proxy::{TestProxy, backend, config_text, with_admin_tokens};
 use support::redis::Redis;
 
 const USERS: &[&str] = &[
@@ -155,18 +155,13 @@ async fn an_administrator_lifts_a_ban_on_one_instance_and_the_whole_fleet_lets_t
     let defence = "failures = 2\nban_secs = 600\n";
     let token = "fleet-ops-0123456789abcdef0123456789abcdef";
     let dir = support::scratch_dir("imapgate-fleet-admin-");
-    std::fs::write(dir.join("tokens"), format!("ops operator {token}\n")).unwrap();
     let env = env();
     let rest = format!(
         "{}\n[route]\ndefault = \"mbox\"\n[defence]\ntarpit_ms = [10]\n{defence}\n\
          [state]\nredis = \"{url}\"\nprefix = \"unban\"\n",
         backend("mbox", env.dovecot.imap_port)
     );
-    let text = config_text(&env.pki, &rest).replacen(
-        "[admin]\n",
-        &format!("[admin]\ntoken_file = \"{}\"\n", dir.join("tokens").display()),
-        1,
-    );
+    let text = with_admin_tokens(&config_text(&env.pki, &rest), &dir, &format!("ops operator {token}\n"));
     let a = TestProxy::start(&text).await;
     let b = instance(&url, "unban", "", defence, "").await;
     let (user, source) = ("fl-user@example.org", "127.0.0.38");

@@ -7,30 +7,16 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use base64::Engine;
+use support::Capture;
 use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
 use support::tokens::TokenService;
-
-/// Everything the tracing subscriber writes, at trace level.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 struct Env {
     pki: Pki,
@@ -44,9 +30,7 @@ struct Env {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let capture = Capture::default();
-        let writer = capture.clone();
-        tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).json().init();
+        let capture = Capture::install();
         let dir = support::scratch_dir("imapgate-oauth-");
         let pki = Pki::generate(&dir);
         let tokens = TokenService::start(&dir);
@@ -97,7 +81,7 @@ async fn proxy(audit: &std::path::Path, defence: &str) -> TestProxy {
 async fn assert_no_token_anywhere(proxy: &TestProxy, audit: &std::path::Path, tokens: &[&str], users: &[&str]) {
     let metrics = support::admin_get(proxy.admin, "/metrics").await.1;
     let audit_text = std::fs::read_to_string(audit).unwrap_or_default();
-    let log = String::from_utf8_lossy(&env().capture.0.lock().unwrap()).into_owned();
+    let log = env().capture.text();
     for token in tokens {
         let encoded: Vec<String> = users.iter().flat_map(|u| [xoauth2(u, token), oauthbearer(u, token)]).collect();
         for (name, text) in [("log", &log), ("audit log", &audit_text), ("metrics", &metrics)] {

@@ -3,33 +3,15 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use base64::Engine;
+use support::Capture;
 use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::proxy::{TestProxy, backend, config_text};
 
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_never_reach_the_log() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).json().init();
+    let capture = Capture::install();
     let dir = support::scratch_dir("imapgate-secrets-");
     let pki = support::pki::Pki::generate(&dir);
     let dovecot = Dovecot::start("secrets", &pki, &[]);
@@ -55,7 +37,7 @@ async fn passwords_never_reach_the_log() {
     assert!(c.until_tagged("f").await.unwrap().tagged.starts_with("f OK"));
     proxy.stop().await;
 
-    let log = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    let log = capture.text();
     assert!(log.contains("bob@example.com"), "the log should name the user");
     assert!(log.contains("login failed") && log.contains("\"login\""), "{log}");
     for secret in [wrong, "bob-pw", "sp ace", "quo\\\\te", &b64(wrong), &b64(&format!("\0bob@example.com\0{wrong}"))] {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::client::{self, TlsClient};
-use support::proxy::{TestProxy, backend, config_text};
+use support::proxy::{TestProxy, backend, config_text, with_admin_tokens};
 
 const READER: &str = "ro-signals-0123456789abcdef0123456789";
 
@@ -36,19 +36,13 @@ fn env() -> &'static support::Env {
 async fn proxy() -> Proxy {
     let env = env();
     let dir = support::scratch_dir("imapgate-signals-");
-    let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("screen read {READER}\n")).unwrap();
     let audit = dir.join("audit.log");
     let rest = format!(
         "{}\n[route]\ndefault = \"mbox\"\n[audit]\npath = \"{}\"\n",
         backend("mbox", env.dovecot.imap_port),
         audit.display()
     );
-    let text = config_text(&env.pki, &rest).replacen(
-        "[admin]\n",
-        &format!("[admin]\ntoken_file = \"{}\"\n", tokens.display()),
-        1,
-    );
+    let text = with_admin_tokens(&config_text(&env.pki, &rest), &dir, &format!("screen read {READER}\n"));
     Proxy { proxy: TestProxy::start(&text).await, audit }
 }
 

@@ -171,3 +171,31 @@ pub fn python_service(script: &str, port: u16, args: &[(&str, &std::path::Path)]
     assert!(child.try_wait().ok().flatten().is_none(), "{script} exited");
     child
 }
+
+/// Everything a `tracing` subscriber writes, for tests that prove what never reaches the log.
+#[derive(Clone, Default)]
+pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// Installs a trace-level JSON subscriber for the whole test process writing here.
+    pub fn install() -> Capture {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt().with_env_filter("trace").with_writer(move || writer.clone()).json().init();
+        capture
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}

@@ -52,6 +52,14 @@ login_timeout_secs = 10
     )
 }
 
+/// `text` (a `config_text`) with the admin API on: `tokens` (lines `name role token`) written to a file in
+/// `dir`, named by `[admin] token_file`.
+pub fn with_admin_tokens(text: &str, dir: &std::path::Path, tokens: &str) -> String {
+    let path = dir.join("admin-tokens");
+    std::fs::write(&path, tokens).unwrap();
+    text.replacen("[admin]\n", &format!("[admin]\ntoken_file = \"{}\"\n", path.display()), 1)
+}
+
 pub struct TestProxy {
     pub addr: SocketAddr,
     /// The first `server.starttls_listen` address, when there is one.
