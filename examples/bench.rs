@@ -30,7 +30,7 @@ struct Options {
     logins: usize,
     sessions: usize,
     mailbox_mb: usize,
-    /// Run only this part: memory, logins, login-latency, noop or fetch.
+    /// Run only this part: memory, logins, login-latency, cpu, noop or fetch.
     only: Option<String>,
 }
 
@@ -66,7 +66,7 @@ fn options() -> Options {
             ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
             _ => {
                 eprintln!(
-                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--mailbox-mb M] [--only memory|logins|login-latency|noop|fetch]"
+                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--mailbox-mb M] [--only memory|logins|login-latency|cpu|noop|fetch]"
                 );
                 std::process::exit(64);
             }
@@ -370,6 +370,39 @@ fn main() {
                 o.logins, o.logins
             );
             drop(nopool);
+        }
+        if o.runs("cpu") {
+            // imapgate's own CPU (user + system, /proc, 10 ms ticks) per login and per MB fetched. Clients
+            // keeping their TLS session (tickets) resume; a client with resumption off does a full handshake.
+            let full = {
+                let mut c = (*config).clone();
+                c.resumption = rustls::client::Resumption::disabled();
+                Arc::new(c)
+            };
+            let logins = o.logins;
+            let mut per_login = Vec::new();
+            for (label, client) in [("resumed", &config), ("full", &full)] {
+                login_samples(gate.addr, client, 5).await;
+                let before = gate.cpu_ms();
+                login_samples(gate.addr, client, logins).await;
+                per_login.push((label, (gate.cpu_ms() - before) / logins as f64));
+            }
+            for (label, ms) in per_login {
+                println!(
+                    "{:<28} {:>12} {:>12.3}            (client TLS handshake {label})",
+                    "proxy CPU ms per login", "-", ms
+                );
+            }
+            let before = gate.cpu_ms();
+            let (_, bytes) = fetch_once(gate.addr, &config).await;
+            let ms_per_mb = (gate.cpu_ms() - before) / (bytes as f64 / 1e6);
+            println!(
+                "{:<28} {:>12} {:>12.3}            (FETCH 1:* BODY.PEEK[], {} MB)",
+                "proxy CPU ms per MB",
+                "-",
+                ms_per_mb,
+                bytes / 1_000_000
+            );
         }
         if o.runs("noop") {
             let (mut direct_samples, mut proxy_samples) = (Vec::new(), Vec::new());
