@@ -291,11 +291,14 @@ impl Signals {
     pub fn selected(&self, user: &str, mailbox: &str, exists: Option<u64>, elapsed: Duration) {
         let mut tables = self.lock();
         let slow = &mut tables.slow;
-        if slow.len() >= SLOWEST && slow.last().is_some_and(|s| s.elapsed >= elapsed) {
-            return;
+        // One entry per mailbox, its slowest opening.
+        if let Some(i) = slow.iter().position(|s| s.user.eq_ignore_ascii_case(user) && s.mailbox == mailbox) {
+            if slow[i].elapsed >= elapsed {
+                return;
+            }
+            slow.remove(i);
         }
-        slow.retain(|s| !(s.user.eq_ignore_ascii_case(user) && s.mailbox == mailbox && s.elapsed <= elapsed));
-        if slow.iter().any(|s| s.user.eq_ignore_ascii_case(user) && s.mailbox == mailbox) {
+        if slow.len() >= SLOWEST && slow.last().is_some_and(|s| s.elapsed >= elapsed) {
             return;
         }
         let entry =

@@ -90,12 +90,21 @@ impl Mechanism {
         }
     }
 
-    /// The OAuth mechanism, for the two OAuth logins.
+    /// The OAuth mechanism, for the two OAuth logins (the inverse of `From<OAuthMechanism>`).
     pub fn oauth(self) -> Option<OAuthMechanism> {
         match self {
             Mechanism::XOAuth2 => Some(OAuthMechanism::XOAuth2),
             Mechanism::OAuthBearer => Some(OAuthMechanism::OAuthBearer),
             Mechanism::Login | Mechanism::Plain | Mechanism::SaslLogin => None,
+        }
+    }
+}
+
+impl From<OAuthMechanism> for Mechanism {
+    fn from(mechanism: OAuthMechanism) -> Self {
+        match mechanism {
+            OAuthMechanism::OAuthBearer => Mechanism::OAuthBearer,
+            OAuthMechanism::XOAuth2 => Mechanism::XOAuth2,
         }
     }
 }
@@ -318,21 +327,16 @@ impl PreAuth {
 
     fn authenticate(&mut self, tag: Tag, mechanism: &str, initial_response: Option<Vec<u8>>) {
         let offer = self.offer;
-        let offered = match mechanism {
-            "PLAIN" => offer.plain,
-            "LOGIN" => offer.login,
-            "XOAUTH2" => offer.xoauth2,
-            "OAUTHBEARER" => offer.oauthbearer,
-            _ => false,
+        let (offered, oauth) = match mechanism {
+            "PLAIN" => (offer.plain, None),
+            "LOGIN" => (offer.login, None),
+            "XOAUTH2" => (offer.xoauth2, Some(OAuthMechanism::XOAuth2)),
+            "OAUTHBEARER" => (offer.oauthbearer, Some(OAuthMechanism::OAuthBearer)),
+            _ => (false, None),
         };
         if !offered {
             return self.send(format!("{} NO Unsupported authentication mechanism.\r\n", tag.as_str()));
         }
-        let oauth = match mechanism {
-            "XOAUTH2" => Some(OAuthMechanism::XOAuth2),
-            "OAUTHBEARER" => Some(OAuthMechanism::OAuthBearer),
-            _ => None,
-        };
         if let Some(mechanism) = oauth {
             return match initial_response {
                 Some(response) => self.oauth_response(tag, mechanism, &response),
@@ -399,10 +403,7 @@ impl PreAuth {
         };
         match parsed {
             Ok(message) => {
-                let mechanism = match mechanism {
-                    OAuthMechanism::OAuthBearer => Mechanism::OAuthBearer,
-                    OAuthMechanism::XOAuth2 => Mechanism::XOAuth2,
-                };
+                let mechanism = Mechanism::from(mechanism);
                 let credentials = Credentials { username: message.username, password: message.token };
                 self.state = State::AwaitingLogin;
                 self.actions.push_back(Action::Login(LoginRequest {

@@ -29,15 +29,17 @@ struct Entry {
 /// The pool, kept across reloads (entries of a backend that changed or went are closed as they age).
 #[derive(Default)]
 pub struct Pool {
-    ready: Mutex<HashMap<String, VecDeque<Entry>>>,
+    ready: Mutex<HashMap<Key, VecDeque<Entry>>>,
     /// Backends with a preparation under way.
-    preparing: Mutex<Vec<String>>,
+    preparing: Mutex<Vec<Key>>,
     wake: Notify,
 }
 
 /// The pool's key for a backend: its whole definition, so that a reload that moves it uses none of the old.
-fn key(backend: &Backend) -> String {
-    format!("{}|{}:{}|{}", backend.name, backend.host, backend.port, backend.tls_name)
+type Key = (String, String, u16, String);
+
+fn key(backend: &Backend) -> Key {
+    (backend.name.clone(), backend.host.clone(), backend.port, backend.tls_name.clone())
 }
 
 /// Whether logins in `shared` may use pooled connections.
@@ -47,7 +49,7 @@ pub fn enabled(shared: &Shared) -> bool {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<Entry>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, VecDeque<Entry>>> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -66,9 +68,8 @@ impl Pool {
     /// Ready connections per backend name now.
     pub fn counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
-        for (k, queue) in self.lock().iter() {
-            let name = k.split('|').next().unwrap_or_default().to_owned();
-            *counts.entry(name).or_insert(0) += queue.len();
+        for ((name, ..), queue) in self.lock().iter() {
+            *counts.entry(name.clone()).or_insert(0) += queue.len();
         }
         counts
     }
@@ -87,7 +88,7 @@ impl Pool {
 
     /// Closes what aged and what no configured backend uses any more.
     fn expire(&self, configured: &[Backend], max_age: Duration) {
-        let keep: Vec<String> = configured.iter().map(key).collect();
+        let keep: Vec<Key> = configured.iter().map(key).collect();
         self.lock().retain(|k, queue| {
             queue.retain(|e| e.made.elapsed() < max_age);
             keep.contains(k) && !queue.is_empty()
@@ -112,7 +113,6 @@ impl Pool {
 
 /// Keeps every backend's pool filled until shutdown; `current` is the configuration in force.
 pub async fn run(current: impl Fn() -> Arc<Shared> + Send + Sync + 'static, mut phase: watch::Receiver<Phase>) {
-    let current = Arc::new(current);
     loop {
         let shared = current();
         let pool = Arc::clone(&shared.pool);

@@ -425,7 +425,7 @@ where
                 kick_deadline = Some(Instant::now() + KICK_DRAIN);
             }
             () = tokio::time::sleep_until(deadline) => {
-                if kick_deadline.is_some_and(|k| k.elapsed() > Duration::ZERO) {
+                if kick_deadline.is_some_and(|k| k <= Instant::now()) {
                     break RelayEnd::Kicked;
                 }
                 if let Some((ms, up_side)) = stalls.earliest() {
@@ -496,7 +496,7 @@ impl Stalls {
 fn record(metrics: &Metrics, hook: Option<&(dyn Fn(&Completed) + Sync)>, completed: Completed) {
     let status = completed.status.as_str();
     metrics.commands.with_label_values(&[completed.command, status]).inc();
-    if completed.status != crate::imap::inspect::Status::None {
+    if completed.status != InspectStatus::None {
         let code = completed.code.unwrap_or("none");
         metrics.command_responses.with_label_values(&[completed.command, status, code]).inc();
     }
