@@ -114,7 +114,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");
     }
     let router = Router::new(&config);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let acceptor = crate::net::tls_stream::Acceptor::new(server);
     let lookup = match &config.route.lookup {
         Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
         None => None,

@@ -10,7 +10,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
-use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use crate::failure::{Failure, Kind, Side};
@@ -24,6 +23,7 @@ use crate::net::Shared;
 use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::report;
+use crate::net::tls_stream::{self, TlsStream};
 use crate::net::upstream::{self, LoginContext, Upstream};
 use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
@@ -161,19 +161,19 @@ async fn serve(
     };
     metrics.tls_handshake_seconds.observe(started.elapsed().as_secs_f64());
     let mut facts = {
-        let (_, conn) = client.get_ref();
+        let conn = client.state();
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "other",
         };
-        let sni = if conn.server_name().is_some() { "yes" } else { "no" };
+        let sni = if client.server_name().is_some() { "yes" } else { "no" };
         metrics.tls_sessions.with_label_values(&[version, sni]).inc();
         let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite()));
         tracing::debug!(
             version,
             cipher = cipher.as_deref().unwrap_or("-"),
-            sni = conn.server_name().unwrap_or("-"),
+            sni = client.server_name().unwrap_or("-"),
             "tls established"
         );
         SessionFacts {
@@ -181,7 +181,7 @@ async fn serve(
             client: Some(endpoints.client),
             peer: endpoints.via,
             listener: Some(endpoints.local),
-            sni: conn.server_name().map(str::to_owned),
+            sni: client.server_name().map(str::to_owned),
             tls_version: Some(version.to_owned()),
             tls_cipher: cipher,
         }
@@ -311,7 +311,7 @@ fn client_name_version(id: &command::IdParams) -> (Option<String>, Option<String
 /// and are gone once it returns, so a relayed session does not carry them.
 async fn pre_auth(
     shared: &Shared,
-    client: &mut TlsStream<TcpStream>,
+    client: &mut TlsStream<tls_stream::Server>,
     facts: &mut SessionFacts,
     admitted: &mut ConnectionGuard,
     (mode, time_limit): (Mode, tokio::time::Instant),
@@ -782,7 +782,7 @@ fn log_failure(request: &LoginRequest, failure: &Failure, tarpit: Option<Duratio
 async fn relay_session(
     shared: &Shared,
     facts: &SessionFacts,
-    mut client: Box<TlsStream<TcpStream>>,
+    mut client: Box<TlsStream<tls_stream::Server>>,
     logged_in: LoggedIn,
     session: Option<&crate::registry::Session>,
     mut phase: watch::Receiver<Phase>,

@@ -14,7 +14,7 @@ use crate::telemetry::metrics::Metrics;
 pub struct Shared {
     pub config: Config,
     pub router: Router,
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub acceptor: crate::net::tls_stream::Acceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<Defence>,
     /// The user lookup over HTTP, when `[route.lookup]` is set.

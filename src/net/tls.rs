@@ -66,7 +66,7 @@ pub fn server_config(
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsConfigError::Rustls { key: "tls", source })?
         .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .with_cert_resolver(Arc::new(super::tls_stream::RecordServerName(resolver)));
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     config.ticketer = Arc::clone(ticketer);
     Ok((Arc::new(config), expiries))

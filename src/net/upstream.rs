@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::tls_stream::{self, Client, TlsStream};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
 use crate::config::{Backend, BackendMode, SendProxy};
@@ -29,7 +28,7 @@ use crate::imap::response;
 /// The connection to a backend, encrypted unless plaintext was allowed.
 pub enum BackendStream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Client>>),
 }
 
 impl AsyncRead for BackendStream {
@@ -264,14 +263,13 @@ async fn run(
     }
 }
 
-async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<TcpStream>, Failure> {
+async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<Client>, Failure> {
     let name = ServerName::try_from(ctx.backend.tls_name.clone())
         .map_err(|e| Failure::backend(Kind::Tls, format!("invalid tls_name: {e}")))?;
-    let tls = TlsConnector::from(Arc::clone(ctx.tls))
-        .connect(name, tcp)
+    let tls = tls_stream::connect(Arc::clone(ctx.tls), name, tcp)
         .await
         .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))?;
-    let (_, conn) = tls.get_ref();
+    let conn = tls.state();
     tracing::debug!(
         backend = %ctx.backend.name,
         version = ?conn.protocol_version(),
