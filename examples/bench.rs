@@ -1,8 +1,12 @@
-//! Benchmark: the same Dovecot reached directly (implicit TLS) and through imapgate (STARTTLS backend), in
-//! one run. Prints logins/s at 50 concurrent clients, NOOP round trips, FETCH throughput on a >100 MB
-//! mailbox, imapgate's resident memory per idle authenticated session, and the ratios against the targets.
-//! Run through `scripts/bench.sh`, which builds the release binaries first. Loopback only; every loop is
-//! bounded in count and time.
+//! Benchmark: the same Dovecot reached directly (implicit TLS), through imapgate (two TLS legs: implicit TLS
+//! from the client, STARTTLS to the backend), through nginx's mail proxy (one TLS leg, plaintext to the
+//! backend) and through HAProxy in TCP mode (a passthrough of the client's TLS), in one run. Prints, each
+//! beside its comparison: memory per idle IDLE session (PSS), logins/s at 50 concurrent clients, LOGIN
+//! latency with and without the ready-connection pool, proxy CPU per login and per MB, NOOP round trips,
+//! FETCH throughput on a >100 MB mailbox and the observer's cost. imapgate runs its shipped defaults except
+//! for the per-address limits (`BENCH_DEFENCE`: every benchmark client comes from 127.0.0.1).
+//! Run through `scripts/bench.sh`, which installs nginx and HAProxy from Debian when missing and builds the
+//! release binaries. Loopback only; every loop is bounded in count and time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -16,6 +20,8 @@ use std::time::{Duration, Instant};
 use support::client::{TlsClient, tls_config};
 use support::dovecot::Dovecot;
 use support::gate::Gate;
+use support::haproxy::Haproxy;
+use support::nginx::Nginx;
 use support::pki::Pki;
 
 /// Every benchmark client comes from 127.0.0.1: per-address limits are opened wide (the defence still runs).
@@ -29,6 +35,8 @@ struct Options {
     /// Sequential logins timed for the LOGIN latency rows.
     logins: usize,
     sessions: usize,
+    /// The larger idle crowd imapgate is measured at too (per-session cost within 10% of `sessions`').
+    crowd: usize,
     mailbox_mb: usize,
     /// Run only this part: memory, logins, login-latency, cpu, noop or fetch.
     only: Option<String>,
@@ -47,6 +55,7 @@ fn options() -> Options {
         noops: 3000,
         logins: 400,
         sessions: 1000,
+        crowd: 5000,
         mailbox_mb: 110,
         only: None,
     };
@@ -63,10 +72,11 @@ fn options() -> Options {
             ("--noops", Some(v)) => o.noops = v,
             ("--logins", Some(v)) => o.logins = v,
             ("--sessions", Some(v)) => o.sessions = v,
+            ("--crowd", Some(v)) => o.crowd = v,
             ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
             _ => {
                 eprintln!(
-                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--mailbox-mb M] [--only memory|logins|login-latency|cpu|noop|fetch]"
+                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--crowd N] [--mailbox-mb M] [--only memory|logins|login-latency|cpu|noop|fetch]"
                 );
                 std::process::exit(64);
             }
@@ -237,89 +247,228 @@ fn fill_mailbox(dovecot: &Dovecot, megabytes: usize) {
     }
 }
 
-fn ratio_line(name: &str, direct: f64, proxied: f64, target: &str, ok: bool) {
+/// A proxy under test: where clients connect and which processes do its work.
+struct Contender {
+    name: &'static str,
+    addr: SocketAddr,
+    pids: Vec<u32>,
+}
+
+impl Contender {
+    fn cpu_ms(&self) -> f64 {
+        support::procs::cpu_ms(&self.pids)
+    }
+
+    fn pss_kib(&self) -> u64 {
+        support::procs::pss_kib(&self.pids)
+    }
+}
+
+/// The comparison proxies of one run (nginx only where Debian's nginx and its mail module are installed).
+struct Others {
+    nginx: Option<(Nginx, Contender)>,
+    haproxy: (Haproxy, Contender),
+}
+
+impl Others {
+    fn start(pki: &Pki, dovecot: &Dovecot) -> Others {
+        let nginx = support::nginx::available().then(|| {
+            let plain: SocketAddr = format!("127.0.0.1:{}", dovecot.imap_port).parse().unwrap();
+            // As many workers as imapgate has runtime threads (one per core).
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let nginx = Nginx::start(pki, plain, workers);
+            let contender = Contender { name: "nginx", addr: nginx.addr, pids: support::procs::family(nginx.pid()) };
+            (nginx, contender)
+        });
+        if nginx.is_none() {
+            eprintln!(
+                "nginx or libnginx-mod-mail is not installed: its columns stay empty (scripts/bench.sh installs them)"
+            );
+        }
+        let imaps: SocketAddr = format!("127.0.0.1:{}", dovecot.imaps_port).parse().unwrap();
+        let haproxy = Haproxy::passthrough(imaps);
+        let contender =
+            Contender { name: "haproxy", addr: haproxy.addr, pids: support::procs::family(haproxy.keeper_pid()) };
+        Others { nginx, haproxy: (haproxy, contender) }
+    }
+
+    fn all(&self) -> Vec<&Contender> {
+        self.nginx.iter().map(|(_, c)| c).chain([&self.haproxy.1]).collect()
+    }
+
+    fn nginx(&self) -> Option<&Contender> {
+        self.nginx.as_ref().map(|(_, c)| c)
+    }
+
+    fn haproxy(&self) -> &Contender {
+        &self.haproxy.1
+    }
+}
+
+/// One row: the direct figure, then imapgate, nginx and HAProxy, each with its ratio to direct where there
+/// is a direct figure.
+fn row(name: &str, direct: Option<f64>, gate: f64, nginx: Option<f64>, haproxy: Option<f64>, target: &str, met: bool) {
+    let cell = |v: Option<f64>| match (v, direct) {
+        (Some(v), Some(d)) => format!("{v:>9.2} {:>6.3}x", v / d),
+        (Some(v), None) => format!("{v:>9.3}        "),
+        (None, _) => format!("{:>9}        ", "-"),
+    };
     println!(
-        "{name:<28} {direct:>12.1} {proxied:>12.1} {:>8.3}x  target {target:<8} {}",
-        proxied / direct,
-        if ok { "met" } else { "MISSED" }
+        "{name:<30} {:>9} {} {} {}  {target} {}",
+        direct.map_or("-".to_owned(), |d| format!("{d:.2}")),
+        cell(Some(gate)),
+        cell(nginx),
+        cell(haproxy),
+        if target.is_empty() {
+            ""
+        } else if met {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
+}
+
+/// Logs in and enters IDLE, as a mail client waiting for new mail does.
+async fn idling(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> TlsClient {
+    let mut c = logged_in(addr, config, "alice@example.org", "alice-pw").await;
+    c.command("S", "SELECT INBOX").await.unwrap();
+    c.send(b"I IDLE\r\n").await.unwrap();
+    let line = c.line().await.unwrap();
+    assert!(line.starts_with('+'), "{line}");
+    c
+}
+
+/// Opens `n` idle sessions (50 at a time) and adds them to `sessions`.
+async fn open_idle(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, n: usize, sessions: &mut Vec<TlsClient>) {
+    for chunk in 0..n.div_ceil(50) {
+        let batch: Vec<_> = (0..50.min(n - chunk * 50))
+            .map(|_| {
+                let config = Arc::clone(config);
+                tokio::spawn(async move { idling(addr, &config).await })
+            })
+            .collect();
+        for task in batch {
+            sessions.push(task.await.unwrap());
+        }
+    }
+}
+
+/// PSS growth per idle session of `contender` with `n` sessions, in KiB; the sessions are returned open.
+async fn idle_cost(
+    contender: &Contender,
+    config: &Arc<rustls::ClientConfig>,
+    n: usize,
+    sessions: &mut Vec<TlsClient>,
+    before: u64,
+) -> f64 {
+    open_idle(contender.addr, config, n - sessions.len(), sessions).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = contender.pss_kib();
+    after.saturating_sub(before) as f64 / n as f64
 }
 
 fn main() {
     let o = options();
     let dir = support::scratch_dir("imapgate-bench-");
     let pki = Pki::generate(&dir);
-    eprintln!("starting Dovecot and imapgate; filling a {} MB mailbox ...", o.mailbox_mb);
-    let dovecot = Dovecot::start("bench", &pki, &[]);
+    eprintln!("starting Dovecot, imapgate, nginx and HAProxy; filling a {} MB mailbox ...", o.mailbox_mb);
+    let dovecot = Dovecot::start_for_crowds("bench", &pki);
     fill_mailbox(&dovecot, o.mailbox_mb);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let config = tls_config(&pki.ca, &[b"imap"]);
         let direct: SocketAddr = format!("127.0.0.1:{}", dovecot.imaps_port).parse().unwrap();
 
-        println!("imapgate benchmark: Dovecot direct (implicit TLS) vs through imapgate (STARTTLS backend)");
         println!(
-            "machine: {} cores; client, imapgate and Dovecot share them",
+            "imapgate benchmark: Dovecot direct (implicit TLS); imapgate (TLS both legs, shipped defaults but \
+             [defence] per-address limits opened for one client address); nginx mail (TLS to the client, plaintext \
+             to Dovecot); HAProxy TCP passthrough (the client's TLS to Dovecot's 993)"
+        );
+        println!(
+            "machine: {} cores; client, proxies and Dovecot share them; one run, so only figures of this run compare",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        println!("{:<28} {:>12} {:>12} {:>9}", "", "direct", "imapgate", "ratio");
+        println!("{:<30} {:>9} {:>16} {:>16} {:>16}  target", "", "direct", "imapgate", "nginx", "haproxy");
 
         if o.runs("memory") {
-            // On a fresh imapgate process: RSS growth per idle authenticated session.
+            // Fresh processes: PSS growth per idle session in IDLE.
             let gate = Gate::start(&dir, &pki, &dovecot, "memory", BENCH_DEFENCE);
-            for _ in 0..20 {
-                logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
+            let gate_c = Contender { name: "imapgate", addr: gate.addr, pids: vec![gate.pid()] };
+            let others = Others::start(&pki, &dovecot);
+            let mut costs = Vec::new();
+            for contender in [&gate_c].into_iter().chain(others.all()) {
+                // Warm up (the first sessions allocate what every later one shares).
+                drop(vec![idling(contender.addr, &config).await, idling(contender.addr, &config).await]);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let before = contender.pss_kib();
+                let mut sessions = Vec::with_capacity(o.crowd);
+                let cost = idle_cost(contender, &config, o.sessions, &mut sessions, before).await;
+                let crowd = if contender.name == "imapgate" && o.crowd > o.sessions {
+                    Some(idle_cost(contender, &config, o.crowd, &mut sessions, before).await)
+                } else {
+                    None
+                };
+                costs.push((contender.name, cost, crowd));
+                drop(sessions);
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let before = gate.rss_kib();
-            let mut sessions = Vec::with_capacity(o.sessions);
-            let addr = gate.addr;
-            for chunk in 0..o.sessions.div_ceil(50) {
-                let n = 50.min(o.sessions - chunk * 50);
-                let batch: Vec<_> = (0..n)
-                    .map(|_| {
-                        let config = Arc::clone(&config);
-                        tokio::spawn(async move { logged_in(addr, &config, "alice@example.org", "alice-pw").await })
-                    })
-                    .collect();
-                for task in batch {
-                    sessions.push(task.await.unwrap());
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = gate.rss_kib();
-            let per_session_kib = (after.saturating_sub(before)) as f64 / o.sessions as f64;
-            println!(
-                "{:<28} {:>12} {:>12.1}            target <=12 KiB {}",
-                format!("KiB/idle session ({})", o.sessions),
-                "-",
-                per_session_kib,
-                if per_session_kib <= 12.0 { "met" } else { "MISSED" }
+            let cost = |name: &str| costs.iter().find(|c| c.0 == name).map(|c| c.1);
+            let gate_cost = cost("imapgate").unwrap_or(f64::MAX);
+            row(
+                &format!("KiB/idle session ({})", o.sessions),
+                None,
+                gate_cost,
+                cost("nginx"),
+                cost("haproxy"),
+                "<=12 KiB",
+                gate_cost <= 12.0,
             );
-            println!("  (imapgate RSS: {before} KiB before, {after} KiB with {} idle sessions)", o.sessions);
-            drop(sessions);
+            if let Some((_, _, Some(crowd))) = costs.iter().find(|c| c.0 == "imapgate") {
+                row(
+                    &format!("KiB/idle session ({})", o.crowd),
+                    None,
+                    *crowd,
+                    None,
+                    None,
+                    "<=12 KiB, within 10% of the above",
+                    *crowd <= 12.0 && *crowd <= gate_cost * 1.1,
+                );
+            }
+            println!("  (PSS growth of each proxy's processes with the sessions logged in, SELECTed and in IDLE)");
+            drop(others);
+            drop(gate);
+            // Let Dovecot reap the sessions of the memory run before timing anything.
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
 
-        // Let Dovecot reap the sessions of the memory run before timing anything.
-        tokio::time::sleep(Duration::from_secs(3)).await;
         let gate = Gate::start(&dir, &pki, &dovecot, "proxy", BENCH_DEFENCE);
-        // Each figure alternates direct and proxied rounds so that drift on a shared machine hits both.
+        let gate_c = Contender { name: "imapgate", addr: gate.addr, pids: vec![gate.pid()] };
+        let others = Others::start(&pki, &dovecot);
+        // Each figure alternates direct and proxied rounds so that drift on a shared machine hits all.
         if o.runs("logins") {
             // Steady state: the benchmark's address has logged into the account before (the defence
             // counts parallel logins from never-seen prefixes towards its per-account limits).
             logged_in(gate.addr, &config, "alice@example.org", "alice-pw").await;
-            let (mut direct_rate, mut proxy_rate) = (0.0, 0.0);
+            let targets: Vec<&Contender> = [&gate_c].into_iter().chain(others.all()).collect();
+            let mut rates = vec![0.0; targets.len()];
+            let mut direct_rate = 0.0;
             let half = o.login_seconds.div_ceil(2);
             for _ in 0..2 {
                 direct_rate += logins_per_second(direct, &config, o.clients, half).await / 2.0;
-                proxy_rate += logins_per_second(gate.addr, &config, o.clients, half).await / 2.0;
+                for (i, t) in targets.iter().enumerate() {
+                    rates[i] += logins_per_second(t.addr, &config, o.clients, half).await / 2.0;
+                }
             }
-            ratio_line(
+            let rate = |name: &str| targets.iter().position(|t| t.name == name).map(|i| rates[i]);
+            row(
                 &format!("logins/s ({} clients)", o.clients),
-                direct_rate,
-                proxy_rate,
+                Some(direct_rate),
+                rates[0],
+                rate("nginx"),
+                rate("haproxy"),
                 ">=0.95x",
-                proxy_rate >= 0.95 * direct_rate,
+                rates[0] >= 0.95 * direct_rate,
             );
         }
         if o.runs("login-latency") {
@@ -340,30 +489,28 @@ fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let pooled_before = support::metric(
-                gate.admin,
-                "imapgate_backend_pool_logins_total{backend=\"dovecot\",connection=\"pooled\"}",
-            )
-            .await;
-            let (mut direct_samples, mut pool_samples, mut nopool_samples) = (Vec::new(), Vec::new(), Vec::new());
+            let pooled_series = "imapgate_backend_pool_logins_total{backend=\"dovecot\",connection=\"pooled\"}";
+            let pooled_before = support::metric(gate.admin, pooled_series).await;
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 5];
+            let nginx_addr = others.nginx().map(|n| n.addr);
             for _ in 0..4 {
-                direct_samples.extend(login_samples(direct, &config, o.logins / 4).await);
-                pool_samples.extend(login_samples(gate.addr, &config, o.logins / 4).await);
-                nopool_samples.extend(login_samples(nopool.addr, &config, o.logins / 4).await);
+                samples[0].extend(login_samples(direct, &config, o.logins / 4).await);
+                samples[1].extend(login_samples(gate.addr, &config, o.logins / 4).await);
+                samples[2].extend(login_samples(nopool.addr, &config, o.logins / 4).await);
+                if let Some(addr) = nginx_addr {
+                    samples[3].extend(login_samples(addr, &config, o.logins / 4).await);
+                }
+                samples[4].extend(login_samples(others.haproxy().addr, &config, o.logins / 4).await);
             }
-            let pooled = support::metric(
-                gate.admin,
-                "imapgate_backend_pool_logins_total{backend=\"dovecot\",connection=\"pooled\"}",
-            )
-            .await
-                - pooled_before;
-            let (p50_direct, p99_direct) = percentiles(direct_samples);
-            let (p50_pool, p99_pool) = percentiles(pool_samples);
-            let (p50_nopool, p99_nopool) = percentiles(nopool_samples);
-            ratio_line("LOGIN p50 (ms), pool", p50_direct, p50_pool, "-", true);
-            ratio_line("LOGIN p99 (ms), pool", p99_direct, p99_pool, "-", true);
-            ratio_line("LOGIN p50 (ms), pool off", p50_direct, p50_nopool, "-", true);
-            ratio_line("LOGIN p99 (ms), pool off", p99_direct, p99_nopool, "-", true);
+            let pooled = support::metric(gate.admin, pooled_series).await - pooled_before;
+            let p: Vec<Option<(f64, f64)>> =
+                samples.into_iter().map(|s| (!s.is_empty()).then(|| percentiles(s))).collect();
+            let (d50, d99) = p[0].unwrap();
+            let at = |i: usize, pick: fn((f64, f64)) -> f64| p[i].map(pick);
+            row("LOGIN p50 (ms), pool", Some(d50), p[1].unwrap().0, at(3, |x| x.0), at(4, |x| x.0), "", true);
+            row("LOGIN p99 (ms), pool", Some(d99), p[1].unwrap().1, at(3, |x| x.1), at(4, |x| x.1), "", true);
+            row("LOGIN p50 (ms), pool off", Some(d50), p[2].unwrap().0, None, None, "", true);
+            row("LOGIN p99 (ms), pool off", Some(d99), p[2].unwrap().1, None, None, "", true);
             println!(
                 "  (one login at a time, {} each; {pooled} of {} proxied logins took a pooled connection; pool off: \
                  IMAPGATE_BACKEND_TLS__POOL_SIZE=0)",
@@ -372,66 +519,108 @@ fn main() {
             drop(nopool);
         }
         if o.runs("cpu") {
-            // imapgate's own CPU (user + system, /proc, 10 ms ticks) per login and per MB fetched. Clients
+            // Each proxy's own CPU (user + system, /proc, 10 ms ticks) per login and per MB fetched. Clients
             // keeping their TLS session (tickets) resume; a client with resumption off does a full handshake.
             let full = {
                 let mut c = (*config).clone();
                 c.resumption = rustls::client::Resumption::disabled();
                 Arc::new(c)
             };
-            let logins = o.logins;
-            let mut per_login = Vec::new();
+            let contenders: Vec<&Contender> = [&gate_c].into_iter().chain(others.all()).collect();
+            let mut per_login: Vec<(&str, Vec<f64>)> = Vec::new();
             for (label, client) in [("resumed", &config), ("full", &full)] {
-                login_samples(gate.addr, client, 5).await;
-                let before = gate.cpu_ms();
-                login_samples(gate.addr, client, logins).await;
-                per_login.push((label, (gate.cpu_ms() - before) / logins as f64));
+                let mut figures = Vec::new();
+                for c in &contenders {
+                    login_samples(c.addr, client, 5).await;
+                    let before = c.cpu_ms();
+                    login_samples(c.addr, client, o.logins).await;
+                    figures.push((c.cpu_ms() - before) / o.logins as f64);
+                }
+                per_login.push((label, figures));
             }
-            for (label, ms) in per_login {
-                println!(
-                    "{:<28} {:>12} {:>12.3}            (client TLS handshake {label})",
-                    "proxy CPU ms per login", "-", ms
+            let of = |figures: &[f64], name: &str| contenders.iter().position(|c| c.name == name).map(|i| figures[i]);
+            for (label, figures) in &per_login {
+                let nginx = of(figures, "nginx");
+                row(
+                    &format!("proxy CPU ms/login ({label})"),
+                    None,
+                    figures[0],
+                    nginx,
+                    of(figures, "haproxy"),
+                    "<= nginx",
+                    nginx.is_none_or(|n| figures[0] <= n),
                 );
             }
-            let before = gate.cpu_ms();
-            let (_, bytes) = fetch_once(gate.addr, &config).await;
-            let ms_per_mb = (gate.cpu_ms() - before) / (bytes as f64 / 1e6);
-            println!(
-                "{:<28} {:>12} {:>12.3}            (FETCH 1:* BODY.PEEK[], {} MB)",
-                "proxy CPU ms per MB",
-                "-",
-                ms_per_mb,
-                bytes / 1_000_000
+            let mut per_mb = Vec::new();
+            let mut megabytes = 0;
+            for c in &contenders {
+                let before = c.cpu_ms();
+                let (_, bytes) = fetch_once(c.addr, &config).await;
+                megabytes = bytes / 1_000_000;
+                per_mb.push((c.cpu_ms() - before) / (bytes as f64 / 1e6));
+            }
+            let nginx = of(&per_mb, "nginx");
+            row(
+                &format!("proxy CPU ms/MB ({megabytes} MB)"),
+                None,
+                per_mb[0],
+                nginx,
+                of(&per_mb, "haproxy"),
+                "<= nginx",
+                nginx.is_none_or(|n| per_mb[0] <= n),
             );
+            println!("  (CPU of each proxy's processes from /proc; logins one at a time, {} each)", o.logins);
         }
         if o.runs("noop") {
-            let (mut direct_samples, mut proxy_samples) = (Vec::new(), Vec::new());
+            let contenders: Vec<&Contender> = [&gate_c].into_iter().chain(others.all()).collect();
+            let mut direct_samples = Vec::new();
+            let mut samples: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
             for _ in 0..4 {
                 direct_samples.extend(noop_samples(direct, &config, o.noops / 4).await);
-                proxy_samples.extend(noop_samples(gate.addr, &config, o.noops / 4).await);
+                for (i, c) in contenders.iter().enumerate() {
+                    samples[i].extend(noop_samples(c.addr, &config, o.noops / 4).await);
+                }
             }
-            let (p50_direct, p99_direct) = percentiles(direct_samples);
-            let (p50_proxy, p99_proxy) = percentiles(proxy_samples);
-            ratio_line("NOOP p50 (us)", p50_direct, p50_proxy, "<=1.10x", p50_proxy <= 1.10 * p50_direct);
-            ratio_line("NOOP p99 (us)", p99_direct, p99_proxy, "-", true);
+            let (d50, d99) = percentiles(direct_samples);
+            let p: Vec<(f64, f64)> = samples.into_iter().map(percentiles).collect();
+            let of = |name: &str| contenders.iter().position(|c| c.name == name).map(|i| p[i]);
+            let haproxy_ratio = of("haproxy").map_or(f64::MAX, |h| h.0 / d50);
+            row(
+                "NOOP p50 (us)",
+                Some(d50),
+                p[0].0,
+                of("nginx").map(|x| x.0),
+                of("haproxy").map(|x| x.0),
+                "ratio <= haproxy's",
+                p[0].0 / d50 <= haproxy_ratio,
+            );
+            row("NOOP p99 (us)", Some(d99), p[0].1, of("nginx").map(|x| x.1), of("haproxy").map(|x| x.1), "", true);
         }
         if o.runs("fetch") {
-            let (mut fetch_direct, mut fetch_proxy, mut bytes) = (0.0f64, 0.0f64, 0);
+            let contenders: Vec<&Contender> = [&gate_c].into_iter().chain(others.all()).collect();
+            let (mut fetch_direct, mut bytes) = (0.0f64, 0);
+            let mut rates = vec![0.0f64; contenders.len()];
             for _ in 0..3 {
                 let (rate, n) = fetch_once(direct, &config).await;
                 fetch_direct = fetch_direct.max(rate);
                 bytes = n;
-                fetch_proxy = fetch_proxy.max(fetch_once(gate.addr, &config).await.0);
+                for (i, c) in contenders.iter().enumerate() {
+                    rates[i] = rates[i].max(fetch_once(c.addr, &config).await.0);
+                }
             }
-            ratio_line(
+            let of = |name: &str| contenders.iter().position(|c| c.name == name).map(|i| rates[i]);
+            row(
                 &format!("FETCH MB/s ({} MB, best of 3)", bytes / 1_000_000),
-                fetch_direct,
-                fetch_proxy,
+                Some(fetch_direct),
+                rates[0],
+                of("nginx"),
+                of("haproxy"),
                 ">=0.95x",
-                fetch_proxy >= 0.95 * fetch_direct,
+                rates[0] >= 0.95 * fetch_direct,
             );
-            observer_cost(bytes, fetch_proxy);
+            observer_cost(bytes, rates[0]);
         }
+        drop(others);
         drop(gate);
     });
 }

@@ -418,7 +418,7 @@ impl<S: Side> TlsStream<S> {
                 // Nothing unprocessed: while the peer is quiet there is no buffer to keep.
                 self.in_start = 0;
                 self.incoming.clear();
-                if let Poll::Pending = self.tcp.poll_read_ready(cx)? {
+                if self.tcp.poll_read_ready(cx)?.is_pending() {
                     self.incoming = Vec::new();
                     self.bulk = false;
                     return Poll::Pending;

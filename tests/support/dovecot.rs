@@ -71,17 +71,29 @@ impl Dovecot {
     /// Starts an instance named `name` (its greeting says so) with the certificate from `pki` and `extra`
     /// accounts on top of [`USERS`].
     pub fn start(name: &str, pki: &Pki, extra_users: &[(String, String)]) -> Dovecot {
-        Self::start_with(name, pki, extra_users, None)
+        Self::start_with(name, pki, extra_users, None, 1)
+    }
+
+    /// Starts an instance for thousands of sessions at once (the benchmark's 5,000 idle sessions): each
+    /// `imap` process serves up to ten connections, so that the process limit is not reached.
+    pub fn start_for_crowds(name: &str, pki: &Pki) -> Dovecot {
+        Self::start_with(name, pki, &[], None, 10)
     }
 
     /// Starts an instance that also takes OAuth 2.0 bearer tokens (XOAUTH2 and OAUTHBEARER, Dovecot's
     /// `oauth2` passdb) and validates them at `introspection_url` (RFC 7662, POST), as an organisation's
     /// identity provider answers.
     pub fn start_with_oauth(name: &str, pki: &Pki, introspection_url: &str) -> Dovecot {
-        Self::start_with(name, pki, &[], Some(introspection_url))
+        Self::start_with(name, pki, &[], Some(introspection_url), 1)
     }
 
-    fn start_with(name: &str, pki: &Pki, extra_users: &[(String, String)], oauth: Option<&str>) -> Dovecot {
+    fn start_with(
+        name: &str,
+        pki: &Pki,
+        extra_users: &[(String, String)],
+        oauth: Option<&str>,
+        imap_clients: u32,
+    ) -> Dovecot {
         let dir = tempfile::Builder::new().prefix(&format!("imapgate-dovecot-{name}-")).tempdir().unwrap().keep();
         for sub in ["run", "home", "state"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -181,6 +193,7 @@ service imap-login {{
 }}
 service imap {{
   process_limit = 2000
+  client_limit = {imap_clients}
 }}
 # Quotas: only the accounts with a quota_rule (QUOTA_USERS) have one.
 mail_plugins = $mail_plugins quota

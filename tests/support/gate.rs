@@ -80,23 +80,21 @@ impl Gate {
 
     /// CPU time the process used so far (user + system), in milliseconds, from /proc.
     pub fn cpu_ms(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // Fields after the command name (which may hold spaces, so split after its closing parenthesis).
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name; Linux's USER_HZ is 100.
-        (ticks(11) + ticks(12)) * 10.0
+        super::procs::cpu_ms(&[self.child.id()])
     }
 
     /// Resident memory, from /proc.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        super::procs::rss_kib(self.child.id())
+    }
+
+    /// Proportional set size, from /proc (what the benchmark compares with nginx and HAProxy).
+    pub fn pss_kib(&self) -> u64 {
+        super::procs::pss_kib(&[self.child.id()])
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -28,15 +28,25 @@ fn haproxy_binary() -> PathBuf {
 impl Haproxy {
     /// Balances TCP connections over `backends` (round robin), each sent a PROXY v2 header.
     pub fn start(backends: &[SocketAddr]) -> Haproxy {
-        let dir = scratch_dir("imapgate-haproxy-");
-        let port = free_port();
         let servers: String = backends
             .iter()
             .enumerate()
             .map(|(i, b)| format!("  server gate{i} {b} send-proxy-v2 check check-send-proxy inter 500ms\n"))
             .collect();
+        Self::run("global\n  maxconn 4000\n", &servers)
+    }
+
+    /// A plain TCP passthrough to `backend` (no TLS, no PROXY header, no checks): the benchmark's
+    /// comparison for an extra hop that only copies bytes.
+    pub fn passthrough(backend: SocketAddr) -> Haproxy {
+        Self::run("global\n  maxconn 9000\n", &format!("  server direct {backend}\n"))
+    }
+
+    fn run(global: &str, servers: &str) -> Haproxy {
+        let dir = scratch_dir("imapgate-haproxy-");
+        let port = free_port();
         let config = format!(
-            "global\n  maxconn 4000\n\
+            "{global}\
              defaults\n  mode tcp\n  retries 3\n  option redispatch\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
              frontend imaps\n  bind 127.0.0.1:{port}\n  default_backend gates\n\
              backend gates\n  balance roundrobin\n{servers}"
@@ -66,6 +76,11 @@ impl Haproxy {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+
+    /// The keeper shell's process id (HAProxy runs below it).
+    pub fn keeper_pid(&self) -> u32 {
+        self.keeper.id()
     }
 }
 
