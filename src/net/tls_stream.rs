@@ -367,13 +367,17 @@ impl<S: Side> TlsStream<S> {
     /// Records a TLS error and queues the alert rustls has for the peer (sent on a best-effort basis).
     fn fail(&mut self, e: rustls::Error) -> io::Error {
         self.failed = Some(e.clone());
+        // No more input: processing the same records again would make rustls raise (and alert) twice.
         for _ in 0..4 {
-            let UnbufferedStatus { discard, state } = self.side.process(&mut self.incoming[self.in_start..]);
-            self.in_start += discard;
-            let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else { break };
-            match encode.encode(out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, 64)) {
-                Ok(n) => self.out_end += n,
-                Err(_) => break,
+            match self.side.process(&mut []).state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    match encode.encode(out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, 64)) {
+                        Ok(n) => self.out_end += n,
+                        Err(_) => break,
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => break,
             }
         }
         self.side.after_process();
@@ -590,5 +594,120 @@ impl TlsStream<Server> {
     /// The server name the client asked for (SNI), if any.
     pub fn server_name(&self) -> Option<&str> {
         self.side.sni.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A server and a client configuration for `localhost` with a self-signed certificate.
+    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        crate::net::tls::install_crypto_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        let der = CertificateDer::from(cert.der().to_vec());
+        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let mut server =
+            ServerConfig::builder().with_no_client_auth().with_single_cert(vec![der.clone()], private).unwrap();
+        server.cert_resolver = Arc::new(RecordServerName(Arc::clone(&server.cert_resolver)));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    async fn pair() -> (TlsStream<Server>, TlsStream<Client>) {
+        let (server, client) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            Acceptor::new(server).accept(tcp).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let client = connect(client, ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        (accept.await.unwrap(), client)
+    }
+
+    #[tokio::test]
+    async fn bulk_both_ways_then_idle_holds_no_buffer_then_clean_close() {
+        let (mut server, mut client) = pair().await;
+        assert_eq!(server.server_name(), Some("localhost"));
+        assert_eq!(client.state().protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        // 3 MB in odd-sized writes, read back in small and large reads: every byte, in order.
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(70_001) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.flush().await.unwrap();
+            client
+        });
+        let mut received = Vec::with_capacity(data.len());
+        let mut small = [0u8; 512];
+        let mut large = vec![0u8; 64 * 1024];
+        while received.len() < data.len() {
+            let n = if received.len() % 2 == 0 {
+                server.read(&mut small).await.unwrap()
+            } else {
+                server.read(&mut large).await.unwrap()
+            };
+            assert!(n > 0);
+            received.extend_from_slice(if received.len() % 2 == 0 { &small[..n] } else { &large[..n] });
+        }
+        assert!(received == data, "the stream arrived changed");
+        let mut client = writer.await.unwrap();
+        // A reply the other way, then both sides quiet: neither keeps a buffer.
+        server.write_all(b"* OK done\r\n").await.unwrap();
+        server.flush().await.unwrap();
+        let mut reply = [0u8; 64];
+        let n = client.read(&mut reply).await.unwrap();
+        assert_eq!(&reply[..n], b"* OK done\r\n");
+        let idle = tokio::time::timeout(Duration::from_millis(20), client.read(&mut reply)).await;
+        assert!(idle.is_err(), "nothing more to read");
+        assert_eq!(client.buffered_capacity(), 0);
+        let idle = tokio::time::timeout(Duration::from_millis(20), server.read(&mut reply)).await;
+        assert!(idle.is_err());
+        assert_eq!(server.buffered_capacity(), 0);
+        // close_notify reads as the end of the stream.
+        client.shutdown().await.unwrap();
+        assert_eq!(server.read(&mut reply).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tcp_close_without_close_notify_is_unexpected_eof() {
+        let (mut server, client) = pair().await;
+        drop(client);
+        let mut buf = [0u8; 16];
+        let e = server.read(&mut buf).await.unwrap_err();
+        // A FIN, or a reset where the client's socket still held the server's unread session tickets.
+        assert!(matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset), "{e}");
+    }
+
+    #[tokio::test]
+    async fn garbage_instead_of_a_handshake_is_a_tls_error_with_an_alert() {
+        let (server, _) = configs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            Acceptor::new(server).accept(tcp).await
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"a001 LOGIN user pass\r\n").await.unwrap();
+        let e = accept.await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some(), "{e}");
+        // The alert rustls owed the peer was sent: a TLS alert record (content type 21).
+        let mut alert = [0u8; 7];
+        tcp.read_exact(&mut alert).await.unwrap();
+        assert_eq!(alert[0], 21);
     }
 }

@@ -165,7 +165,7 @@ first_valid_uid = 1
 default_internal_user = {internal}
 default_login_user = {login}
 mail_location = maildir:~/Maildir
-mail_max_userip_connections = 2000
+mail_max_userip_connections = 10000
 passdb {{
   driver = passwd-file
   mechanisms = plain login
