@@ -117,6 +117,8 @@ impl Dovecot {
             users.push_str(&format!("{user}:{{PLAIN}}{pass}::::::userdb_quota_rule={rule}\n"));
         }
         std::fs::write(dir.join("users"), users).unwrap();
+        // Several clients per imap process need long-lived processes (Dovecot's default serves one, then exits).
+        let service_count = if imap_clients > 1 { 0 } else { 1 };
         let imap_port = free_port();
         let imaps_port = free_port();
         let haproxy_port = free_port();
@@ -194,6 +196,7 @@ service imap-login {{
 service imap {{
   process_limit = 2000
   client_limit = {imap_clients}
+  service_count = {service_count}
 }}
 # Quotas: only the accounts with a quota_rule (QUOTA_USERS) have one.
 mail_plugins = $mail_plugins quota
