@@ -362,6 +362,25 @@ impl Observer {
         self.completed.drain(..)
     }
 
+    /// Gives back the spare capacity of the observer's buffers (kept as they are: only capacity beyond
+    /// what they hold is freed). The relay calls it when the session goes quiet, so that an idle session
+    /// does not keep the buffers its last commands grew.
+    pub fn release_idle(&mut self) {
+        self.completed.shrink_to_fit();
+        self.in_flight.shrink_to_fit();
+        for buffer in [
+            &mut self.tag,
+            &mut self.name,
+            &mut self.sub,
+            &mut self.server_tag,
+            &mut self.server_status,
+            &mut self.args,
+            &mut self.server_rest,
+        ] {
+            buffer.shrink_to_fit();
+        }
+    }
+
     /// At session end: commands without a tagged response get status `none`.
     pub fn finish(&mut self, now: Instant) -> Vec<Completed> {
         let mut out: Vec<Completed> = self.completed.drain(..).collect();
@@ -696,6 +715,32 @@ mod tests {
         let mut o = Observer::new();
         let bytes = converse(&mut o, input, b"");
         (String::from_utf8_lossy(&bytes).into_owned(), o.neutralised())
+    }
+
+    #[test]
+    fn releasing_idle_capacity_changes_nothing_the_observer_reports() {
+        let run = |release: bool| {
+            let t = Instant::now();
+            let mut o = Observer::new();
+            let mut report = Vec::new();
+            let exchanges: [(&[u8], &[u8]); 3] = [
+                (b"a1 SELECT INBOX\r\n", b"* 12 EXISTS\r\na1 OK [READ-WRITE] done\r\n"),
+                (b"a2 UID FETCH 1:* (FLAGS)\r\n", b"* 1 FETCH (UID 4 FLAGS ())\r\na2 OK done\r\n"),
+                (b"a3 IDLE\r\n", b"+ idling\r\n"),
+            ];
+            for (command, reply) in exchanges {
+                let mut command = command.to_vec();
+                assert_eq!(o.client(&mut command, t), command.len());
+                o.server(reply, t);
+                report.extend(o.drain().map(|c| (c.command, c.status, c.detail)));
+                if release {
+                    o.release_idle();
+                    assert!(o.completed.capacity() == 0 && o.args.capacity() <= o.args.len());
+                }
+            }
+            (report, o.commands(), o.idling(), o.latest())
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]

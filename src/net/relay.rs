@@ -376,6 +376,10 @@ where
                 session.commands(observer.commands(), observer.latest().or(finished), observer.idling());
             }
         }
+        if moved && up_state.is_pending() && down_state.is_pending() {
+            // Both directions wait for their peer: what the observer grew for the last commands goes back.
+            observer.release_idle();
+        }
         if draining.load(Ordering::Relaxed) && down.drained() && observer.at_response_boundary() {
             return Poll::Ready(Step::Done(Err(RelayEnd::Kicked)));
         }

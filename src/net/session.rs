@@ -43,15 +43,17 @@ pub enum Mode {
     StartTls,
 }
 
-/// Runs one connection to its end. Errors are logged here, never returned.
-pub async fn run(
+/// Runs one connection to its end. Errors are logged here, never returned. Not an `async fn`: the
+/// session's future is the instrumented block itself, without a second state machine around it holding
+/// the arguments again (every byte of it is in each session's task for the session's life).
+pub fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
     mode: Mode,
     endpoints: Endpoints,
     mut admitted: ConnectionGuard,
     phase: watch::Receiver<Phase>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let id = new_session_id();
     let peer = endpoints.client;
     let span = tracing::info_span!("session", session_id = %id, peer = %peer, user = field::Empty);
@@ -63,7 +65,6 @@ pub async fn run(
         tracing::info!(duration_ms = started.elapsed().as_millis() as u64, stage, reason, end = %end, "session end");
     }
     .instrument(span)
-    .await
 }
 
 /// Writes to a client that is being left (BYE, TLS close) wait at most this long.
@@ -145,10 +146,12 @@ async fn serve(
     // and what only the handshake or the login needs should not stay in every relayed session.
     let metrics = &shared.metrics;
     let started = Instant::now();
-    let handshake = Box::pin(timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp)))
+    // Matched without a named local: a named one would keep its storage (the whole stream before it is
+    // boxed) in the session's state for the session's life.
+    let mut client = match Box::pin(timeout(shared.config.server.handshake_timeout, shared.acceptor.accept(tcp)))
         .instrument(tracing::info_span!("tls_handshake"))
-        .await;
-    let mut client = match handshake {
+        .await
+    {
         Err(_) => {
             metrics.tls_failures.with_label_values(&["timeout"]).inc();
             return End::HandshakeFailed("timed out".into());
@@ -188,25 +191,27 @@ async fn serve(
     };
     shared.audit(&facts.event("session_start"));
     let started = Instant::now();
-    let (end, user, backend) = match Box::pin(pre_auth(
-        shared,
-        &mut client,
-        &mut facts,
-        admitted,
-        (mode, time_limit),
-        &tracing::Span::current(),
-        &mut phase,
-    ))
-    .instrument(tracing::info_span!("pre_auth"))
-    .await
-    {
-        Ok(logged_in) => {
-            let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
-            let registration = shared.sessions.register(registry_info(&facts, &logged_in));
-            let session = registration.as_ref().map(|r| r.session().as_ref());
-            (relay_session(shared, &facts, client, logged_in, session, phase).await, Some(user), Some(backend))
-        }
-        Err(end) => (end, None, None),
+    let (end, user, backend) = 'session: {
+        // The match ends before the relay starts: its scrutinee is not kept in the session's state.
+        let logged_in = match Box::pin(pre_auth(
+            shared,
+            &mut client,
+            &mut facts,
+            admitted,
+            (mode, time_limit),
+            &tracing::Span::current(),
+            &mut phase,
+        ))
+        .instrument(tracing::info_span!("pre_auth"))
+        .await
+        {
+            Ok(logged_in) => logged_in,
+            Err(end) => break 'session (end, None, None),
+        };
+        let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
+        let registration = shared.sessions.register(registry_info(&facts, &logged_in));
+        let session = registration.as_ref().map(|r| r.session().as_ref());
+        (relay_session(shared, &facts, client, logged_in, session, phase).await, Some(user), Some(backend))
     };
     let (bytes_from_client, bytes_to_client, commands) = match &end {
         End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
@@ -792,16 +797,12 @@ async fn relay_session(
     let subject = report::Subject { shared, facts, user: &user, client: app.as_deref() };
     let on_completed = |completed: &crate::imap::inspect::Completed| report::completed(&subject, completed);
     let Upstream { stream: mut backend, pending, capabilities } = upstream;
-    // What the backend sent behind its reply is the first the observer sees from it.
-    let mut observer = Observer::new();
-    observer.server(&pending, std::time::Instant::now());
     let mut opening =
         format!("{} OK [CAPABILITY {}] Logged in\r\n", tag.as_str(), response::client_capabilities(&capabilities))
             .into_bytes();
     drop(capabilities);
     opening.extend_from_slice(&pending);
     let early_down = pending.len() as u64;
-    drop(pending);
     let limits =
         relay::Limits { idle: shared.config.server.relay_idle_timeout, write: shared.config.server.write_timeout };
     if let Err(e) = send(&mut client, &opening, limits.write).await {
@@ -816,7 +817,22 @@ async fn relay_session(
     sessions.inc();
     let started = Instant::now();
     let report = relay::Report { metrics, session, completed: Some(&on_completed) };
-    let outcome = relay::relay(&mut client, &mut backend, limits, pipelined, observer, report, stop).await;
+    // What the backend sent behind its reply is the first the observer sees from it. Built in the call: a
+    // named local would keep a second observer in this function's state for the session's life.
+    let outcome = relay::relay(
+        &mut client,
+        &mut backend,
+        limits,
+        pipelined,
+        {
+            let mut observer = Observer::new();
+            observer.server(&pending, std::time::Instant::now());
+            observer
+        },
+        report,
+        stop,
+    )
+    .await;
     sessions.dec();
     metrics.session_seconds.observe(started.elapsed().as_secs_f64());
     metrics.bytes.with_label_values(&["backend_to_client"]).inc_by(early_down);

@@ -52,6 +52,8 @@ pub trait Side: Send + Unpin {
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// Called after each `process`; the server side picks up the name the client asked for.
     fn after_process(&mut self) {}
+    /// The handshake's last flight may wait for the first write (see `poll_handshake`).
+    const DEFERS_LAST_FLIGHT: bool = false;
 }
 
 /// The listener's side of a client connection, with the server name the client sent (SNI).
@@ -62,6 +64,7 @@ pub struct Server {
 
 impl Side for Server {
     type Data = ServerConnectionData;
+    const DEFERS_LAST_FLIGHT: bool = true;
     fn common(&self) -> &UnbufferedConnectionCommon<ServerConnectionData> {
         &self.conn
     }
@@ -456,9 +459,16 @@ impl<S: Side> TlsStream<S> {
         }
     }
 
+    /// Drives the handshake to its end. A server leaves its last flight (the session tickets, which the
+    /// client does not wait for) in the write buffer: it goes out with the greeting, one system call and
+    /// one wake-up of the client fewer; a read or a flush sends it too. A client sends its `Finished` at
+    /// once: the server waits for it.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         for _ in 0..ROUNDS_PER_POLL {
             let (stop, _) = self.process(None, Outbound::Nothing)?;
+            if !self.side.common().is_handshaking() && S::DEFERS_LAST_FLIGHT {
+                return Poll::Ready(Ok(()));
+            }
             ready!(self.poll_send_all(cx))?;
             if !self.side.common().is_handshaking() {
                 return Poll::Ready(Ok(()));
