@@ -171,11 +171,8 @@ pub struct TlsStream<S: Side> {
     /// Ciphertext received; `in_start..incoming.len()` is not processed yet.
     incoming: Vec<u8>,
     in_start: usize,
-    /// Ciphertext to send; `out_start..out_end` is unsent. Allocated (zeroed once) for a burst and kept
-    /// until a flush completes, so that a bulk transfer does not clear a new buffer for every write.
-    outgoing: Vec<u8>,
-    out_start: usize,
-    out_end: usize,
+    /// Ciphertext to send.
+    out: Outgoing,
     /// Plaintext decrypted but not yet read; `plain_start..plain.len()` is unread.
     plain: Vec<u8>,
     plain_start: usize,
@@ -194,7 +191,7 @@ impl<S: Side> fmt::Debug for TlsStream<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsStream")
             .field("incoming", &(self.incoming.len() - self.in_start))
-            .field("outgoing", &(self.out_end - self.out_start))
+            .field("outgoing", &self.out.unsent().len())
             .field("plain", &(self.plain.len() - self.plain_start))
             .finish_non_exhaustive()
     }
@@ -211,9 +208,7 @@ impl<S: Side> TlsStream<S> {
             side,
             incoming: Vec::new(),
             in_start: 0,
-            outgoing: Vec::new(),
-            out_start: 0,
-            out_end: 0,
+            out: Outgoing::default(),
             plain: Vec::new(),
             plain_start: 0,
             peer_closed: false,
@@ -229,13 +224,10 @@ impl<S: Side> TlsStream<S> {
         self.side.common()
     }
 
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
     /// Bytes held in this stream's buffers (allocated capacity), for tests of the idle footprint.
-    pub fn buffered_capacity(&self) -> usize {
-        self.incoming.capacity() + self.outgoing.capacity() + self.plain.capacity()
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
+        self.incoming.capacity() + self.out.buf.capacity() + self.plain.capacity()
     }
 
     /// Runs rustls over the unprocessed ciphertext: decrypted records go to `read_into` while it has room
@@ -244,12 +236,11 @@ impl<S: Side> TlsStream<S> {
     fn process(
         &mut self,
         mut read_into: Option<&mut ReadBuf<'_>>,
-        outbound: Outbound<'_>,
+        mut outbound: Outbound<'_>,
     ) -> io::Result<(Stop, usize)> {
         if let Some(e) = &self.failed {
             return Err(tls_error(e.clone()));
         }
-        let mut outbound = Some(outbound);
         let mut taken = 0;
         // Each round consumes a record or encodes a message, or stops; the count bounds one call's work.
         for _ in 0..4 * ROUNDS_PER_POLL {
@@ -290,20 +281,9 @@ impl<S: Side> TlsStream<S> {
                     }
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let mut room = 1024;
-                    loop {
-                        match encode.encode(out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, room))
-                        {
-                            Ok(n) => {
-                                self.out_end += n;
-                                break;
-                            }
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                                room = required_size;
-                            }
-                            Err(e) => return Err(io::Error::other(e.to_string())),
-                        }
-                    }
+                    self.out
+                        .append(1024, |b| encode.encode(b), encode_needs)
+                        .map_err(|e| io::Error::other(e.to_string()))?;
                     None
                 }
                 // What was encoded sits in `outgoing`, which every caller flushes before waiting for input.
@@ -321,31 +301,19 @@ impl<S: Side> TlsStream<S> {
                     Some(Stop::Closed)
                 }
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    match outbound.take() {
-                        Some(Outbound::Data(data)) if !data.is_empty() && !self.close_notify_queued => {
+                    match std::mem::replace(&mut outbound, Outbound::Nothing) {
+                        Outbound::Data(data) if !data.is_empty() && !self.close_notify_queued => {
                             let data = &data[..data.len().min(WRITE_CHUNK)];
-                            let mut room = data.len() + data.len().div_ceil(MAX_PLAINTEXT) * 64;
-                            loop {
-                                let out = out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, room);
-                                match traffic.encrypt(data, out) {
-                                    Ok(n) => {
-                                        self.out_end += n;
-                                        taken = data.len();
-                                        break;
-                                    }
-                                    Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                                        room = required_size;
-                                    }
-                                    Err(e) => return Err(io::Error::other(e.to_string())),
-                                }
-                            }
+                            let room = data.len() + data.len().div_ceil(MAX_PLAINTEXT) * 64;
+                            self.out
+                                .append(room, |b| traffic.encrypt(data, b), encrypt_needs)
+                                .map_err(|e| io::Error::other(e.to_string()))?;
+                            taken = data.len();
                         }
-                        Some(Outbound::CloseNotify) if !self.close_notify_queued => {
-                            let out = out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, 64);
-                            match traffic.queue_close_notify(out) {
-                                Ok(n) => self.out_end += n,
-                                Err(e) => return Err(io::Error::other(e.to_string())),
-                            }
+                        Outbound::CloseNotify if !self.close_notify_queued => {
+                            self.out
+                                .append(64, |b| traffic.queue_close_notify(b), encrypt_needs)
+                                .map_err(|e| io::Error::other(e.to_string()))?;
                             self.close_notify_queued = true;
                         }
                         _ => {}
@@ -374,9 +342,8 @@ impl<S: Side> TlsStream<S> {
         for _ in 0..4 {
             match self.side.process(&mut []).state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    match encode.encode(out_room(&mut self.outgoing, &mut self.out_start, &mut self.out_end, 64)) {
-                        Ok(n) => self.out_end += n,
-                        Err(_) => break,
+                    if self.out.append(64, |b| encode.encode(b), encode_needs).is_err() {
+                        break;
                     }
                 }
                 Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
@@ -385,9 +352,9 @@ impl<S: Side> TlsStream<S> {
         }
         self.side.after_process();
         // The alert goes out if the socket takes it now; the connection is over either way.
-        while self.out_start < self.out_end {
-            match self.tcp.try_write(&self.outgoing[self.out_start..self.out_end]) {
-                Ok(n) if n > 0 => self.out_start += n,
+        while !self.out.unsent().is_empty() {
+            match self.tcp.try_write(self.out.unsent()) {
+                Ok(n) if n > 0 => self.out.sent(n),
                 _ => break,
             }
         }
@@ -396,22 +363,20 @@ impl<S: Side> TlsStream<S> {
 
     /// Writes unsent ciphertext until none is left.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_start < self.out_end {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.out_start..self.out_end]))?;
+        while !self.out.unsent().is_empty() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, self.out.unsent()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.out_start += n;
+            self.out.sent(n);
         }
-        self.out_start = 0;
-        self.out_end = 0;
         Poll::Ready(Ok(()))
     }
 
     /// Sends all unsent ciphertext and gives the buffer back: a flushed connection keeps none.
     fn poll_send_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_send(cx))?;
-        self.outgoing = Vec::new();
+        self.out.buf = Vec::new();
         Poll::Ready(Ok(()))
     }
 
@@ -511,7 +476,7 @@ impl<S: Side> AsyncRead for TlsStream<S> {
         for _ in 0..ROUNDS_PER_POLL {
             let (stop, _) = this.process(Some(buf), Outbound::Nothing)?;
             // Replies rustls owes the peer (a key update) go out when the socket takes them.
-            if this.out_start < this.out_end {
+            if !this.out.unsent().is_empty() {
                 let _ = this.poll_send(cx)?;
             }
             if buf.filled().len() > before || stop == Stop::ReadFull {
@@ -543,7 +508,7 @@ impl<S: Side> AsyncRead for TlsStream<S> {
 impl<S: Side> AsyncWrite for TlsStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.out_end - this.out_start >= HIGH_WATER {
+        if this.out.unsent().len() >= HIGH_WATER {
             ready!(this.poll_send(cx))?;
         }
         if data.is_empty() {
@@ -584,20 +549,70 @@ impl<S: Side> AsyncWrite for TlsStream<S> {
     }
 }
 
-/// `room` bytes of writable space after `out_end` in the outgoing buffer, moving unsent bytes to the front
-/// or growing the buffer as needed.
-fn out_room<'a>(outgoing: &'a mut Vec<u8>, out_start: &mut usize, out_end: &mut usize, room: usize) -> &'a mut [u8] {
-    if outgoing.len() - *out_end < room {
-        if *out_start > 0 {
-            outgoing.copy_within(*out_start..*out_end, 0);
-            *out_end -= *out_start;
-            *out_start = 0;
-        }
-        if outgoing.len() - *out_end < room {
-            outgoing.resize(*out_end + room, 0);
+/// Ciphertext waiting to be sent: `start..end` of `buf` is unsent. The buffer is allocated (zeroed once)
+/// for a burst and kept until a flush completes, so that a bulk transfer does not clear a new buffer for
+/// every write.
+#[derive(Default)]
+struct Outgoing {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Outgoing {
+    fn unsent(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
         }
     }
-    &mut outgoing[*out_end..]
+
+    /// Appends what `write` puts into the buffer's free space (at least `room` bytes), growing it as often
+    /// as `needs` reads a larger size from `write`'s error (rustls says how much it needs).
+    fn append<E>(
+        &mut self,
+        mut room: usize,
+        mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+        needs: fn(&E) -> Option<usize>,
+    ) -> Result<(), E> {
+        loop {
+            if self.buf.len() - self.end < room {
+                // Unsent bytes to the front, then grow if that was not enough.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() - self.end < room {
+                    self.buf.resize(self.end + room, 0);
+                }
+            }
+            match write(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) => room = needs(&e).ok_or(e)?,
+            }
+        }
+    }
+}
+
+fn encode_needs(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
+        _ => None,
+    }
 }
 
 impl TlsStream<Server> {
