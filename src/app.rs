@@ -407,17 +407,29 @@ async fn accept_loop(
         let (phase, done) = (phase.clone(), done.clone());
         tokio::spawn(async move {
             let mut aborted = phase.clone();
-            tokio::select! {
-                () = connection(shared, tcp, mode, peer, local, phase) => {}
-                () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => {}
+            let relaying = tokio::select! {
+                relaying = connection(shared, tcp, mode, peer, local, phase) => relaying,
+                () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => None,
+            };
+            // A session that logged in relays in a task of its own: this one ends, and its state (sized for
+            // the handshake and the pre-auth conversation) is freed.
+            if let Some((relaying, active)) = relaying {
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = relaying.run() => {}
+                        () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => {}
+                    }
+                    drop(active);
+                    drop(permit);
+                    drop(done);
+                });
             }
-            drop(permit);
-            drop(done);
         });
     }
 }
 
-/// One accepted connection: its PROXY header (when configured), admission, then the session.
+/// One accepted connection: its PROXY header (when configured), admission, then the session up to its login.
+/// A session that logged in comes back to be relayed, with its place in `imapgate_connections_active`.
 async fn connection(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
@@ -425,7 +437,7 @@ async fn connection(
     peer: SocketAddr,
     local: SocketAddr,
     phase: watch::Receiver<Phase>,
-) {
+) -> Option<(Box<session::Relaying>, Active)> {
     let endpoints = match proxy_protocol::accept(&shared.config.server, &mut tcp, peer, local).await {
         Ok((endpoints, result)) => {
             shared.metrics.proxy_headers.with_label_values(&[result]).inc();
@@ -436,7 +448,7 @@ async fn connection(
             if error != HeaderError::Local {
                 tracing::info!(event = "refused", %peer, reason = "proxy_protocol", error = %error, "connection refused before TLS");
             }
-            return;
+            return None;
         }
     };
     let client = endpoints.client;
@@ -456,13 +468,14 @@ async fn connection(
                 prefix: Some(shared.defence.prefix_of(client.ip()).to_string()),
                 ..AuditEvent::default()
             });
-            return;
+            return None;
         }
     };
     shared.metrics.connections_accepted.inc();
     // Counted down however the session ends, aborted included.
-    let _active = Active::new(Arc::clone(&shared.metrics));
-    session::run(shared, tcp, mode, endpoints, admitted, phase).await;
+    let active = Active::new(Arc::clone(&shared.metrics));
+    let relaying = session::run(shared, tcp, mode, endpoints, admitted, phase).await?;
+    Some((relaying, active))
 }
 
 /// One open client connection in `imapgate_connections_active`.

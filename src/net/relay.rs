@@ -122,10 +122,11 @@ enum Failed {
 
 /// One direction of the copy.
 struct Direction {
-    idle: [u8; IDLE_BUFFER],
-    burst: Option<Box<[u8]>>,
-    /// The data sits in `burst` (else in `idle`).
-    in_burst: bool,
+    /// The bytes being moved: a copy of a small read (made from a buffer on the stack), or the burst
+    /// buffer read into directly; `None` once everything was written, so an idle direction holds nothing.
+    buf: Option<Box<[u8]>>,
+    /// The last small read filled its buffer: a bulk transfer is under way, read into a burst buffer.
+    bulk: bool,
     /// Written up to here.
     pos: usize,
     /// Released (inspected and allowed) up to here.
@@ -146,9 +147,8 @@ struct Direction {
 impl Direction {
     fn new(shutdown_writer: bool) -> Self {
         Self {
-            idle: [0; IDLE_BUFFER],
-            burst: None,
-            in_burst: false,
+            buf: None,
+            bulk: false,
             pos: 0,
             cap: 0,
             filled: 0,
@@ -165,20 +165,14 @@ impl Direction {
     fn preloaded(shutdown_writer: bool, bytes: &[u8]) -> Self {
         let mut direction = Self::new(shutdown_writer);
         if !bytes.is_empty() {
-            let mut burst = vec![0; BURST_BUFFER.max(bytes.len())].into_boxed_slice();
-            burst[..bytes.len()].copy_from_slice(bytes);
-            direction.burst = Some(burst);
-            direction.in_burst = true;
+            direction.buf = Some(bytes.into());
             direction.filled = bytes.len();
         }
         direction
     }
 
     fn data(&mut self) -> &mut [u8] {
-        match (self.in_burst, self.burst.as_deref_mut()) {
-            (true, Some(burst)) => burst,
-            _ => &mut self.idle,
-        }
+        self.buf.as_deref_mut().unwrap_or_default()
     }
 
     /// Bytes read but not yet released by the inspector.
@@ -189,6 +183,12 @@ impl Direction {
     /// Everything read was written.
     fn drained(&self) -> bool {
         self.pos == self.filled
+    }
+
+    /// Holds no buffer (for the idle-footprint tests).
+    #[cfg(test)]
+    fn empty(&self) -> bool {
+        self.buf.is_none()
     }
 
     fn blocked(&mut self, started: Instant) {
@@ -258,35 +258,48 @@ impl Direction {
             self.pos = 0;
             self.cap = 0;
             self.filled = 0;
-            let in_burst = self.burst.is_some();
-            let buffer: &mut [u8] = match self.burst.as_deref_mut() {
-                Some(burst) => burst,
-                None => &mut self.idle,
+            let read = if self.bulk {
+                if self.buf.as_ref().is_none_or(|b| b.len() < BURST_BUFFER) {
+                    self.buf = Some(vec![0; BURST_BUFFER].into_boxed_slice());
+                }
+                let mut read_buf = ReadBuf::new(self.data());
+                match Pin::new(&mut *r).poll_read(cx, &mut read_buf) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(read_buf.filled().len())),
+                    other => other.map(|r| r.map(|()| 0)),
+                }
+            } else {
+                // Everything in the last small copy was written: read the next into the stack, and copy
+                // only what came.
+                self.buf = None;
+                let mut small = [0u8; IDLE_BUFFER];
+                let mut read_buf = ReadBuf::new(&mut small);
+                match Pin::new(&mut *r).poll_read(cx, &mut read_buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        if n > 0 {
+                            self.buf = Some(read_buf.filled().into());
+                        }
+                        // The small buffer filled up: a bulk transfer is under way.
+                        self.bulk = n == IDLE_BUFFER;
+                        Poll::Ready(Ok(n))
+                    }
+                    other => other.map(|r| r.map(|()| 0)),
+                }
             };
-            let mut read_buf = ReadBuf::new(buffer);
-            match Pin::new(&mut *r).poll_read(cx, &mut read_buf) {
+            match read {
                 Poll::Pending => {
                     ready!(self.poll_flush(cx, w, started))?;
-                    // The peer went quiet: give the burst buffer back.
-                    self.burst = None;
-                    self.in_burst = false;
+                    // The peer went quiet: give the buffer back.
+                    self.buf = None;
+                    self.bulk = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Reader(e))),
-                Poll::Ready(Ok(())) => {
-                    let n = read_buf.filled().len();
-                    if n == 0 {
-                        self.read_done = true;
-                        continue;
-                    }
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(n)) => {
                     *moved = true;
                     self.filled = n;
-                    self.in_burst = in_burst;
                     self.need_flush = true;
-                    if !in_burst && n == IDLE_BUFFER {
-                        // The small buffer filled up: a bulk transfer is under way.
-                        self.burst = Some(vec![0; BURST_BUFFER].into_boxed_slice());
-                    }
                 }
             }
         }
@@ -318,149 +331,155 @@ impl Direction {
 /// The observer sees both directions (and neutralises what must not pass); finished commands, bytes and
 /// the observer's health go to `metrics` as they happen, and counts to the registry's `session`, whose kick
 /// ends the relay at the next response boundary.
-pub async fn relay<C, B>(
-    client: &mut C,
-    backend: &mut B,
+///
+/// Not an `async fn`: the arguments are the future's own state, not copied into a second place in it (the
+/// relay's future is part of every relayed session's memory). `stop` is pinned by the caller for the same
+/// reason.
+pub fn relay<'a, C, B, S>(
+    client: &'a mut C,
+    backend: &'a mut B,
     limits: Limits,
     pipelined: Vec<u8>,
     mut observer: Observer,
-    report: Report<'_>,
-    stop: impl std::future::Future<Output = ()>,
-) -> RelayOutcome
+    report: Report<'a>,
+    mut stop: S,
+) -> impl std::future::Future<Output = RelayOutcome> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
+    S: std::future::Future<Output = ()> + Unpin + 'a,
 {
-    let Report { metrics, session, completed: on_completed } = report;
-    let mut up = Direction::preloaded(true, &pipelined);
-    drop(pipelined);
-    let mut down = Direction::new(false);
-    let started = Instant::now();
-    // Milliseconds since `started` of the last byte moved; shared with the copy closure.
-    let last_activity = AtomicU64::new(0);
-    let up_bytes = metrics.bytes.with_label_values(&["client_to_backend"]);
-    let down_bytes = metrics.bytes.with_label_values(&["backend_to_client"]);
-    // The write-stall markers, read by the loop below while the copy owns the directions.
-    let stalls = Stalls::default();
-    // Kicked: end at the next response boundary.
-    let draining = std::sync::atomic::AtomicBool::new(false);
-    let mut copy = poll_fn(|cx| {
-        let mut moved = false;
-        let now = std::time::Instant::now();
-        let (up_before, down_before) = (up.bytes, down.bytes);
-        let mut up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
-        let down_state = down.poll_copy(cx, backend, client, &mut moved, started, &mut |b| {
-            observer.server(b, now);
-            b.len()
-        });
-        if up.holding() && !observer.holding() {
-            // The backend's answer just arrived: the held bytes can be read as it reads them.
-            up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
-        }
-        let before = stalls.earliest();
-        stalls.up.store(up.blocked_since, Ordering::Relaxed);
-        stalls.down.store(down.blocked_since, Ordering::Relaxed);
-        // A write that just blocked moves the deadline: the loop below re-arms its timer.
-        let rearm = stalls.earliest() != before;
-        if moved {
-            last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            up_bytes.inc_by(up.bytes - up_before);
-            down_bytes.inc_by(down.bytes - down_before);
-            let mut finished = None;
-            for completed in observer.drain() {
-                finished = Some(completed.command);
-                record(metrics, on_completed, completed);
+    async move {
+        let Report { metrics, session, completed: on_completed } = report;
+        let mut up = Direction::preloaded(true, &pipelined);
+        drop(pipelined);
+        let mut down = Direction::new(false);
+        let started = Instant::now();
+        // Milliseconds since `started` of the last byte moved; shared with the copy closure.
+        let last_activity = AtomicU64::new(0);
+        let up_bytes = metrics.bytes.with_label_values(&["client_to_backend"]);
+        let down_bytes = metrics.bytes.with_label_values(&["backend_to_client"]);
+        // The write-stall markers, read by the loop below while the copy owns the directions.
+        let stalls = Stalls::default();
+        // Kicked: end at the next response boundary.
+        let draining = std::sync::atomic::AtomicBool::new(false);
+        let mut copy = poll_fn(|cx| {
+            let mut moved = false;
+            let now = std::time::Instant::now();
+            let (up_before, down_before) = (up.bytes, down.bytes);
+            let mut up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
+            let down_state = down.poll_copy(cx, backend, client, &mut moved, started, &mut |b| {
+                observer.server(b, now);
+                b.len()
+            });
+            if up.holding() && !observer.holding() {
+                // The backend's answer just arrived: the held bytes can be read as it reads them.
+                up_state = up.poll_copy(cx, client, backend, &mut moved, started, &mut |b| observer.client(b, now));
             }
-            if let Some(session) = session {
-                session.bytes(up.bytes, down.bytes);
-                session.commands(observer.commands(), observer.latest().or(finished), observer.idling());
-            }
-        }
-        if moved && up_state.is_pending() && down_state.is_pending() {
-            // Both directions wait for their peer: what the observer grew for the last commands goes back.
-            observer.release_idle();
-        }
-        if draining.load(Ordering::Relaxed) && down.drained() && observer.at_response_boundary() {
-            return Poll::Ready(Step::Done(Err(RelayEnd::Kicked)));
-        }
-        if observer.guard_lost() {
-            return Poll::Ready(Step::Done(Err(RelayEnd::GuardLost)));
-        }
-        match (up_state, down_state) {
-            (Poll::Ready(Err(Failed::Reader(e))), _) | (_, Poll::Ready(Err(Failed::Writer(e)))) => {
-                Poll::Ready(Step::Done(Err(RelayEnd::ClientError(e))))
-            }
-            (Poll::Ready(Err(Failed::Writer(e))), _) | (_, Poll::Ready(Err(Failed::Reader(e)))) => {
-                Poll::Ready(Step::Done(Err(RelayEnd::BackendError(e))))
-            }
-            // Once the backend has closed (and what it sent has reached the client), the session is
-            // over: nothing the client still sends would be answered.
-            (_, Poll::Ready(Ok(()))) => Poll::Ready(Step::Done(Ok(up.read_done))),
-            _ if rearm => Poll::Ready(Step::Rearm),
-            _ => Poll::Pending,
-        }
-    });
-    tokio::pin!(stop);
-    let kick = async {
-        match session {
-            Some(session) => session.kicked().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(kick);
-    let mut kick_deadline = None;
-    let end = loop {
-        let at = |ms: u64| started + Duration::from_millis(ms);
-        let idle_deadline = at(last_activity.load(Ordering::Relaxed)) + limits.idle;
-        let stall = stalls.earliest().map(|(ms, _)| at(ms) + limits.write);
-        let deadline = stall.map_or(idle_deadline, |s| s.min(idle_deadline));
-        let deadline = kick_deadline.map_or(deadline, |k: Instant| k.min(deadline));
-        tokio::select! {
-            step = &mut copy => match step {
-                Step::Done(Ok(true)) => break RelayEnd::ClientClosed,
-                Step::Done(Ok(false)) => break RelayEnd::BackendClosed,
-                Step::Done(Err(end)) => break end,
-                Step::Rearm => {}
-            },
-            () = &mut stop => break RelayEnd::Shutdown,
-            // The copy is polled again right away (a new select), and ends at the next boundary.
-            () = &mut kick, if kick_deadline.is_none() => {
-                draining.store(true, Ordering::Relaxed);
-                kick_deadline = Some(Instant::now() + KICK_DRAIN);
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                if kick_deadline.is_some_and(|k| k <= Instant::now()) {
-                    break RelayEnd::Kicked;
+            let before = stalls.earliest();
+            stalls.up.store(up.blocked_since, Ordering::Relaxed);
+            stalls.down.store(down.blocked_since, Ordering::Relaxed);
+            // A write that just blocked moves the deadline: the loop below re-arms its timer.
+            let rearm = stalls.earliest() != before;
+            if moved {
+                last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                up_bytes.inc_by(up.bytes - up_before);
+                down_bytes.inc_by(down.bytes - down_before);
+                let mut finished = None;
+                for completed in observer.drain() {
+                    finished = Some(completed.command);
+                    record(metrics, on_completed, completed);
                 }
-                if let Some((ms, up_side)) = stalls.earliest() {
-                    if at(ms).elapsed() >= limits.write {
-                        break if up_side { RelayEnd::BackendWriteTimeout } else { RelayEnd::ClientWriteTimeout };
+                if let Some(session) = session {
+                    session.bytes(up.bytes, down.bytes);
+                    session.commands(observer.commands(), observer.latest().or(finished), observer.idling());
+                }
+            }
+            if moved && up_state.is_pending() && down_state.is_pending() {
+                // Both directions wait for their peer: what the observer grew for the last commands goes back.
+                observer.release_idle();
+            }
+            if draining.load(Ordering::Relaxed) && down.drained() && observer.at_response_boundary() {
+                return Poll::Ready(Step::Done(Err(RelayEnd::Kicked)));
+            }
+            if observer.guard_lost() {
+                return Poll::Ready(Step::Done(Err(RelayEnd::GuardLost)));
+            }
+            match (up_state, down_state) {
+                (Poll::Ready(Err(Failed::Reader(e))), _) | (_, Poll::Ready(Err(Failed::Writer(e)))) => {
+                    Poll::Ready(Step::Done(Err(RelayEnd::ClientError(e))))
+                }
+                (Poll::Ready(Err(Failed::Writer(e))), _) | (_, Poll::Ready(Err(Failed::Reader(e)))) => {
+                    Poll::Ready(Step::Done(Err(RelayEnd::BackendError(e))))
+                }
+                // Once the backend has closed (and what it sent has reached the client), the session is
+                // over: nothing the client still sends would be answered.
+                (_, Poll::Ready(Ok(()))) => Poll::Ready(Step::Done(Ok(up.read_done))),
+                _ if rearm => Poll::Ready(Step::Rearm),
+                _ => Poll::Pending,
+            }
+        });
+        let kick = async {
+            match session {
+                Some(session) => session.kicked().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(kick);
+        let mut kick_deadline = None;
+        let end = loop {
+            let at = |ms: u64| started + Duration::from_millis(ms);
+            let idle_deadline = at(last_activity.load(Ordering::Relaxed)) + limits.idle;
+            let stall = stalls.earliest().map(|(ms, _)| at(ms) + limits.write);
+            let deadline = stall.map_or(idle_deadline, |s| s.min(idle_deadline));
+            let deadline = kick_deadline.map_or(deadline, |k: Instant| k.min(deadline));
+            tokio::select! {
+                step = &mut copy => match step {
+                    Step::Done(Ok(true)) => break RelayEnd::ClientClosed,
+                    Step::Done(Ok(false)) => break RelayEnd::BackendClosed,
+                    Step::Done(Err(end)) => break end,
+                    Step::Rearm => {}
+                },
+                () = &mut stop => break RelayEnd::Shutdown,
+                // The copy is polled again right away (a new select), and ends at the next boundary.
+                () = &mut kick, if kick_deadline.is_none() => {
+                    draining.store(true, Ordering::Relaxed);
+                    kick_deadline = Some(Instant::now() + KICK_DRAIN);
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    if kick_deadline.is_some_and(|k| k <= Instant::now()) {
+                        break RelayEnd::Kicked;
+                    }
+                    if let Some((ms, up_side)) = stalls.earliest() {
+                        if at(ms).elapsed() >= limits.write {
+                            break if up_side { RelayEnd::BackendWriteTimeout } else { RelayEnd::ClientWriteTimeout };
+                        }
+                    }
+                    if at(last_activity.load(Ordering::Relaxed)).elapsed() >= limits.idle {
+                        break RelayEnd::IdleTimeout;
                     }
                 }
-                if at(last_activity.load(Ordering::Relaxed)).elapsed() >= limits.idle {
-                    break RelayEnd::IdleTimeout;
-                }
             }
+        };
+        drop(copy);
+        let end = match end {
+            RelayEnd::BackendClosed | RelayEnd::ClientClosed if observer.logout_sent() => RelayEnd::ClientLogout,
+            end => end,
+        };
+        for completed in observer.finish(std::time::Instant::now()) {
+            record(metrics, on_completed, completed);
         }
-    };
-    drop(copy);
-    let end = match end {
-        RelayEnd::BackendClosed | RelayEnd::ClientClosed if observer.logout_sent() => RelayEnd::ClientLogout,
-        end => end,
-    };
-    for completed in observer.finish(std::time::Instant::now()) {
-        record(metrics, on_completed, completed);
-    }
-    if observer.desynced() {
-        metrics.observer_desync.inc();
-    }
-    RelayOutcome {
-        client_to_backend: up.bytes,
-        backend_to_client: down.bytes,
-        commands: observer.commands(),
-        client_at_boundary: down.drained() && observer.at_response_boundary(),
-        bye_sent: observer.bye_seen() || observer.logout_sent(),
-        end,
+        if observer.desynced() {
+            metrics.observer_desync.inc();
+        }
+        RelayOutcome {
+            client_to_backend: up.bytes,
+            backend_to_client: down.bytes,
+            commands: observer.commands(),
+            client_at_boundary: down.drained() && observer.at_response_boundary(),
+            bye_sent: observer.bye_seen() || observer.logout_sent(),
+            end,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! One client connection's whole life, top to bottom: TLS handshake, the pre-auth conversation, the backend
-//! login, then the relay. Runs in one task inside one tracing span carrying the session id and peer.
+//! login, then the relay. Runs inside one tracing span carrying the session id and peer, in one task up to
+//! the login and in a second, smaller one from there ([`Relaying`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::report;
 use crate::net::tls_stream::{self, TlsStream};
-use crate::net::upstream::{self, LoginContext, Upstream};
+use crate::net::upstream::{self, BackendStream, LoginContext, Upstream};
 use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};
 
@@ -43,9 +44,11 @@ pub enum Mode {
     StartTls,
 }
 
-/// Runs one connection to its end. Errors are logged here, never returned. Not an `async fn`: the
-/// session's future is the instrumented block itself, without a second state machine around it holding
-/// the arguments again (every byte of it is in each session's task for the session's life).
+/// Runs one connection up to its login, or to its end if it never logs in (then logged here). Errors are
+/// logged, never returned. A session that logged in comes back as a [`Relaying`]: the caller runs it in a
+/// task of its own, so that none of this future's state (the handshake's, the pre-auth conversation's)
+/// stays allocated for the relay's life. Not an `async fn`: the future is the instrumented block itself,
+/// without a second state machine around it holding the arguments again.
 pub fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
@@ -53,18 +56,116 @@ pub fn run(
     endpoints: Endpoints,
     mut admitted: ConnectionGuard,
     phase: watch::Receiver<Phase>,
-) -> impl std::future::Future<Output = ()> + Send {
+) -> impl std::future::Future<Output = Option<Box<Relaying>>> + Send {
     let id = new_session_id();
     let peer = endpoints.client;
     let span = tracing::info_span!("session", session_id = %id, peer = %peer, user = field::Empty);
     async move {
         let started = Instant::now();
-        let end = serve(&shared, tcp, mode, endpoints, &mut admitted, &id, phase).await;
-        let (stage, reason) = end.label();
-        shared.metrics.session_ends.with_label_values(&[stage, reason]).inc();
-        tracing::info!(duration_ms = started.elapsed().as_millis() as u64, stage, reason, end = %end, "session end");
+        match serve(&shared, tcp, mode, endpoints, &mut admitted, &id, phase).await {
+            Served::Ended(end) => {
+                log_end(&shared, &end, started);
+                None
+            }
+            Served::LoggedIn(login) => {
+                Some(Box::new(Relaying { shared, _admitted: admitted, span: tracing::Span::current(), started, login }))
+            }
+        }
     }
     .instrument(span)
+}
+
+/// A session that has logged in, with everything its relay and its close need.
+pub struct Relaying {
+    shared: Arc<Shared>,
+    /// The client's place under the connection caps, held until the session ends.
+    _admitted: ConnectionGuard,
+    span: tracing::Span,
+    /// When the connection was accepted.
+    started: Instant,
+    login: Login,
+}
+
+impl Relaying {
+    /// Relays until the session ends, closes it, and logs and audits its end, inside the session's span.
+    /// The session's data stay in this box; the future holds references into it, so nothing is kept twice.
+    pub fn run(mut self: Box<Self>) -> impl std::future::Future<Output = ()> + Send {
+        let span = self.span.clone();
+        async move {
+            // Moved out of the box (its 32 bytes stay there unused): closed before the farewell.
+            let backend = self.login.backend;
+            let registration = self.shared.sessions.register(registry_info(&self.login.facts, &self.login.logged_in));
+            let session = registration.as_ref().map(|r| r.session().as_ref());
+            let end = relay_session(
+                &self.shared,
+                &self.login.facts,
+                &mut self.login.client,
+                backend,
+                &mut self.login.logged_in,
+                session,
+                &mut self.login.phase,
+            )
+            .await;
+            drop(registration);
+            let logged_in = &mut self.login.logged_in;
+            let (user, backend) = (std::mem::take(&mut logged_in.user), std::mem::take(&mut logged_in.backend));
+            audit_end(&self.shared, &self.login.facts, Some(user), Some(backend), &end, self.login.started);
+            log_end(&self.shared, &end, self.started);
+        }
+        .instrument(span)
+    }
+}
+
+/// What `serve` comes to.
+enum Served {
+    /// The session ended before a login (its end audited).
+    Ended(End),
+    /// A login succeeded: the relay comes next.
+    LoggedIn(Login),
+}
+
+/// A successful login with the connection it happened on.
+struct Login {
+    facts: SessionFacts,
+    client: Box<TlsStream<tls_stream::Server>>,
+    backend: BackendStream,
+    logged_in: LoggedIn,
+    phase: watch::Receiver<Phase>,
+    /// When the TLS session started (the audit's duration).
+    started: Instant,
+}
+
+/// The closing log line and the session-end metric.
+fn log_end(shared: &Shared, end: &End, started: Instant) {
+    let (stage, reason) = end.label();
+    shared.metrics.session_ends.with_label_values(&[stage, reason]).inc();
+    tracing::info!(duration_ms = started.elapsed().as_millis() as u64, stage, reason, end = %end, "session end");
+}
+
+/// The audit log's `session_end`.
+fn audit_end(
+    shared: &Shared,
+    facts: &SessionFacts,
+    user: Option<String>,
+    backend: Option<String>,
+    end: &End,
+    started: Instant,
+) {
+    let (bytes_from_client, bytes_to_client, commands) = match end {
+        End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
+        _ => (None, None, None),
+    };
+    shared.audit(&AuditEvent {
+        user,
+        backend,
+        result: Some(end.label().1),
+        reason: Some(end.to_string()),
+        duration_ms: Some(started.elapsed().as_millis() as u64),
+        bytes_from_client,
+        bytes_to_client,
+        commands,
+        ..facts.event("session_end")
+    });
 }
 
 /// Writes to a client that is being left (BYE, TLS close) wait at most this long.
@@ -130,7 +231,7 @@ async fn serve(
     admitted: &mut ConnectionGuard,
     id: &str,
     mut phase: watch::Receiver<Phase>,
-) -> End {
+) -> Served {
     let _ = tcp.set_nodelay(true);
     // However active the client is, the phase before login has an end: in clear and over TLS together.
     let time_limit = tokio::time::Instant::now() + shared.config.server.preauth_total_timeout;
@@ -139,11 +240,11 @@ async fn serve(
             .instrument(tracing::info_span!("before_tls"))
             .await
         {
-            return end;
+            return Served::Ended(end);
         }
     }
     // Futures and streams that are large are boxed: a task's allocation is the size of its largest state,
-    // and what only the handshake or the login needs should not stay in every relayed session.
+    // and what only the handshake or the login needs should not weigh on every waiting connection.
     let metrics = &shared.metrics;
     let started = Instant::now();
     // Matched without a named local: a named one would keep its storage (the whole stream before it is
@@ -154,11 +255,11 @@ async fn serve(
     {
         Err(_) => {
             metrics.tls_failures.with_label_values(&["timeout"]).inc();
-            return End::HandshakeFailed("timed out".into());
+            return Served::Ended(End::HandshakeFailed("timed out".into()));
         }
         Ok(Err(e)) => {
             metrics.tls_failures.with_label_values(&[tls_failure_reason(&e)]).inc();
-            return End::HandshakeFailed(e.to_string());
+            return Served::Ended(End::HandshakeFailed(e.to_string()));
         }
         Ok(Ok(stream)) => Box::new(stream),
     };
@@ -191,44 +292,25 @@ async fn serve(
     };
     shared.audit(&facts.event("session_start"));
     let started = Instant::now();
-    let (end, user, backend) = 'session: {
-        // The match ends before the relay starts: its scrutinee is not kept in the session's state.
-        let logged_in = match Box::pin(pre_auth(
-            shared,
-            &mut client,
-            &mut facts,
-            admitted,
-            (mode, time_limit),
-            &tracing::Span::current(),
-            &mut phase,
-        ))
-        .instrument(tracing::info_span!("pre_auth"))
-        .await
-        {
-            Ok(logged_in) => logged_in,
-            Err(end) => break 'session (end, None, None),
-        };
-        let (user, backend) = (logged_in.user.clone(), logged_in.backend.clone());
-        let registration = shared.sessions.register(registry_info(&facts, &logged_in));
-        let session = registration.as_ref().map(|r| r.session().as_ref());
-        (relay_session(shared, &facts, client, logged_in, session, phase).await, Some(user), Some(backend))
-    };
-    let (bytes_from_client, bytes_to_client, commands) = match &end {
-        End::Relayed { up, down, commands, .. } => (Some(*up), Some(*down), Some(*commands)),
-        _ => (None, None, None),
-    };
-    shared.audit(&AuditEvent {
-        user,
-        backend,
-        result: Some(end.label().1),
-        reason: Some(end.to_string()),
-        duration_ms: Some(started.elapsed().as_millis() as u64),
-        bytes_from_client,
-        bytes_to_client,
-        commands,
-        ..facts.event("session_end")
-    });
-    end
+    // The match ends before the relay starts: its scrutinee is not kept in the session's state.
+    match Box::pin(pre_auth(
+        shared,
+        &mut client,
+        &mut facts,
+        admitted,
+        (mode, time_limit),
+        &tracing::Span::current(),
+        &mut phase,
+    ))
+    .instrument(tracing::info_span!("pre_auth"))
+    .await
+    {
+        Ok((logged_in, backend)) => Served::LoggedIn(Login { facts, client, backend, logged_in, phase, started }),
+        Err(end) => {
+            audit_end(shared, &facts, None, None, &end, started);
+            Served::Ended(end)
+        }
+    }
 }
 
 /// The plaintext conversation of a STARTTLS listener, until the client's `STARTTLS` has been answered
@@ -273,7 +355,10 @@ async fn before_tls(
 struct LoggedIn {
     /// The client's tag for the login command; the credentials are dropped (and wiped) once used.
     tag: Tag,
-    upstream: Upstream,
+    /// Bytes the backend sent after its login reply: relayed to the client first.
+    pending: Vec<u8>,
+    /// The backend's post-login capabilities.
+    capabilities: Vec<String>,
     /// Bytes the client sent behind its login command.
     pipelined: Vec<u8>,
     /// The backend's name, for metrics and the audit log.
@@ -322,7 +407,7 @@ async fn pre_auth(
     (mode, time_limit): (Mode, tokio::time::Instant),
     session_span: &tracing::Span,
     phase: &mut watch::Receiver<Phase>,
-) -> Result<LoggedIn, End> {
+) -> Result<(LoggedIn, BackendStream), End> {
     let (Some(mut peer), Some(local)) = (facts.client, facts.listener) else {
         return Err(End::ClientClosed);
     };
@@ -413,7 +498,17 @@ async fn pre_auth(
                             report::logged_in(shared, client_id.0.as_deref());
                             let pipelined = machine.into_pipelined();
                             let user = user.to_string();
-                            return Ok(LoggedIn { tag: request.tag, upstream, pipelined, backend, user, client_id });
+                            let Upstream { stream, pending, capabilities } = upstream;
+                            let logged_in = LoggedIn {
+                                tag: request.tag,
+                                pending,
+                                capabilities,
+                                pipelined,
+                                backend,
+                                user,
+                                client_id,
+                            };
+                            return Ok((logged_in, stream));
                         }
                         Err(failure) => {
                             // Wrong credentials cost a tarpit delay; backend trouble does not count.
@@ -782,49 +877,56 @@ fn log_failure(request: &LoginRequest, failure: &Failure, tarpit: Option<Duratio
 
 /// Answers the client's login, then relays (starting with what the client pipelined behind its login) until
 /// the session ends, and closes with a `* BYE` of the proxy's own where one is due and fits at a response
-/// boundary. Only the opening reply is built from the login's data; credentials and capability lists are
-/// gone by the relay.
+/// boundary. Only the opening reply is built from the login's data; credentials, capability lists and the
+/// backend's early bytes are gone by the relay.
 async fn relay_session(
     shared: &Shared,
     facts: &SessionFacts,
-    mut client: Box<TlsStream<tls_stream::Server>>,
-    logged_in: LoggedIn,
+    client: &mut TlsStream<tls_stream::Server>,
+    mut backend: BackendStream,
+    logged_in: &mut LoggedIn,
     session: Option<&crate::registry::Session>,
-    mut phase: watch::Receiver<Phase>,
+    phase: &mut watch::Receiver<Phase>,
 ) -> End {
-    let LoggedIn { tag, upstream, pipelined, backend: backend_name, user, client_id } = logged_in;
-    let app = report::client_app(client_id.0.as_deref(), client_id.1.as_deref());
-    let subject = report::Subject { shared, facts, user: &user, client: app.as_deref() };
-    let on_completed = |completed: &crate::imap::inspect::Completed| report::completed(&subject, completed);
-    let Upstream { stream: mut backend, pending, capabilities } = upstream;
-    let mut opening =
-        format!("{} OK [CAPABILITY {}] Logged in\r\n", tag.as_str(), response::client_capabilities(&capabilities))
-            .into_bytes();
-    drop(capabilities);
-    opening.extend_from_slice(&pending);
-    let early_down = pending.len() as u64;
     let limits =
         relay::Limits { idle: shared.config.server.relay_idle_timeout, write: shared.config.server.write_timeout };
-    if let Err(e) = send(&mut client, &opening, limits.write).await {
-        return End::ClientError(e);
+    let early_down = logged_in.pending.len() as u64;
+    // In a block: the opening reply's buffer is not kept in the session's state during the relay.
+    {
+        let capabilities = std::mem::take(&mut logged_in.capabilities);
+        let mut opening = format!(
+            "{} OK [CAPABILITY {}] Logged in\r\n",
+            logged_in.tag.as_str(),
+            response::client_capabilities(&capabilities)
+        )
+        .into_bytes();
+        drop(capabilities);
+        opening.extend_from_slice(&logged_in.pending);
+        if let Err(e) = send(client, &opening, limits.write).await {
+            return End::ClientError(e);
+        }
     }
-    drop(opening);
-    let stop = async move {
-        crate::lifecycle::phase_reached(&mut phase, |p| *p >= Phase::Closing).await;
+    let app = {
+        let (name, version) = std::mem::take(&mut logged_in.client_id);
+        report::client_app(name.as_deref(), version.as_deref())
     };
+    let subject = report::Subject { shared, facts, user: &logged_in.user, client: app.as_deref() };
+    let on_completed = |completed: &crate::imap::inspect::Completed| report::completed(&subject, completed);
     let metrics = &shared.metrics;
-    let sessions = metrics.backend_sessions.with_label_values(&[&backend_name]);
+    let sessions = metrics.backend_sessions.with_label_values(&[&logged_in.backend]);
     sessions.inc();
     let started = Instant::now();
     let report = relay::Report { metrics, session, completed: Some(&on_completed) };
-    // What the backend sent behind its reply is the first the observer sees from it. Built in the call: a
-    // named local would keep a second observer in this function's state for the session's life.
+    // Pinned here, and the observer built in the call: the relay's state holds neither a second time.
+    let stop = std::pin::pin!(crate::lifecycle::phase_reached(phase, |p| *p >= Phase::Closing));
     let outcome = relay::relay(
-        &mut client,
+        client,
         &mut backend,
         limits,
-        pipelined,
+        std::mem::take(&mut logged_in.pipelined),
         {
+            // What the backend sent behind its reply is the first the observer sees from it.
+            let pending = std::mem::take(&mut logged_in.pending);
             let mut observer = Observer::new();
             observer.server(&pending, std::time::Instant::now());
             observer
@@ -853,7 +955,7 @@ async fn relay_session(
     if !client_gone {
         // Inside a response (a FETCH literal on its way) a BYE would corrupt it: close without one then.
         if let (Some(bye), true) = (bye, outcome.client_at_boundary) {
-            let _ = send(&mut client, bye, FAREWELL).await;
+            let _ = send(client, bye, FAREWELL).await;
         }
         let _ = timeout(FAREWELL, client.shutdown()).await;
     }
