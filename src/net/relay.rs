@@ -185,12 +185,6 @@ impl Direction {
         self.pos == self.filled
     }
 
-    /// Holds no buffer (for the idle-footprint tests).
-    #[cfg(test)]
-    fn empty(&self) -> bool {
-        self.buf.is_none()
-    }
-
     fn blocked(&mut self, started: Instant) {
         if self.blocked_since == NOT_BLOCKED {
             self.blocked_since = started.elapsed().as_millis() as u64;
@@ -335,6 +329,7 @@ impl Direction {
 /// Not an `async fn`: the arguments are the future's own state, not copied into a second place in it (the
 /// relay's future is part of every relayed session's memory). `stop` is pinned by the caller for the same
 /// reason.
+#[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice in the future")]
 pub fn relay<'a, C, B, S>(
     client: &'a mut C,
     backend: &'a mut B,

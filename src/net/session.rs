@@ -117,6 +117,7 @@ impl Relaying {
 }
 
 /// What `serve` comes to.
+#[allow(clippy::large_enum_variant, reason = "returned once per session, then moved into the relay's box")]
 enum Served {
     /// The session ended before a login (its end audited).
     Ended(End),
