@@ -1,9 +1,10 @@
 //! After login, "all that is left is the dummy proxying": bytes are copied both ways unchanged (but for the
 //! names the observer neutralises).
 //!
-//! Each direction reads into a small inline buffer while idle or interactive, and into a 16 KiB heap buffer
-//! once a read fills the small one (a bulk transfer); the heap buffer is freed as soon as the peer goes
-//! quiet, so an idle session costs little memory and a NOOP costs no allocation.
+//! Each direction reads a small read (up to 512 bytes) onto the stack and keeps a heap copy of just the bytes
+//! that came until they are written; once a read fills the 512 bytes (a bulk transfer) it reads into a
+//! 16 KiB heap buffer instead. Whatever the direction holds is freed as soon as its peer goes quiet, so an
+//! idle direction holds no buffer at all.
 //! Client bytes behind a command that waits for the backend's continuation stay in the buffer until the
 //! backend has answered (see [`Observer::client`]); the client direction reads nothing more meanwhile.
 //! The client's end-of-stream shuts down the backend's write half (half-close). The relay ends when the
@@ -574,6 +575,39 @@ mod tests {
         assert!(matches!(outcome.end, RelayEnd::ClientClosed), "{outcome:?}");
         assert_eq!(outcome.client_to_backend, 100_000);
         assert_eq!(outcome.backend_to_client, 7);
+    }
+
+    /// Polls one direction until it would block, as the relay does.
+    async fn copy_until_quiet(d: &mut Direction, r: &mut tokio::io::DuplexStream, w: &mut tokio::io::DuplexStream) {
+        let started = Instant::now();
+        poll_fn(|cx| {
+            let mut moved = false;
+            match d.poll_copy(cx, r, w, &mut moved, started, &mut |b| b.len()) {
+                Poll::Pending => Poll::Ready(()),
+                Poll::Ready(_) => panic!("the direction ended"),
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_quiet_direction_holds_no_buffer() {
+        let (mut from, mut r) = duplex(64 * 1024);
+        let (mut w, mut to) = duplex(64 * 1024);
+        let mut d = Direction::new(false);
+        // An interactive command: copied through the stack, nothing kept once written.
+        from.write_all(b"a NOOP\r\n").await.unwrap();
+        copy_until_quiet(&mut d, &mut r, &mut w).await;
+        assert!(d.buf.is_none() && !d.bulk, "held {:?}", d.buf.as_ref().map(|b| b.len()));
+        // A bulk transfer reads into a burst buffer, given back when the peer goes quiet.
+        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        from.write_all(&big).await.unwrap();
+        copy_until_quiet(&mut d, &mut r, &mut w).await;
+        assert!(d.buf.is_none() && !d.bulk, "held {:?}", d.buf.as_ref().map(|b| b.len()));
+        assert_eq!(d.bytes, 8 + 40_000);
+        let mut got = vec![0; 8 + 40_000];
+        to.read_exact(&mut got).await.unwrap();
+        assert_eq!((&got[..8], &got[8..]), (&b"a NOOP\r\n"[..], &big[..]));
     }
 
     #[tokio::test(start_paused = true)]
