@@ -11,6 +11,7 @@ pub mod report;
 pub mod session;
 pub mod shared;
 pub mod tls;
+pub mod tls_records;
 pub mod tls_stream;
 pub mod upstream;
 

@@ -266,15 +266,15 @@ async fn serve(
     };
     metrics.tls_handshake_seconds.observe(started.elapsed().as_secs_f64());
     let mut facts = {
-        let conn = client.state();
-        let version = match conn.protocol_version() {
+        let conn = client.negotiated();
+        let version = match conn.version {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
             _ => "other",
         };
         let sni = if client.server_name().is_some() { "yes" } else { "no" };
         metrics.tls_sessions.with_label_values(&[version, sni]).inc();
-        let cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite()));
+        let cipher = conn.suite.map(|c| format!("{:?}", c.suite()));
         tracing::debug!(
             version,
             cipher = cipher.as_deref().unwrap_or("-"),

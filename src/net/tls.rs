@@ -69,6 +69,9 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(super::tls_stream::RecordServerName(resolver)));
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     config.ticketer = Arc::clone(ticketer);
+    // TLS 1.3 sessions leave rustls's connection for the own record layer after the handshake
+    // (`tls_stream`); the secrets never leave the process.
+    config.enable_secret_extraction = true;
     Ok((Arc::new(config), expiries))
 }
 
@@ -95,10 +98,12 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigEr
             }
         }
     }
-    let config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsConfigError::Rustls { key: "backend_tls", source })?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // As on the listener: TLS 1.3 records are this crate's after the handshake.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }

@@ -4,6 +4,11 @@
 //! its whole life). Bulk reads take up to 64 KiB of ciphertext per system call, records are decrypted in
 //! the read buffer, and one `poll_write` encrypts all it is given (several records) into one write.
 //!
+//! Once a TLS 1.3 handshake is over, the connection leaves rustls's connection object for this crate's own
+//! record layer (`tls_records`, with the provider's AEAD and rustls's key schedule), which holds only keys,
+//! sequence numbers and the handshake's final state; TLS 1.2 sessions, and configurations without
+//! `enable_secret_extraction`, stay on rustls's unbuffered connection throughout.
+//!
 //! Behaves as tokio-rustls does where the rest of the proxy can tell: a clean close (`close_notify`) reads
 //! as end of stream, a TCP close without it as `UnexpectedEof`; TLS errors are `InvalidData` errors
 //! carrying the `rustls::Error` (with the alert sent to the peer where one is due); `poll_shutdown` sends
@@ -18,15 +23,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon, UnbufferedStatus,
 };
-use rustls::{ClientConfig, CommonState, ServerConfig};
+use rustls::{
+    AlertDescription, ClientConfig, ExtractedSecrets, HandshakeKind, ProtocolVersion, ServerConfig,
+    SupportedCipherSuite,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::tls_records::{self, Opened, Peer, Records};
 
 /// Ciphertext asked of the kernel per read: enough for a handshake flight or a few commands, and up to
 /// 64 KiB once a read filled what it was given (a bulk transfer), until the peer goes quiet.
@@ -46,12 +57,18 @@ const HIGH_WATER: usize = 64 * 1024;
 const ROUNDS_PER_POLL: usize = 64;
 
 /// One side of rustls's unbuffered connection (client or server), as this stream drives it.
-pub trait Side: Send + Unpin {
-    type Data;
+pub trait Side: Send + Unpin + Sized {
+    type Data: Peer + Send + Unpin;
     fn common(&self) -> &UnbufferedConnectionCommon<Self::Data>;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// Called after each `process`; the server side picks up the name the client asked for.
     fn after_process(&mut self) {}
+    /// The server name the client asked for (server side), taken when the handshake ends.
+    fn take_server_name(&mut self) -> Option<String> {
+        None
+    }
+    /// The traffic secrets and the handshake's final state of a finished handshake.
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
     /// The handshake's last flight may wait for the first write (see `poll_handshake`).
     const DEFERS_LAST_FLIGHT: bool = false;
 }
@@ -77,6 +94,12 @@ impl Side for Server {
             self.sni = name;
         }
     }
+    fn take_server_name(&mut self) -> Option<String> {
+        self.sni.take()
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<ServerConnectionData>), rustls::Error> {
+        self.conn.dangerous_into_kernel_connection()
+    }
 }
 
 /// The backend leg's client connection.
@@ -89,6 +112,9 @@ impl Side for Client {
     }
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
         self.0.process_tls_records(incoming)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<ClientConnectionData>), rustls::Error> {
+        self.0.dangerous_into_kernel_connection()
     }
 }
 
@@ -126,7 +152,7 @@ impl Acceptor {
     /// The server handshake on `tcp`; the caller bounds it in time.
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<Server>> {
         let conn = UnbufferedServerConnection::new(Arc::clone(&self.0)).map_err(tls_error)?;
-        let mut stream = TlsStream::new(tcp, Server { conn, sni: None });
+        let mut stream = TlsStream::new(tcp, Server { conn, sni: None }, self.0.enable_secret_extraction);
         poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
     }
@@ -138,8 +164,9 @@ pub async fn connect(
     name: ServerName<'static>,
     tcp: TcpStream,
 ) -> io::Result<TlsStream<Client>> {
+    let own_records = config.enable_secret_extraction;
     let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-    let mut stream = TlsStream::new(tcp, Client(conn));
+    let mut stream = TlsStream::new(tcp, Client(conn), own_records);
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
 }
@@ -164,10 +191,35 @@ enum Stop {
     Yield,
 }
 
+/// What the handshake agreed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Negotiated {
+    pub version: Option<ProtocolVersion>,
+    pub suite: Option<SupportedCipherSuite>,
+    pub kind: Option<HandshakeKind>,
+}
+
+/// Who protects the records.
+// The large variant is the one a session keeps; boxing it would cost an allocation (the stream is boxed).
+#[allow(clippy::large_enum_variant)]
+enum Engine<S: Side> {
+    /// rustls's connection: during the handshake, and for TLS 1.2 throughout.
+    Rustls(Box<S>),
+    /// TLS 1.3 after the handshake.
+    Records(Records<S::Data>),
+    /// Neither: the hand-over failed (the stream has failed).
+    Gone,
+}
+
 /// A TLS connection over TCP with buffers of its own.
 pub struct TlsStream<S: Side> {
     tcp: TcpStream,
-    side: S,
+    engine: Engine<S>,
+    negotiated: Negotiated,
+    /// The server name the client asked for (server side).
+    sni: Option<String>,
+    /// Leave rustls's connection for the own record layer once a TLS 1.3 handshake is over.
+    own_records: bool,
     /// Ciphertext received; `in_start..incoming.len()` is not processed yet.
     incoming: Vec<u8>,
     in_start: usize,
@@ -202,10 +254,13 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl<S: Side> TlsStream<S> {
-    fn new(tcp: TcpStream, side: S) -> Self {
+    fn new(tcp: TcpStream, side: S, own_records: bool) -> Self {
         Self {
             tcp,
-            side,
+            engine: Engine::Rustls(Box::new(side)),
+            negotiated: Negotiated::default(),
+            sni: None,
+            own_records,
             incoming: Vec::new(),
             in_start: 0,
             out: Outgoing::default(),
@@ -219,9 +274,65 @@ impl<S: Side> TlsStream<S> {
         }
     }
 
-    /// The negotiated parameters (version, cipher suite, ALPN, handshake kind).
-    pub fn state(&self) -> &CommonState {
-        self.side.common()
+    /// What the handshake agreed (version, cipher suite, handshake kind).
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    /// Whether the own record layer protects the records (TLS 1.3 after the handshake).
+    pub fn own_record_layer(&self) -> bool {
+        matches!(self.engine, Engine::Records(_))
+    }
+
+    /// The own record layer, for tests.
+    #[cfg(test)]
+    pub(crate) fn records(&mut self) -> Option<&mut Records<S::Data>> {
+        match &mut self.engine {
+            Engine::Records(records) => Some(records),
+            _ => None,
+        }
+    }
+
+    fn is_handshaking(&self) -> bool {
+        match &self.engine {
+            Engine::Rustls(side) => side.common().is_handshaking(),
+            Engine::Records(_) | Engine::Gone => false,
+        }
+    }
+
+    /// Notes what the handshake agreed and, for TLS 1.3 with nothing received left unprocessed, hands the
+    /// connection over to the own record layer. (With records left, rustls may hold a message it has
+    /// begun to reassemble; such rare connections stay on rustls.)
+    fn finish_handshake(&mut self) -> io::Result<()> {
+        let Engine::Rustls(side) = &mut self.engine else {
+            return Ok(());
+        };
+        let common = side.common();
+        self.negotiated = Negotiated {
+            version: common.protocol_version(),
+            suite: common.negotiated_cipher_suite(),
+            kind: common.handshake_kind(),
+        };
+        self.sni = side.take_server_name();
+        if !self.own_records
+            || self.negotiated.version != Some(ProtocolVersion::TLSv1_3)
+            || self.in_start != self.incoming.len()
+        {
+            return Ok(());
+        }
+        let Engine::Rustls(side) = std::mem::replace(&mut self.engine, Engine::Gone) else {
+            return Ok(());
+        };
+        match side.into_kernel().and_then(|(secrets, kernel)| Records::new(secrets, kernel)) {
+            Ok(records) => {
+                self.engine = Engine::Records(records);
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(tls_error(e))
+            }
+        }
     }
 
     /// Bytes held in this stream's buffers (allocated capacity), for tests of the idle footprint.
@@ -233,23 +344,105 @@ impl<S: Side> TlsStream<S> {
     /// Runs rustls over the unprocessed ciphertext: decrypted records go to `read_into` while it has room
     /// for a whole record (else to `plain`), handshake records to `outgoing`, and `outbound` is encrypted
     /// once the connection may send. Returns where it stopped and how much of `outbound` was taken.
-    fn process(
+    fn process(&mut self, read_into: Option<&mut ReadBuf<'_>>, outbound: Outbound<'_>) -> io::Result<(Stop, usize)> {
+        if let Some(e) = &self.failed {
+            return Err(tls_error(e.clone()));
+        }
+        match self.engine {
+            Engine::Rustls(_) => self.process_rustls(read_into, outbound),
+            Engine::Records(_) => self.process_records(read_into, outbound),
+            Engine::Gone => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS connection is gone")),
+        }
+    }
+
+    /// [`Self::process`] with the own record layer: `outbound` is sealed first (after any key update
+    /// owed), then records are opened while the reader has room.
+    fn process_records(
+        &mut self,
+        mut read_into: Option<&mut ReadBuf<'_>>,
+        outbound: Outbound<'_>,
+    ) -> io::Result<(Stop, usize)> {
+        let Engine::Records(records) = &mut self.engine else {
+            return Ok((Stop::NeedInput, 0));
+        };
+        let push = &mut self.out;
+        let mut taken = 0;
+        let sealed = match outbound {
+            Outbound::Data(data) if !data.is_empty() && !self.close_notify_queued => {
+                let data = &data[..data.len().min(WRITE_CHUNK)];
+                taken = data.len();
+                records.seal(data, push)
+            }
+            Outbound::CloseNotify if !self.close_notify_queued => {
+                self.close_notify_queued = true;
+                records.seal_alert(AlertDescription::CloseNotify, push)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = sealed {
+            return Err(self.fail(e));
+        }
+        if self.peer_closed {
+            return Ok((Stop::Closed, taken));
+        }
+        for _ in 0..4 * ROUNDS_PER_POLL {
+            let Engine::Records(records) = &mut self.engine else {
+                break;
+            };
+            let opened = records.open(&mut self.incoming[self.in_start..]);
+            let opened = match opened {
+                Ok(opened) => opened,
+                Err(e) => return Err(self.fail(e)),
+            };
+            match opened {
+                Opened::NeedMore => {
+                    if let Err(e) = records.seal_owed(&mut self.out) {
+                        return Err(self.fail(e));
+                    }
+                    return Ok((Stop::NeedInput, taken));
+                }
+                Opened::Handled { consumed } => self.in_start += consumed,
+                Opened::Closed { consumed } => {
+                    self.in_start += consumed;
+                    self.peer_closed = true;
+                    return Ok((Stop::Closed, taken));
+                }
+                Opened::Data { consumed, plain } => {
+                    let start = self.in_start;
+                    self.in_start += consumed;
+                    let payload = &self.incoming[start + plain.start..start + plain.end];
+                    deliver(read_into.as_deref_mut(), &mut self.plain, self.plain_start, payload);
+                    match read_into.as_deref() {
+                        Some(buf) if buf.remaining() < MAX_PLAINTEXT || self.plain_start < self.plain.len() => {
+                            return Ok((Stop::ReadFull, taken));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok((Stop::Yield, taken))
+    }
+
+    /// [`Self::process`] with rustls's connection.
+    fn process_rustls(
         &mut self,
         mut read_into: Option<&mut ReadBuf<'_>>,
         mut outbound: Outbound<'_>,
     ) -> io::Result<(Stop, usize)> {
-        if let Some(e) = &self.failed {
-            return Err(tls_error(e.clone()));
-        }
+        let Engine::Rustls(side) = &mut self.engine else {
+            return Ok((Stop::NeedInput, 0));
+        };
+        let side = &mut **side;
         let mut taken = 0;
         // Each round consumes a record or encodes a message, or stops; the count bounds one call's work.
         for _ in 0..4 * ROUNDS_PER_POLL {
-            let UnbufferedStatus { discard, state } = self.side.process(&mut self.incoming[self.in_start..]);
+            let UnbufferedStatus { discard, state } = side.process(&mut self.incoming[self.in_start..]);
             let mut discard = discard;
             let stop = match state {
                 Err(e) => {
                     self.in_start += discard;
-                    self.side.after_process();
+                    side.after_process();
                     return Err(self.fail(e));
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -262,16 +455,7 @@ impl<S: Side> TlsStream<S> {
                             }
                         };
                         discard += record.discard;
-                        let payload = record.payload;
-                        let direct = match read_into.as_deref_mut() {
-                            Some(buf) if self.plain_start == self.plain.len() => {
-                                let n = buf.remaining().min(payload.len());
-                                buf.put_slice(&payload[..n]);
-                                n
-                            }
-                            _ => 0,
-                        };
-                        self.plain.extend_from_slice(&payload[direct..]);
+                        deliver(read_into.as_deref_mut(), &mut self.plain, self.plain_start, record.payload);
                     }
                     match read_into.as_deref() {
                         Some(buf) if buf.remaining() < MAX_PLAINTEXT || self.plain_start < self.plain.len() => {
@@ -327,7 +511,7 @@ impl<S: Side> TlsStream<S> {
                 Ok(_) => return Err(self.fail(rustls::Error::General("unexpected TLS state".into()))),
             };
             self.in_start += discard;
-            self.side.after_process();
+            side.after_process();
             if let Some(stop) = stop {
                 return Ok((stop, taken));
             }
@@ -338,19 +522,30 @@ impl<S: Side> TlsStream<S> {
     /// Records a TLS error and queues the alert rustls has for the peer (sent on a best-effort basis).
     fn fail(&mut self, e: rustls::Error) -> io::Error {
         self.failed = Some(e.clone());
-        // No more input: processing the same records again would make rustls raise (and alert) twice.
-        for _ in 0..4 {
-            match self.side.process(&mut []).state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    if self.out.append(64, |b| encode.encode(b), encode_needs).is_err() {
-                        break;
+        match &mut self.engine {
+            Engine::Rustls(side) => {
+                // No more input: processing the same records again would make rustls raise (and alert) twice.
+                for _ in 0..4 {
+                    match side.process(&mut []).state {
+                        Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                            if self.out.append(64, |b| encode.encode(b), encode_needs).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                        _ => break,
                     }
                 }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => break,
+                side.after_process();
             }
+            Engine::Records(records) => {
+                if let Some(alert) = tls_records::alert_for(&e) {
+                    // Best effort: a failure to seal the alert leaves only the TCP close.
+                    let _ = records.seal_alert(alert, &mut self.out);
+                }
+            }
+            Engine::Gone => {}
         }
-        self.side.after_process();
         // The alert goes out if the socket takes it now; the connection is over either way.
         while !self.out.unsent().is_empty() {
             match self.tcp.try_write(self.out.unsent()) {
@@ -431,12 +626,12 @@ impl<S: Side> TlsStream<S> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         for _ in 0..ROUNDS_PER_POLL {
             let (stop, _) = self.process(None, Outbound::Nothing)?;
-            if !self.side.common().is_handshaking() && S::DEFERS_LAST_FLIGHT {
-                return Poll::Ready(Ok(()));
+            if !self.is_handshaking() && S::DEFERS_LAST_FLIGHT {
+                return Poll::Ready(self.finish_handshake());
             }
             ready!(self.poll_send_all(cx))?;
-            if !self.side.common().is_handshaking() {
-                return Poll::Ready(Ok(()));
+            if !self.is_handshaking() {
+                return Poll::Ready(self.finish_handshake());
             }
             if stop == Stop::Yield {
                 continue;
@@ -538,7 +733,7 @@ impl<S: Side> AsyncWrite for TlsStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_notify_queued && this.failed.is_none() && !this.side.common().is_handshaking() {
+        if !this.close_notify_queued && this.failed.is_none() && !this.is_handshaking() {
             this.process(None, Outbound::CloseNotify)?;
         }
         ready!(this.poll_send_all(cx))?;
@@ -601,6 +796,17 @@ impl Outgoing {
     }
 }
 
+/// Records sealed in place at the end of the unsent bytes.
+impl tls_records::Push for Outgoing {
+    fn record(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), rustls::Error>,
+    ) -> Result<(), rustls::Error> {
+        self.append(len, |b| fill(&mut b[..len]).map(|()| len), |_| None)
+    }
+}
+
 fn encode_needs(e: &EncodeError) -> Option<usize> {
     match e {
         EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Some(*required_size),
@@ -615,124 +821,26 @@ fn encrypt_needs(e: &EncryptError) -> Option<usize> {
     }
 }
 
+/// Hands decrypted `payload` to the reader while it has room and nothing is queued before it, the rest to
+/// `plain` (whose unread part starts at `plain_start`).
+fn deliver(read_into: Option<&mut ReadBuf<'_>>, plain: &mut Vec<u8>, plain_start: usize, payload: &[u8]) {
+    let direct = match read_into {
+        Some(buf) if plain_start == plain.len() => {
+            let n = buf.remaining().min(payload.len());
+            buf.put_slice(&payload[..n]);
+            n
+        }
+        _ => 0,
+    };
+    plain.extend_from_slice(&payload[direct..]);
+}
+
 impl TlsStream<Server> {
     /// The server name the client asked for (SNI), if any.
     pub fn server_name(&self) -> Option<&str> {
-        self.side.sni.as_deref()
+        self.sni.as_deref()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    /// A server and a client configuration for `localhost` with a self-signed certificate.
-    fn configs() -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-        crate::net::tls::install_crypto_provider();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
-        let der = CertificateDer::from(cert.der().to_vec());
-        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let mut server =
-            ServerConfig::builder().with_no_client_auth().with_single_cert(vec![der.clone()], private).unwrap();
-        server.cert_resolver = Arc::new(RecordServerName(Arc::clone(&server.cert_resolver)));
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).unwrap();
-        let client = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        (Arc::new(server), Arc::new(client))
-    }
-
-    async fn pair() -> (TlsStream<Server>, TlsStream<Client>) {
-        let (server, client) = configs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            Acceptor::new(server).accept(tcp).await.unwrap()
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let client = connect(client, ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
-        (accept.await.unwrap(), client)
-    }
-
-    #[tokio::test]
-    async fn bulk_both_ways_then_idle_holds_no_buffer_then_clean_close() {
-        let (mut server, mut client) = pair().await;
-        assert_eq!(server.server_name(), Some("localhost"));
-        assert_eq!(client.state().protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
-        // 3 MB in odd-sized writes, read back in small and large reads: every byte, in order.
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            for chunk in sent.chunks(70_001) {
-                client.write_all(chunk).await.unwrap();
-            }
-            client.flush().await.unwrap();
-            client
-        });
-        let mut received = Vec::with_capacity(data.len());
-        let mut small = [0u8; 512];
-        let mut large = vec![0u8; 64 * 1024];
-        while received.len() < data.len() {
-            let n = if received.len() % 2 == 0 {
-                server.read(&mut small).await.unwrap()
-            } else {
-                server.read(&mut large).await.unwrap()
-            };
-            assert!(n > 0);
-            received.extend_from_slice(if received.len() % 2 == 0 { &small[..n] } else { &large[..n] });
-        }
-        assert!(received == data, "the stream arrived changed");
-        let mut client = writer.await.unwrap();
-        // A reply the other way, then both sides quiet: neither keeps a buffer.
-        server.write_all(b"* OK done\r\n").await.unwrap();
-        server.flush().await.unwrap();
-        let mut reply = [0u8; 64];
-        let n = client.read(&mut reply).await.unwrap();
-        assert_eq!(&reply[..n], b"* OK done\r\n");
-        let idle = tokio::time::timeout(Duration::from_millis(20), client.read(&mut reply)).await;
-        assert!(idle.is_err(), "nothing more to read");
-        assert_eq!(client.buffered_capacity(), 0);
-        let idle = tokio::time::timeout(Duration::from_millis(20), server.read(&mut reply)).await;
-        assert!(idle.is_err());
-        assert_eq!(server.buffered_capacity(), 0);
-        // close_notify reads as the end of the stream.
-        client.shutdown().await.unwrap();
-        assert_eq!(server.read(&mut reply).await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_tcp_close_without_close_notify_is_unexpected_eof() {
-        let (mut server, client) = pair().await;
-        drop(client);
-        let mut buf = [0u8; 16];
-        let e = server.read(&mut buf).await.unwrap_err();
-        // A FIN, or a reset where the client's socket still held the server's unread session tickets.
-        assert!(matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset), "{e}");
-    }
-
-    #[tokio::test]
-    async fn garbage_instead_of_a_handshake_is_a_tls_error_with_an_alert() {
-        let (server, _) = configs();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accept = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            Acceptor::new(server).accept(tcp).await
-        });
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"a001 LOGIN user pass\r\n").await.unwrap();
-        let e = accept.await.unwrap().unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some(), "{e}");
-        // The alert rustls owed the peer was sent: a TLS alert record (content type 21).
-        let mut alert = [0u8; 7];
-        tcp.read_exact(&mut alert).await.unwrap();
-        assert_eq!(alert[0], 21);
-    }
-}
+mod tests;

@@ -269,11 +269,12 @@ async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<Client>, F
     let tls = tls_stream::connect(Arc::clone(ctx.tls), name, tcp)
         .await
         .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))?;
-    let conn = tls.state();
+    let conn = tls.negotiated();
     tracing::debug!(
         backend = %ctx.backend.name,
-        version = ?conn.protocol_version(),
-        kind = ?conn.handshake_kind(),
+        version = ?conn.version,
+        kind = ?conn.kind,
+        own_records = tls.own_record_layer(),
         "backend tls established"
     );
     Ok(tls)
