@@ -70,8 +70,9 @@ pub fn server_config(
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     config.ticketer = Arc::clone(ticketer);
     // TLS 1.3 sessions leave rustls's connection for the own record layer after the handshake
-    // (`tls_stream`); the secrets never leave the process.
+    // (`tls_stream`, `tls_records`); the secrets never leave the process.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(super::tls_records::SecretsLog);
     Ok((Arc::new(config), expiries))
 }
 
@@ -105,5 +106,6 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigEr
         .with_no_client_auth();
     // As on the listener: TLS 1.3 records are this crate's after the handshake.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(super::tls_records::SecretsLog);
     Ok(Arc::new(config))
 }

@@ -1,6 +1,11 @@
-//! TLS 1.3 records once the handshake is over, without rustls's connection object: the traffic secrets and
-//! the handshake's final state (for key updates and, on the backend leg, session tickets) are taken from
-//! rustls (`dangerous_into_kernel_connection`), and records are protected with the negotiated AEAD from
+//! TLS 1.3 records once the handshake is over, without rustls's connection object. rustls hands over the
+//! traffic keys with their sequence numbers (`dangerous_into_kernel_connection`); the traffic secrets,
+//! from which `KeyUpdate`s derive the next keys (RFC 8446 7.2), come from rustls's key log hook during the
+//! handshake ([`SecretsLog`]) and are checked against the keys rustls handed over. So rustls's handshake
+//! state (its key schedule with an HMAC context, about 1 KB) is dropped too; the client leg keeps it only
+//! until the server's first data, to store the session tickets that come before it (a later one is
+//! ignored). Where the secrets do not match (rustls already processed a key update), rustls's state stays
+//! and derives the keys. Records are protected with the negotiated AEAD from
 //! aws-lc-rs (the provider rustls uses here), sealed and opened in place in the stream's own buffers: no
 //! allocation or copy per record. What rustls's connection would hold besides (its common state, queues,
 //! record layer and deframer, about 0.8 KiB per connection) is gone for the rest of the session.
@@ -19,12 +24,15 @@
 use std::ops::Range;
 
 use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use std::cell::RefCell;
+
 use rustls::client::ClientConnectionData;
+use rustls::crypto::tls13::OkmBlock;
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{
     AlertDescription, ConnectionTrafficSecrets, ContentType, Error, ExtractedSecrets, HandshakeType, InvalidMessage,
-    PeerMisbehaved, SupportedCipherSuite,
+    KeyLog, PeerMisbehaved, SupportedCipherSuite, Tls13CipherSuite,
 };
 
 /// A record header: content type, legacy version, length.
@@ -51,20 +59,81 @@ const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
 
 /// What the side of a connection does with the post-handshake messages only one side may receive.
 pub trait Peer: Sized {
-    /// A `NewSessionTicket` (its body): the client keeps it for resumption; a server refuses it.
-    fn new_session_ticket(conn: &mut KernelConnection<Self>, body: &[u8]) -> Result<(), Error>;
+    /// The client side: it sends with the client's traffic secret, and receives tickets.
+    const CLIENT: bool;
+    /// A `NewSessionTicket` (its body): the client keeps it for resumption while it still has rustls's
+    /// state; a server refuses it.
+    fn new_session_ticket(conn: Option<&mut KernelConnection<Self>>, body: &[u8]) -> Result<(), Error>;
 }
 
 impl Peer for ClientConnectionData {
-    fn new_session_ticket(conn: &mut KernelConnection<Self>, body: &[u8]) -> Result<(), Error> {
-        conn.handle_new_session_ticket(body)
+    const CLIENT: bool = true;
+    fn new_session_ticket(conn: Option<&mut KernelConnection<Self>>, body: &[u8]) -> Result<(), Error> {
+        // A ticket after the server's first data finds no state: a client may ignore a ticket.
+        conn.map_or(Ok(()), |conn| conn.handle_new_session_ticket(body))
     }
 }
 
 impl Peer for ServerConnectionData {
-    fn new_session_ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Result<(), Error> {
+    const CLIENT: bool = false;
+    fn new_session_ticket(_: Option<&mut KernelConnection<Self>>, _: &[u8]) -> Result<(), Error> {
         Err(unexpected_handshake(HandshakeType::NewSessionTicket))
     }
+}
+
+/// The first application traffic secrets of a handshake, as rustls's key log reported them.
+#[derive(Default)]
+pub struct TrafficSecrets {
+    client: Option<OkmBlock>,
+    server: Option<OkmBlock>,
+}
+
+thread_local! {
+    /// The secrets logged during the rustls `process` call running on this thread (rustls calls the key
+    /// log synchronously inside it); the stream collects them right after each call.
+    static LOGGED: RefCell<Option<Box<TrafficSecrets>>> = const { RefCell::new(None) };
+}
+
+/// rustls's key log hook, here only to hand the first application traffic secrets to the own record
+/// layer: they stay in the process, nothing is written anywhere.
+#[derive(Debug)]
+pub struct SecretsLog;
+
+impl KeyLog for SecretsLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        LOGGED.with(|logged| {
+            let mut logged = logged.borrow_mut();
+            let secrets = logged.get_or_insert_with(Box::default);
+            match label {
+                "CLIENT_TRAFFIC_SECRET_0" => secrets.client = Some(OkmBlock::new(secret)),
+                "SERVER_TRAFFIC_SECRET_0" => secrets.server = Some(OkmBlock::new(secret)),
+                _ => {}
+            }
+        });
+    }
+    fn will_log(&self, label: &str) -> bool {
+        matches!(label, "CLIENT_TRAFFIC_SECRET_0" | "SERVER_TRAFFIC_SECRET_0")
+    }
+}
+
+/// Moves what the key log captured on this thread since the last call into `secrets`.
+pub fn collect_logged(secrets: &mut Option<Box<TrafficSecrets>>) {
+    let Some(logged) = LOGGED.with(|logged| logged.borrow_mut().take()) else {
+        return;
+    };
+    let secrets = secrets.get_or_insert_with(Box::default);
+    if logged.client.is_some() {
+        secrets.client = logged.client;
+    }
+    if logged.server.is_some() {
+        secrets.server = logged.server;
+    }
+}
+
+/// This side's sending and receiving traffic secrets.
+struct Secrets {
+    tx: OkmBlock,
+    rx: OkmBlock,
 }
 
 /// What one record was.
@@ -82,7 +151,12 @@ pub enum Opened {
 
 /// The record layer of one TLS 1.3 connection after its handshake.
 pub struct Records<D> {
-    kernel: KernelConnection<D>,
+    /// rustls's handshake state: for tickets (client, until the server's first data), and for key updates
+    /// where `secrets` is `None`.
+    kernel: Option<Box<KernelConnection<D>>>,
+    secrets: Option<Secrets>,
+    suite: &'static Tls13CipherSuite,
+    algorithm: &'static aws_lc_rs::aead::Algorithm,
     /// Records sent under one key before it is refreshed.
     limit: u64,
     tx: Key,
@@ -98,18 +172,40 @@ pub struct Records<D> {
 }
 
 impl<D: Peer> Records<D> {
-    /// Takes over a TLS 1.3 connection whose handshake is complete.
-    pub fn new(secrets: ExtractedSecrets, kernel: KernelConnection<D>) -> Result<Self, Error> {
+    /// Takes over a TLS 1.3 connection whose handshake is complete; `logged` are the traffic secrets its
+    /// key log reported.
+    pub fn new(
+        extracted: ExtractedSecrets,
+        kernel: KernelConnection<D>,
+        logged: Option<Box<TrafficSecrets>>,
+    ) -> Result<Self, Error> {
         let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
             return Err(Error::General("own record layer: not a TLS 1.3 connection".into()));
         };
         let limit = SEQ_SOFT_LIMIT.min(suite.common.confidentiality_limit);
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
+        let (tx_seq, tx) = extracted.tx;
+        let (rx_seq, rx) = extracted.rx;
+        let algorithm = algorithm(&tx)?;
+        let secrets = logged.and_then(|logged| {
+            let (tx_secret, rx_secret) =
+                if D::CLIENT { (logged.client?, logged.server?) } else { (logged.server?, logged.client?) };
+            // Only the secrets of the keys in use (rustls may have processed a key update already).
+            let matches = |secret: &OkmBlock, keys: &ConnectionTrafficSecrets| {
+                derive_key_iv(suite, secret).is_ok_and(|(key, len, iv)| {
+                    let (k, i) = key_iv(keys);
+                    k == &key[..len] && i == &iv[..]
+                })
+            };
+            (matches(&tx_secret, &tx) && matches(&rx_secret, &rx)).then_some(Secrets { tx: tx_secret, rx: rx_secret })
+        });
+        let kernel = (D::CLIENT || secrets.is_none()).then(|| Box::new(kernel));
         Ok(Self {
-            tx: Key::new(tx)?,
-            rx: Key::new(rx)?,
+            tx: Key::new(algorithm, &tx)?,
+            rx: Key::new(algorithm, &rx)?,
             kernel,
+            secrets,
+            suite,
+            algorithm,
             limit,
             tx_seq,
             rx_seq,
@@ -177,8 +273,8 @@ impl<D: Peer> Records<D> {
     /// Sends `KeyUpdate(update_not_requested)` under the current key, then switches to the next one.
     fn refresh_tx(&mut self, push: &mut impl Push) -> Result<(), Error> {
         self.seal_one(ContentType::Handshake, &KEY_UPDATE_NOT_REQUESTED, push)?;
-        let (seq, secrets) = self.kernel.update_tx_secret()?;
-        self.tx = Key::new(secrets)?;
+        let (tx, seq) = next_key(&mut self.secrets, &mut self.kernel, self.suite, self.algorithm, true)?;
+        self.tx = tx;
         self.tx_seq = seq;
         self.owe_key_update = false;
         Ok(())
@@ -235,6 +331,10 @@ impl<D: Peer> Records<D> {
                     return Err(PeerMisbehaved::KeyEpochWithPendingFragment.into());
                 }
                 self.key_updates = 0;
+                // The server's first data: its tickets came before it, rustls's state can go.
+                if D::CLIENT && self.secrets.is_some() {
+                    self.kernel = None;
+                }
                 if payload.is_empty() {
                     self.empty_records += 1;
                     if self.empty_records > MAX_EMPTY_RECORDS {
@@ -272,14 +372,15 @@ impl<D: Peer> Records<D> {
                     self.handshake.extend_from_slice(payload);
                 }
                 let messages = if whole { payload } else { &self.handshake[..] };
-                let used = Self::messages(
-                    &mut self.kernel,
-                    messages,
-                    &mut self.owe_key_update,
-                    &mut self.key_updates,
-                    &mut self.rx,
-                    &mut self.rx_seq,
-                )?;
+                let keys = Keys {
+                    kernel: &mut self.kernel,
+                    secrets: &mut self.secrets,
+                    suite: self.suite,
+                    algorithm: self.algorithm,
+                    rx: &mut self.rx,
+                    rx_seq: &mut self.rx_seq,
+                };
+                let used = Self::messages(keys, messages, &mut self.owe_key_update, &mut self.key_updates)?;
                 if whole {
                     self.handshake.extend_from_slice(&payload[used..]);
                 } else if used == self.handshake.len() {
@@ -295,12 +396,10 @@ impl<D: Peer> Records<D> {
 
     /// Handles the whole messages at the start of `bytes`; returns how many bytes they took.
     fn messages(
-        kernel: &mut KernelConnection<D>,
+        keys: Keys<'_, D>,
         bytes: &[u8],
         owe_key_update: &mut bool,
         key_updates: &mut u32,
-        rx: &mut Key,
-        rx_seq: &mut u64,
     ) -> Result<usize, Error> {
         let mut used = 0;
         while let Some(&[typ, a, b, c]) = bytes.get(used..used + 4) {
@@ -325,16 +424,24 @@ impl<D: Peer> Records<D> {
                     if *key_updates > MAX_KEY_UPDATES {
                         return Err(PeerMisbehaved::TooManyKeyUpdateRequests.into());
                     }
-                    let (seq, secrets) = kernel.update_rx_secret()?;
-                    *rx = Key::new(secrets)?;
-                    *rx_seq = seq;
+                    let (rx, seq) = next_key(keys.secrets, keys.kernel, keys.suite, keys.algorithm, false)?;
+                    *keys.rx = rx;
+                    *keys.rx_seq = seq;
                     *owe_key_update |= request == 1;
+                    // Nothing follows in this record (checked above).
+                    return Ok(used);
                 }
-                HandshakeType::NewSessionTicket => D::new_session_ticket(kernel, body)?,
+                HandshakeType::NewSessionTicket => D::new_session_ticket(keys.kernel.as_deref_mut(), body)?,
                 other => return Err(unexpected_handshake(other)),
             }
         }
         Ok(used)
+    }
+
+    /// Whether rustls's handshake state is still held, for tests.
+    #[cfg(test)]
+    pub(crate) fn holds_rustls_state(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// The send and receive sequence numbers, for tests.
@@ -390,6 +497,89 @@ fn header(len: usize) -> [u8; HEADER] {
     [u8::from(ContentType::ApplicationData), 3, 3, hi, lo]
 }
 
+/// What a received key update changes.
+struct Keys<'a, D> {
+    kernel: &'a mut Option<Box<KernelConnection<D>>>,
+    secrets: &'a mut Option<Secrets>,
+    suite: &'static Tls13CipherSuite,
+    algorithm: &'static aws_lc_rs::aead::Algorithm,
+    rx: &'a mut Key,
+    rx_seq: &'a mut u64,
+}
+
+/// The next key for sending (`tx`) or receiving, with its first sequence number: derived from the traffic
+/// secret (which moves on), or by rustls's state where the secrets are not known.
+fn next_key<D>(
+    secrets: &mut Option<Secrets>,
+    kernel: &mut Option<Box<KernelConnection<D>>>,
+    suite: &'static Tls13CipherSuite,
+    algorithm: &'static aws_lc_rs::aead::Algorithm,
+    tx: bool,
+) -> Result<(Key, u64), Error> {
+    if let Some(secrets) = secrets {
+        let secret = if tx { &mut secrets.tx } else { &mut secrets.rx };
+        *secret = expand_label_block(suite, secret, b"traffic upd");
+        let (key, len, iv) = derive_key_iv(suite, secret)?;
+        return Ok((Key::from_parts(algorithm, &key[..len], iv)?, 0));
+    }
+    let Some(kernel) = kernel else {
+        return Err(Error::General("own record layer: no key schedule".into()));
+    };
+    let (seq, keys) = if tx { kernel.update_tx_secret()? } else { kernel.update_rx_secret()? };
+    Ok((Key::new(algorithm, &keys)?, seq))
+}
+
+/// The `HkdfLabel` of HKDF-Expand-Label (RFC 8446 7.1) with an empty context.
+fn hkdf_label<'a>(len: &'a [u8; 2], label_len: &'a [u8; 1], label: &'a [u8]) -> [&'a [u8]; 5] {
+    [len, label_len, b"tls13 ", label, &[0]]
+}
+
+/// HKDF-Expand-Label to one hash block, with the suite's HKDF from the provider.
+fn expand_label_block(suite: &Tls13CipherSuite, secret: &OkmBlock, label: &[u8]) -> OkmBlock {
+    let expander = suite.hkdf_provider.expander_for_okm(secret);
+    let len = (expander.hash_len() as u16).to_be_bytes();
+    let label_len = [(6 + label.len()) as u8];
+    expander.expand_block(&hkdf_label(&len, &label_len, label))
+}
+
+/// HKDF-Expand-Label into `out`.
+fn expand_label(suite: &Tls13CipherSuite, secret: &OkmBlock, label: &[u8], out: &mut [u8]) -> Result<(), Error> {
+    let expander = suite.hkdf_provider.expander_for_okm(secret);
+    let len = (out.len() as u16).to_be_bytes();
+    let label_len = [(6 + label.len()) as u8];
+    expander
+        .expand_slice(&hkdf_label(&len, &label_len, label), out)
+        .map_err(|_| Error::General("HKDF output too long".into()))
+}
+
+/// The traffic key (its first `len` bytes) and IV of a traffic secret (RFC 8446 7.3).
+fn derive_key_iv(suite: &Tls13CipherSuite, secret: &OkmBlock) -> Result<([u8; 32], usize, [u8; 12]), Error> {
+    let len = suite.aead_alg.key_len();
+    let (mut key, mut iv) = ([0u8; 32], [0u8; 12]);
+    let key_part = key.get_mut(..len).ok_or_else(|| Error::General("traffic key too long".into()))?;
+    expand_label(suite, secret, b"key", key_part)?;
+    expand_label(suite, secret, b"iv", &mut iv)?;
+    Ok((key, len, iv))
+}
+
+fn key_iv(keys: &ConnectionTrafficSecrets) -> (&[u8], &[u8]) {
+    match keys {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key.as_ref(), iv.as_ref()),
+        _ => (&[], &[]),
+    }
+}
+
+fn algorithm(keys: &ConnectionTrafficSecrets) -> Result<&'static aws_lc_rs::aead::Algorithm, Error> {
+    match keys {
+        ConnectionTrafficSecrets::Aes128Gcm { .. } => Ok(&AES_128_GCM),
+        ConnectionTrafficSecrets::Aes256Gcm { .. } => Ok(&AES_256_GCM),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => Ok(&CHACHA20_POLY1305),
+        _ => Err(Error::General("own record layer: unsupported cipher suite".into())),
+    }
+}
+
 /// One direction's traffic key and IV.
 struct Key {
     key: LessSafeKey,
@@ -397,15 +587,14 @@ struct Key {
 }
 
 impl Key {
-    fn new(secrets: ConnectionTrafficSecrets) -> Result<Self, Error> {
-        let (algorithm, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
-            _ => return Err(Error::General("own record layer: unsupported cipher suite".into())),
-        };
-        let key = UnboundKey::new(algorithm, key.as_ref()).map_err(|_| Error::General("bad traffic key".into()))?;
-        let iv = iv.as_ref().try_into().map_err(|_| Error::General("bad traffic IV".into()))?;
+    fn new(algorithm: &'static aws_lc_rs::aead::Algorithm, keys: &ConnectionTrafficSecrets) -> Result<Self, Error> {
+        let (key, iv) = key_iv(keys);
+        let iv = iv.try_into().map_err(|_| Error::General("bad traffic IV".into()))?;
+        Self::from_parts(algorithm, key, iv)
+    }
+
+    fn from_parts(algorithm: &'static aws_lc_rs::aead::Algorithm, key: &[u8], iv: [u8; 12]) -> Result<Self, Error> {
+        let key = UnboundKey::new(algorithm, key).map_err(|_| Error::General("bad traffic key".into()))?;
         Ok(Self { key: LessSafeKey::new(key), iv })
     }
 

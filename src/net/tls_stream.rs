@@ -220,6 +220,8 @@ pub struct TlsStream<S: Side> {
     sni: Option<String>,
     /// Leave rustls's connection for the own record layer once a TLS 1.3 handshake is over.
     own_records: bool,
+    /// The traffic secrets rustls's key log reported during the handshake, for the own record layer.
+    logged: Option<Box<tls_records::TrafficSecrets>>,
     /// Ciphertext received; `in_start..incoming.len()` is not processed yet.
     incoming: Vec<u8>,
     in_start: usize,
@@ -261,6 +263,7 @@ impl<S: Side> TlsStream<S> {
             negotiated: Negotiated::default(),
             sni: None,
             own_records,
+            logged: None,
             incoming: Vec::new(),
             in_start: 0,
             out: Outgoing::default(),
@@ -323,7 +326,8 @@ impl<S: Side> TlsStream<S> {
         let Engine::Rustls(side) = std::mem::replace(&mut self.engine, Engine::Gone) else {
             return Ok(());
         };
-        match side.into_kernel().and_then(|(secrets, kernel)| Records::new(secrets, kernel)) {
+        let logged = self.logged.take();
+        match side.into_kernel().and_then(|(secrets, kernel)| Records::new(secrets, kernel, logged)) {
             Ok(records) => {
                 self.engine = Engine::Records(records);
                 Ok(())
@@ -438,6 +442,7 @@ impl<S: Side> TlsStream<S> {
         // Each round consumes a record or encodes a message, or stops; the count bounds one call's work.
         for _ in 0..4 * ROUNDS_PER_POLL {
             let UnbufferedStatus { discard, state } = side.process(&mut self.incoming[self.in_start..]);
+            tls_records::collect_logged(&mut self.logged);
             let mut discard = discard;
             let stop = match state {
                 Err(e) => {

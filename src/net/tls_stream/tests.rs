@@ -37,6 +37,9 @@ fn configs_for(
         .unwrap();
     server.cert_resolver = Arc::new(RecordServerName(Arc::clone(&server.cert_resolver)));
     server.enable_secret_extraction = extract;
+    if extract {
+        server.key_log = Arc::new(tls_records::SecretsLog);
+    }
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
     let mut client = ClientConfig::builder_with_provider(provider)
@@ -45,6 +48,9 @@ fn configs_for(
         .with_root_certificates(roots)
         .with_no_client_auth();
     client.enable_secret_extraction = extract;
+    if extract {
+        client.key_log = Arc::new(tls_records::SecretsLog);
+    }
     (Arc::new(server), Arc::new(client))
 }
 
@@ -241,6 +247,7 @@ async fn our_server_and_a_rustls_client_on_every_suite_with_key_updates() {
             .unwrap();
         let mut ours = accept.await.unwrap();
         assert!(ours.own_record_layer());
+        assert!(!ours.records().unwrap().holds_rustls_state(), "the secrets were logged: no rustls state kept");
         assert_eq!(ours.negotiated().suite, Some(suite));
         converse(&mut ours, &mut theirs, |t| t.get_mut().1.refresh_traffic_keys().unwrap()).await;
         // close_notify both ways.
@@ -258,6 +265,7 @@ fn shared_pki(suite: SupportedCipherSuite) -> (Arc<ServerConfig>, Arc<ClientConf
     let (server, client) = configs_for(Some(suite), &[&rustls::version::TLS13], true);
     let mut stock = (*client).clone();
     stock.enable_secret_extraction = false;
+    stock.key_log = Arc::new(rustls::NoKeyLog);
     (server, Arc::new(stock))
 }
 
@@ -267,6 +275,7 @@ async fn our_client_and_a_rustls_server_on_every_suite_with_key_updates_and_tick
         let (server, client) = configs_for(Some(suite), &[&rustls::version::TLS13], true);
         let mut stock = (*server).clone();
         stock.enable_secret_extraction = false;
+        stock.key_log = Arc::new(rustls::NoKeyLog);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(stock));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -294,10 +303,12 @@ async fn our_client_and_a_rustls_server_on_every_suite_with_key_updates_and_tick
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut ours = connect(Arc::clone(&client), ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
         assert!(ours.own_record_layer());
+        assert!(ours.records().unwrap().holds_rustls_state(), "kept for the tickets");
         assert_eq!(ours.negotiated().kind, Some(HandshakeKind::Full));
         ours.write_all(b"hello").await.unwrap();
         ours.flush().await.unwrap();
         assert_eq!(read_n(&mut ours, 5).await, b"world");
+        assert!(!ours.records().unwrap().holds_rustls_state(), "dropped at the server's first data");
         ours.shutdown().await.unwrap();
         let mut buf = [0u8; 1];
         assert_eq!(ours.read(&mut buf).await.unwrap(), 0);
@@ -312,6 +323,28 @@ async fn our_client_and_a_rustls_server_on_every_suite_with_key_updates_and_tick
         assert_eq!(kinds, [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]);
         converse(&mut ours, &mut theirs, |t| t.get_mut().1.refresh_traffic_keys().unwrap()).await;
     }
+}
+
+#[tokio::test]
+async fn without_logged_secrets_rustls_state_derives_the_key_updates() {
+    let (server_cfg, client_cfg) = shared_pki(TLS13_SUITES[1]);
+    let mut server_cfg = (*server_cfg).clone();
+    server_cfg.key_log = Arc::new(rustls::NoKeyLog);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        Acceptor::new(Arc::new(server_cfg)).accept(tcp).await.unwrap()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut theirs = tokio_rustls::TlsConnector::from(client_cfg)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut ours = accept.await.unwrap();
+    assert!(ours.own_record_layer());
+    assert!(ours.records().unwrap().holds_rustls_state());
+    converse(&mut ours, &mut theirs, |t| t.get_mut().1.refresh_traffic_keys().unwrap()).await;
 }
 
 #[tokio::test]
