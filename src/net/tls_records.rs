@@ -1,14 +1,13 @@
 //! TLS 1.3 records once the handshake is over, without rustls's connection object. rustls hands over the
-//! traffic keys with their sequence numbers (`dangerous_into_kernel_connection`); the traffic secrets,
-//! from which `KeyUpdate`s derive the next keys (RFC 8446 7.2), come from rustls's key log hook during the
-//! handshake ([`SecretsLog`]) and are checked against the keys rustls handed over. So rustls's handshake
-//! state (its key schedule with an HMAC context, about 1 KB) is dropped too; the client leg keeps it only
-//! until the server's first data, to store the session tickets that come before it (a later one is
-//! ignored). Where the secrets do not match (rustls already processed a key update), rustls's state stays
-//! and derives the keys. Records are protected with the negotiated AEAD from
-//! aws-lc-rs (the provider rustls uses here), sealed and opened in place in the stream's own buffers: no
-//! allocation or copy per record. What rustls's connection would hold besides (its common state, queues,
-//! record layer and deframer, about 0.8 KiB per connection) is gone for the rest of the session.
+//! traffic keys with their sequence numbers (`dangerous_into_kernel_connection`); records are sealed and
+//! opened in place in the stream's own buffers with the negotiated AEAD from aws-lc-rs (the provider rustls
+//! uses here): no allocation or copy per record. The traffic secrets, from which a `KeyUpdate` derives the
+//! next keys (RFC 8446 7.2), come from rustls's key log hook during the handshake ([`SecretsLog`]) and are
+//! checked against the keys rustls handed over, so rustls's handshake state (its key schedule with an HMAC
+//! context, about 1 KB) goes too; the client leg keeps it only until the server's first data, to store the
+//! session tickets that come before it (a later one is ignored). Where the secrets do not match (rustls
+//! processed a key update already, or another connection's secrets were logged on the thread), rustls's
+//! state stays and derives the keys.
 //!
 //! (rustls's own aws-lc record encrypter is not used: aws-lc's TLS 1.3 sealing mode takes the first
 //! sequence number it sees as zero, and a server's first record here is number 2, after its tickets.)
@@ -21,11 +20,10 @@
 //! records, key-update floods). Sans-IO: it takes ciphertext and gives plaintext, takes plaintext and
 //! appends records to a caller's buffer.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use aws_lc_rs::aead::{AES_128_GCM, AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
-use std::cell::RefCell;
-
 use rustls::client::ClientConnectionData;
 use rustls::crypto::tls13::OkmBlock;
 use rustls::kernel::KernelConnection;
@@ -43,8 +41,6 @@ pub const MAX_PLAINTEXT: usize = 16 * 1024;
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// The AEAD tag of every TLS 1.3 suite.
 const TAG: usize = 16;
-/// What a record adds to its plaintext: header, inner content type, tag.
-pub const OVERHEAD: usize = HEADER + 1 + TAG;
 /// The largest post-handshake message accepted (rustls's bound on handshake messages).
 const MAX_HANDSHAKE_MESSAGE: usize = 0xffff + 4;
 /// Consecutive empty application-data records, and consecutive key updates without application data in

@@ -4,9 +4,9 @@
 //! its whole life). Bulk reads take up to 64 KiB of ciphertext per system call, records are decrypted in
 //! the read buffer, and one `poll_write` encrypts all it is given (several records) into one write.
 //!
-//! Once a TLS 1.3 handshake is over, the connection leaves rustls's connection object for this crate's own
-//! record layer (`tls_records`, with the provider's AEAD and rustls's key schedule), which holds only keys,
-//! sequence numbers and the handshake's final state; TLS 1.2 sessions, and configurations without
+//! Once a TLS 1.3 handshake is over (and nothing received is left unprocessed), the connection leaves
+//! rustls's connection object for this crate's own record layer (`tls_records`), which holds only keys,
+//! traffic secrets and sequence numbers; TLS 1.2 sessions, and configurations without
 //! `enable_secret_extraction`, stay on rustls's unbuffered connection throughout.
 //!
 //! Behaves as tokio-rustls does where the rest of the proxy can tell: a clean close (`close_notify`) reads
@@ -37,7 +37,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::tls_records::{self, Opened, Peer, Records};
+use super::tls_records::{self, MAX_PLAINTEXT, Opened, Peer, Records};
 
 /// Ciphertext asked of the kernel per read: enough for a handshake flight or a few commands, and up to
 /// 64 KiB once a read filled what it was given (a bulk transfer), until the peer goes quiet.
@@ -47,8 +47,6 @@ const READ_BULK: usize = 64 * 1024;
 const MAX_INCOMING: usize = 64 * 1024 + 2 * MAX_RECORD;
 /// The largest TLS record on the wire (TLS 1.2's limit, above TLS 1.3's).
 const MAX_RECORD: usize = 16 * 1024 + 2048 + 5;
-/// The largest plaintext of one record.
-const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Plaintext taken by one `poll_write`.
 const WRITE_CHUNK: usize = 64 * 1024;
 /// A `poll_write` waits for the socket once this much ciphertext is unsent.
@@ -317,6 +315,7 @@ impl<S: Side> TlsStream<S> {
             kind: common.handshake_kind(),
         };
         self.sni = side.take_server_name();
+        let logged = self.logged.take();
         if !self.own_records
             || self.negotiated.version != Some(ProtocolVersion::TLSv1_3)
             || self.in_start != self.incoming.len()
@@ -326,7 +325,6 @@ impl<S: Side> TlsStream<S> {
         let Engine::Rustls(side) = std::mem::replace(&mut self.engine, Engine::Gone) else {
             return Ok(());
         };
-        let logged = self.logged.take();
         match side.into_kernel().and_then(|(secrets, kernel)| Records::new(secrets, kernel, logged)) {
             Ok(records) => {
                 self.engine = Engine::Records(records);
