@@ -233,19 +233,8 @@ async fn converse<S: Side, T: AsyncRead + AsyncWrite + Unpin>(
 #[tokio::test]
 async fn our_server_and_a_rustls_client_on_every_suite_with_key_updates() {
     for suite in TLS13_SUITES {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (server_cfg, client_cfg) = shared_pki(suite);
-        let accept = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            Acceptor::new(server_cfg).accept(tcp).await.unwrap()
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut theirs = tokio_rustls::TlsConnector::from(client_cfg)
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let mut ours = accept.await.unwrap();
+        let (mut ours, mut theirs) = ours_and_a_stock_client(server_cfg, client_cfg).await;
         assert!(ours.own_record_layer());
         assert!(!ours.records().unwrap().holds_rustls_state(), "the secrets were logged: no rustls state kept");
         assert_eq!(ours.negotiated().suite, Some(suite));
@@ -257,6 +246,25 @@ async fn our_server_and_a_rustls_client_on_every_suite_with_key_updates() {
         ours.shutdown().await.unwrap();
         assert_eq!(theirs.read(&mut buf).await.unwrap(), 0);
     }
+}
+
+/// Our server and a stock rustls (tokio-rustls) client connected to it on loopback.
+async fn ours_and_a_stock_client(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+) -> (TlsStream<Server>, tokio_rustls::client::TlsStream<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        Acceptor::new(server).accept(tcp).await.unwrap()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let theirs = tokio_rustls::TlsConnector::from(client)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    (accept.await.unwrap(), theirs)
 }
 
 /// A server configuration with extraction on and a stock client configuration (extraction off) that trusts
@@ -330,18 +338,7 @@ async fn without_logged_secrets_rustls_state_derives_the_key_updates() {
     let (server_cfg, client_cfg) = shared_pki(TLS13_SUITES[1]);
     let mut server_cfg = (*server_cfg).clone();
     server_cfg.key_log = Arc::new(rustls::NoKeyLog);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        Acceptor::new(Arc::new(server_cfg)).accept(tcp).await.unwrap()
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut theirs = tokio_rustls::TlsConnector::from(client_cfg)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut ours = accept.await.unwrap();
+    let (mut ours, mut theirs) = ours_and_a_stock_client(Arc::new(server_cfg), client_cfg).await;
     assert!(ours.own_record_layer());
     assert!(ours.records().unwrap().holds_rustls_state());
     converse(&mut ours, &mut theirs, |t| t.get_mut().1.refresh_traffic_keys().unwrap()).await;
@@ -350,18 +347,7 @@ async fn without_logged_secrets_rustls_state_derives_the_key_updates() {
 #[tokio::test]
 async fn a_corrupted_record_is_a_decrypt_error_and_the_peer_gets_bad_record_mac() {
     let (server_cfg, client_cfg) = shared_pki(TLS13_SUITES[0]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        Acceptor::new(server_cfg).accept(tcp).await.unwrap()
-    });
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut theirs = tokio_rustls::TlsConnector::from(client_cfg)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let mut ours = accept.await.unwrap();
+    let (mut ours, mut theirs) = ours_and_a_stock_client(server_cfg, client_cfg).await;
     // One record written by the peer's rustls, one bit flipped in its ciphertext, sent raw.
     let (tcp, conn) = theirs.get_mut();
     std::io::Write::write_all(&mut conn.writer(), b"a001 NOOP\r\n").unwrap();
