@@ -145,6 +145,15 @@ pub enum Opened {
     Closed { consumed: usize },
 }
 
+/// The most application data the next record at the start of `input` can carry, from its header alone
+/// (0 while the header has not arrived): a reader with at least this much room takes the record whole.
+pub fn next_payload_bound(input: &[u8]) -> usize {
+    match input.get(..HEADER) {
+        Some(header) => usize::from(u16::from_be_bytes([header[3], header[4]])).saturating_sub(TAG + 1),
+        None => 0,
+    }
+}
+
 /// The record layer of one TLS 1.3 connection after its handshake.
 pub struct Records<D> {
     /// rustls's handshake state: for tickets (client, until the server's first data), and for key updates

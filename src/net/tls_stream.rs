@@ -414,8 +414,11 @@ impl<S: Side> TlsStream<S> {
                     self.in_start += consumed;
                     let payload = &self.incoming[start + plain.start..start + plain.end];
                     deliver(read_into.as_deref_mut(), &mut self.plain, self.plain_start, payload);
+                    // Records already received go to the reader as long as the next one fits whole: a bulk
+                    // reader gets several records per read (and writes them on in one go).
+                    let next = tls_records::next_payload_bound(&self.incoming[self.in_start..]);
                     match read_into.as_deref() {
-                        Some(buf) if buf.remaining() < MAX_PLAINTEXT || self.plain_start < self.plain.len() => {
+                        Some(buf) if buf.remaining() < next || self.plain_start < self.plain.len() => {
                             return Ok((Stop::ReadFull, taken));
                         }
                         _ => {}

@@ -126,6 +126,36 @@ async fn tls13_on_the_own_record_layer_bulk_idle_and_close() {
     bulk_then_idle_then_close(server, client).await;
 }
 
+/// A peer that sends small records (Dovecot's are a few KiB) must not cost one relay write per record: a
+/// read takes every record already received that fits whole. Before, a read into less than 16 KiB stopped
+/// after the first record, and a FETCH went out in as many writes (and client wake-ups) as Dovecot made
+/// records.
+#[tokio::test]
+async fn one_read_takes_every_received_record_that_fits() {
+    let (mut server, mut client) = pair().await;
+    const RECORD: usize = 2000;
+    for i in 0..4u8 {
+        client.write_all(&[b'a' + i; RECORD]).await.unwrap();
+        client.flush().await.unwrap();
+    }
+    // Wait until all four records (header, data, content type, tag) sit in the server's socket; they fit
+    // its first 8 KiB read.
+    let ciphertext = 4 * (tls_records::HEADER + RECORD + 1 + 16);
+    let mut peek = vec![0u8; 2 * ciphertext];
+    for _ in 0..200 {
+        if server.tcp.peek(&mut peek).await.unwrap() >= ciphertext {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut buf = vec![0u8; 7000];
+    let n = server.read(&mut buf).await.unwrap();
+    assert_eq!(n, 3 * RECORD, "three whole records fit; the fourth would not");
+    assert!(buf[..n].chunks(RECORD).enumerate().all(|(i, c)| c.iter().all(|&b| b == b'a' + i as u8)));
+    let n = server.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], &[b'd'; RECORD], "the fourth in the next read");
+}
+
 #[tokio::test]
 async fn tls12_stays_on_rustls_bulk_idle_and_close() {
     let (server, client) = configs_for(None, &[&rustls::version::TLS12], true);
