@@ -393,6 +393,8 @@ struct RawTls {
     certificate: Vec<RawCertificate>,
     #[serde(default)]
     unknown_name: UnknownName,
+    #[serde(default)]
+    cipher_preference: CipherPreference,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +414,19 @@ pub enum UnknownName {
     Default,
     /// No certificate: the handshake fails. Clients without SNI still get the default.
     Refuse,
+}
+
+/// Whose order of cipher suites decides a client's TLS handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CipherPreference {
+    /// The proxy's order: AES-128-GCM first (TLS 1.3's mandatory suite, with SHA-256), then AES-256-GCM,
+    /// then ChaCha20-Poly1305. Cheapest on servers with AES and SHA instructions.
+    #[default]
+    Server,
+    /// The client's order (most put AES-256-GCM with SHA-384 first; phones without AES instructions
+    /// ChaCha20-Poly1305).
+    Client,
 }
 
 /// A certificate served to clients asking for one of `names`: exact names and `*.example.org` wildcards
@@ -762,6 +777,7 @@ pub struct TlsConfig {
     pub key: PathBuf,
     pub certificates: Vec<NamedCertificate>,
     pub unknown_name: UnknownName,
+    pub cipher_preference: CipherPreference,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1107,6 +1123,7 @@ fn validate_tls(raw: RawTls, base: Option<&Path>, errors: &mut Vec<ConfigError>)
         key: resolve(base, raw.key),
         certificates,
         unknown_name: raw.unknown_name,
+        cipher_preference: raw.cipher_preference,
     }
 }
 

@@ -111,6 +111,7 @@ async fn serve(script: Script, mut tcp: tokio::net::TcpStream, log: Received) ->
             key: pki().key.clone(),
             certificates: Vec::new(),
             unknown_name: imapgate::config::UnknownName::Default,
+            cipher_preference: imapgate::config::CipherPreference::Server,
         };
         let ticketer = imapgate::net::tls::ticketer().unwrap();
         let (config, _) = imapgate::net::tls::server_config(&tls, &ticketer).unwrap();

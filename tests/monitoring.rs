@@ -71,6 +71,16 @@ async fn commands_auth_and_sessions_are_counted_exactly() {
     expect(r#"imapgate_auth_attempts_total{mechanism="PLAIN",result="success"}"#, 1.0);
     expect("imapgate_connections_accepted_total", 1.0);
     expect(r#"imapgate_tls_sessions_total{sni="yes",version="TLSv1.3"}"#, 1.0);
+    expect(r#"imapgate_tls_handshakes_total{kind="full",leg="client"}"#, 1.0);
+    expect(r#"imapgate_tls_handshakes_total{kind="resumed",leg="client"}"#, 0.0);
+    // Backend handshakes: the logins' connections, the pool's and the health checks' (how many of
+    // those resume depends on which Dovecot process took the ticket's connection).
+    assert!(
+        sample(&metrics, r#"imapgate_tls_handshakes_total{kind="full",leg="backend"}"#).unwrap()
+            + sample(&metrics, r#"imapgate_tls_handshakes_total{kind="resumed",leg="backend"}"#).unwrap()
+            >= 2.0,
+        "{metrics}"
+    );
     expect(r#"imapgate_backend_sessions_active{backend="mbox"}"#, 0.0);
     expect(r#"imapgate_backend_up{backend="mbox"}"#, 1.0);
     expect(r#"imapgate_backend_login_duration_seconds_count{backend="mbox"}"#, 2.0);

@@ -75,7 +75,7 @@ pub async fn check_all(shared: &Arc<Shared>) {
             if !allowed {
                 return;
             }
-            let result = upstream::check(&Leg::new(backend, &shared.config, &shared.backend_tls)).await;
+            let result = upstream::check(&Leg::new(backend, &shared)).await;
             let now = Instant::now();
             let (label, transition) = match &result {
                 Ok(()) => ("success", shared.circuits.success(backend, now)),

@@ -131,7 +131,7 @@ pub async fn run(current: impl Fn() -> Arc<Shared> + Send + Sync + 'static, mut 
                 let (shared, backend) = (Arc::clone(&shared), backend.clone());
                 let pool = Arc::clone(&pool);
                 tokio::spawn(async move {
-                    let leg = Leg::new(&backend, &shared.config, &shared.backend_tls);
+                    let leg = Leg::new(&backend, &shared);
                     match upstream::prepare(&leg).await {
                         Ok(ready) => {
                             pool.add(&backend, ready, shared.config.backend_tls.pool_size);

@@ -274,6 +274,7 @@ async fn serve(
         };
         let sni = if client.server_name().is_some() { "yes" } else { "no" };
         metrics.tls_sessions.with_label_values(&[version, sni]).inc();
+        metrics.tls_handshakes.with_label_values(&["client", conn.kind_label()]).inc();
         let cipher = conn.suite.map(|c| format!("{:?}", c.suite()));
         tracing::debug!(
             version,
@@ -760,7 +761,7 @@ async fn login_at(
     }
     let result = upstream::login(
         LoginContext {
-            leg: upstream::Leg::new(backend, config, &shared.backend_tls).for_client(peer, local),
+            leg: upstream::Leg::new(backend, shared).for_client(peer, local),
             credentials,
             oauth,
             id_fields: vec![

@@ -197,6 +197,14 @@ pub struct Negotiated {
     pub kind: Option<HandshakeKind>,
 }
 
+impl Negotiated {
+    /// `resumed` (a session ticket or id spared the certificate and its signature) or `full`: the
+    /// `kind` label of `imapgate_tls_handshakes_total`.
+    pub fn kind_label(&self) -> &'static str {
+        if self.kind == Some(HandshakeKind::Resumed) { "resumed" } else { "full" }
+    }
+}
+
 /// Who protects the records.
 // The large variant is the one a session keeps; boxing it would cost an allocation (the stream is boxed).
 #[allow(clippy::large_enum_variant)]

@@ -24,6 +24,8 @@ use crate::imap::backend_login::{BackendLogin, ErrorKind, Goal, LoggedIn, OAuthR
 use crate::imap::command::IdParams;
 use crate::imap::credentials::Credentials;
 use crate::imap::response;
+use crate::net::Shared;
+use crate::telemetry::metrics::Metrics;
 
 /// The connection to a backend, encrypted unless plaintext was allowed.
 pub enum BackendStream {
@@ -73,11 +75,15 @@ pub struct Leg<'a> {
     pub login_timeout: Duration,
     /// Written first on the connection (`[backend_tls] send_proxy`).
     pub proxy_header: Option<Vec<u8>>,
+    /// Counts the leg's TLS handshakes (full or resumed).
+    pub metrics: &'a Metrics,
 }
 
 impl<'a> Leg<'a> {
-    pub fn new(backend: &'a Backend, config: &crate::config::Config, tls: &'a Arc<ClientConfig>) -> Self {
+    pub fn new(backend: &'a Backend, shared: &'a Shared) -> Self {
+        let (config, tls) = (&shared.config, &shared.backend_tls);
         Self {
+            metrics: &shared.metrics,
             backend,
             mode: config.backend_tls.mode,
             tls,
@@ -270,6 +276,7 @@ async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<Client>, F
         .await
         .map_err(|e| Failure::backend(Kind::Tls, format!("TLS handshake with {}: {e}", ctx.backend.name)))?;
     let conn = tls.negotiated();
+    ctx.metrics.tls_handshakes.with_label_values(&["backend", conn.kind_label()]).inc();
     tracing::debug!(
         backend = %ctx.backend.name,
         version = ?conn.version,

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub tls_failures: IntCounterVec,
     pub proxy_headers: IntCounterVec,
     pub tls_sessions: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
     pub auth_attempts: IntCounterVec,
     pub bans_active: IntGauge,
     pub tarpit_seconds: Histogram,
@@ -202,6 +203,12 @@ impl Metrics {
                 "imapgate_tls_sessions_total",
                 "Client TLS sessions established, by protocol version and SNI presence.",
                 &["version", "sni"],
+            ),
+            tls_handshakes: counter_vec(
+                &r,
+                "imapgate_tls_handshakes_total",
+                "TLS handshakes completed, by leg (client, backend) and kind (full, resumed).",
+                &["leg", "kind"],
             ),
             auth_attempts: counter_vec(
                 &r,
@@ -393,6 +400,11 @@ impl Metrics {
         for reason in TLS_FAILURES {
             m.tls_failures.with_label_values(&[reason]).inc_by(0);
         }
+        for leg in ["client", "backend"] {
+            for kind in ["full", "resumed"] {
+                m.tls_handshakes.with_label_values(&[leg, kind]).inc_by(0);
+            }
+        }
         for result in PROXY_RESULTS {
             m.proxy_headers.with_label_values(&[result]).inc_by(0);
         }
@@ -485,6 +497,7 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
         // state store's errors once one fails.
-        assert_eq!(families, 37, "{text}");
+        assert_eq!(families, 38, "{text}");
+        assert!(text.contains("imapgate_tls_handshakes_total{kind=\"resumed\",leg=\"backend\"} 0"), "{text}");
     }
 }
