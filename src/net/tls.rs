@@ -136,16 +136,23 @@ mod tests {
     use crate::config::UnknownName;
     use rustls::CipherSuite;
 
-    /// A handshake in memory between the listener's configuration and a stock rustls client, which offers
-    /// AES-256-GCM first; returns the suite they agreed on.
-    fn negotiated(preference: CipherPreference) -> CipherSuite {
-        install_crypto_provider();
-        let dir = std::env::temp_dir().join(format!("imapgate-tls-{}-{preference:?}", std::process::id()));
+    /// A self-signed certificate for `localhost` written as `cert.pem` and `key.pem` into a new directory
+    /// (the caller removes it).
+    fn self_signed(tag: &str) -> (PathBuf, rcgen::Certificate) {
+        let dir = std::env::temp_dir().join(format!("imapgate-tls-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
         std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        (dir, cert)
+    }
+
+    /// A handshake in memory between the listener's configuration and a stock rustls client, which offers
+    /// AES-256-GCM first; returns the suite they agreed on.
+    fn negotiated(preference: CipherPreference) -> CipherSuite {
+        install_crypto_provider();
+        let (dir, cert) = self_signed(&format!("{preference:?}"));
         let tls = TlsConfig {
             cert: dir.join("cert.pem"),
             key: dir.join("key.pem"),
@@ -154,6 +161,7 @@ mod tests {
             cipher_preference: preference,
         };
         let (server, _) = server_config(&tls, &ticketer().unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
         let mut roots = RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
         let mut client = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
@@ -173,7 +181,6 @@ mod tests {
             client.read_tls(&mut flight.as_slice()).unwrap();
             client.process_new_packets().unwrap();
         }
-        std::fs::remove_dir_all(&dir).unwrap();
         assert!(!server.is_handshaking());
         server.negotiated_cipher_suite().unwrap().suite()
     }
@@ -188,17 +195,9 @@ mod tests {
 
     #[test]
     fn the_backend_leg_offers_aes128_first_and_keeps_every_suite() {
-        let config = client_config(None).unwrap_or_else(|_| {
-            // No system roots on this machine: the order does not depend on them.
-            let dir = std::env::temp_dir().join(format!("imapgate-tls-ca-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let key = rcgen::KeyPair::generate().unwrap();
-            let ca = rcgen::CertificateParams::new(vec!["ca".into()]).unwrap().self_signed(&key).unwrap();
-            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-            let config = client_config(Some(&dir.join("ca.pem"))).unwrap();
-            std::fs::remove_dir_all(&dir).unwrap();
-            config
-        });
+        let (dir, _) = self_signed("ca");
+        let config = client_config(Some(&dir.join("cert.pem"))).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
         let suites: Vec<CipherSuite> = config.crypto_provider().cipher_suites.iter().map(|s| s.suite()).collect();
         assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
         assert_eq!(suites.len(), rustls::crypto::aws_lc_rs::default_provider().cipher_suites.len());

@@ -110,6 +110,9 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
 const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail", "circuit_open"];
 /// Circuit states (see `route::health::State`).
 pub const CIRCUIT_STATES: &[&str] = &["closed", "open", "half_open"];
+/// `imapgate_tls_handshakes_total`'s labels: which connection, and whether a ticket spared the certificate.
+const TLS_LEGS: &[&str] = &["client", "backend"];
+const HANDSHAKE_KINDS: &[&str] = &["full", "resumed"];
 
 /// Latency buckets from 1 ms to 60 s.
 /// Sub-millisecond calls (a store on the local network).
@@ -400,8 +403,8 @@ impl Metrics {
         for reason in TLS_FAILURES {
             m.tls_failures.with_label_values(&[reason]).inc_by(0);
         }
-        for leg in ["client", "backend"] {
-            for kind in ["full", "resumed"] {
+        for leg in TLS_LEGS {
+            for kind in HANDSHAKE_KINDS {
                 m.tls_handshakes.with_label_values(&[leg, kind]).inc_by(0);
             }
         }
