@@ -25,6 +25,7 @@ use crate::security::{Defence, DefenceEvent};
 use crate::signals::Signals;
 use crate::telemetry::audit::{AuditError, AuditEvent, AuditLog};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::panics;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +115,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         tracing::warn!("backend_tls.mode = \"plain\": passwords travel to backends unencrypted");
     }
     let router = Router::new(&config);
-    let acceptor = crate::net::tls_stream::Acceptor::new(server);
+    let acceptor = crate::net::tls::stream::Acceptor::new(server);
     let lookup = match &config.route.lookup {
         Some(l) => Some(crate::net::lookup::Lookup::new(l.clone()).map_err(StartError::Lookup)?),
         None => None,
@@ -155,6 +156,7 @@ impl Prepared {
     /// Loads certificates and keys and builds the routes. Errors here are configuration errors.
     pub fn new(config: Config) -> Result<Self, StartError> {
         tls::install_crypto_provider();
+        crate::telemetry::panics::install_hook();
         let (store, secret) = state_setup(&config)?;
         let defence = Defence::with_fingerprint_secret(config.defence.clone(), secret.as_deref());
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
@@ -407,16 +409,25 @@ async fn accept_loop(
         let (phase, done) = (phase.clone(), done.clone());
         tokio::spawn(async move {
             let mut aborted = phase.clone();
+            let held = Arc::clone(&shared);
             let relaying = tokio::select! {
-                relaying = connection(shared, tcp, mode, peer, local, phase) => relaying,
-                () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => None,
+                relaying = panics::catch(connection(shared, tcp, mode, peer, local, phase)) => relaying,
+                () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => Ok(None),
             };
+            let relaying = relaying.unwrap_or_else(|panicked| {
+                session_panicked(&held, peer, "preauth", &panicked);
+                None
+            });
             // A session that logged in relays in a task of its own: this one ends, and its state (sized for
             // the handshake and the pre-auth conversation) is freed.
             if let Some((relaying, active)) = relaying {
                 tokio::spawn(async move {
                     tokio::select! {
-                        () = relaying.run() => {}
+                        ended = panics::catch(relaying.run()) => {
+                            if let Err(panicked) = ended {
+                                session_panicked(&held, peer, "relay", &panicked);
+                            }
+                        }
                         () = crate::lifecycle::phase_reached(&mut aborted, |p| *p == Phase::Aborted) => {}
                     }
                     drop(active);
@@ -426,6 +437,20 @@ async fn accept_loop(
             }
         });
     }
+}
+
+/// A session's task panicked (a bug of ours): its connection is closed with the task, the end is counted
+/// (`stage`, `internal_error`), logged on one line without a backtrace, and audited.
+fn session_panicked(shared: &Shared, peer: SocketAddr, stage: &'static str, panicked: &panics::Panicked) {
+    shared.metrics.session_ends.with_label_values(&[stage, "internal_error"]).inc();
+    tracing::error!(event = "session_panic", %peer, stage, reason = "internal_error", panic = %panicked.0, "session end");
+    shared.audit(&AuditEvent {
+        event: "session_end",
+        peer_ip: Some(peer.ip().to_string()),
+        result: Some("internal_error"),
+        reason: Some(format!("internal error ({stage})")),
+        ..AuditEvent::default()
+    });
 }
 
 /// One accepted connection: its PROXY header (when configured), admission, then the session up to its login.

@@ -143,7 +143,7 @@ async fn each_domain_gets_its_certificate_and_unknown_names_get_the_default_or_n
     let expiry = |name: &str| {
         support::sample(&text, &format!("imapgate_tls_certificate_expiry_timestamp_seconds{{name=\"{name}\"}}"))
     };
-    let facts = |path: &Path| imapgate::net::certs::facts(&der(path)).unwrap().not_after as f64;
+    let facts = |path: &Path| imapgate::net::tls::certs::facts(&der(path)).unwrap().not_after as f64;
     assert_eq!(expiry("mail.alpha.test"), facts(&alpha.0));
     assert_eq!(expiry("*.beta.test"), facts(&beta.0));
     assert_eq!(expiry("default"), facts(&pki.cert));
@@ -226,6 +226,9 @@ async fn a_rotated_certificate_is_served_after_sighup_and_an_open_session_carrie
     assert!(support::sample(&text, failed) >= 1.0, "{text}");
     assert_eq!(served(addr, "mail.gamma.test").await, Some(der(&second.0)));
     let expiry = "imapgate_tls_certificate_expiry_timestamp_seconds{name=\"mail.gamma.test\"}";
-    assert_eq!(support::sample(&text, expiry), imapgate::net::certs::facts(&der(&second.0)).unwrap().not_after as f64);
+    assert_eq!(
+        support::sample(&text, expiry),
+        imapgate::net::tls::certs::facts(&der(&second.0)).unwrap().not_after as f64
+    );
     proxy.stop().await;
 }

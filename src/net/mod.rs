@@ -1,7 +1,6 @@
-//! Sockets: the PROXY protocol header, the TLS listener's configuration, one task per client connection,
+//! Sockets: the PROXY protocol header, TLS (`tls`: configurations, certificates, the stream over rustls), one task per client connection,
 //! the backend leg, its health checks, the relay, and what sessions report to the mailbox signals. Knows sockets, not IMAP grammar (that lives in `imap`).
 
-pub mod certs;
 pub mod health;
 pub mod lookup;
 pub mod pool;
@@ -11,8 +10,6 @@ pub mod report;
 pub mod session;
 pub mod shared;
 pub mod tls;
-pub mod tls_records;
-pub mod tls_stream;
 pub mod upstream;
 
 pub use shared::Shared;

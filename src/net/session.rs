@@ -24,7 +24,7 @@ use crate::net::Shared;
 use crate::net::proxy_protocol::Endpoints;
 use crate::net::relay::{self, RelayEnd};
 use crate::net::report;
-use crate::net::tls_stream::{self, TlsStream};
+use crate::net::tls::stream::{self as tls_stream, TlsStream};
 use crate::net::upstream::{self, BackendStream, LoginContext, Upstream};
 use crate::security::{ConnectionGuard, Refusal, prefix};
 use crate::telemetry::audit::{AuditEvent, SessionFacts};

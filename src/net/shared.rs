@@ -14,7 +14,7 @@ use crate::telemetry::metrics::Metrics;
 pub struct Shared {
     pub config: Config,
     pub router: Router,
-    pub acceptor: crate::net::tls_stream::Acceptor,
+    pub acceptor: crate::net::tls::stream::Acceptor,
     pub backend_tls: Arc<rustls::ClientConfig>,
     pub defence: Arc<Defence>,
     /// The user lookup over HTTP, when `[route.lookup]` is set.

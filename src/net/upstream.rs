@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::tls_stream::{self, Client, TlsStream};
+use super::tls::stream::{self as tls_stream, Client, TlsStream};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -281,7 +281,6 @@ async fn handshake(tcp: TcpStream, ctx: &Leg<'_>) -> Result<TlsStream<Client>, F
         backend = %ctx.backend.name,
         version = ?conn.version,
         kind = ?conn.kind,
-        own_records = tls.own_record_layer(),
         "backend tls established"
     );
     Ok(tls)

@@ -106,6 +106,9 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("relay", "backend_error"),
     ("relay", "guard_lost"),
     ("relay", "kicked"),
+    // A bug of ours: the session's task panicked (`telemetry::panics`), before or after login.
+    ("preauth", "internal_error"),
+    ("relay", "internal_error"),
 ];
 const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail", "circuit_open"];
 /// Circuit states (see `route::health::State`).

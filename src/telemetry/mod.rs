@@ -1,9 +1,10 @@
 //! Telemetry: diagnostic logging with `tracing` (human-readable or JSON lines, filtered by `RUST_LOG` or the
 //! configured level), optional OpenTelemetry trace export over OTLP/gRPC, Prometheus metrics and the audit
-//! log.
+//! log, and the hook that turns a session task's panic into one counted line (`panics`).
 
 pub mod audit;
 pub mod metrics;
+pub mod panics;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;

@@ -15,7 +15,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::tls::{TlsConfigError, certificates, provider};
+use super::pem::{TlsConfigError, certificates};
+use super::provider::provider;
 use crate::config::{TlsConfig, UnknownName};
 
 /// A certificate this close to its end is reported at start-up and reload.

@@ -1,73 +1,21 @@
-//! TLS configuration for both sides: the server side clients reach (implicit TLS, ALPN `imap`) and the
-//! client side used towards backends (verified chain and name). Built once, before any port is bound.
+//! The two legs' configurations: the server side clients reach (implicit TLS, ALPN `imap`) and the client
+//! side used towards backends (verified chain and name). Built once, before any port is bound.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use super::certs;
+use super::pem::{TlsConfigError, certificates};
+use super::provider::provider;
+use super::stream::RecordServerName;
 use crate::config::{CipherPreference, TlsConfig};
 
 /// The ALPN protocol id for IMAP (RFC 9051 section 11.1 / ALPACA mitigation).
 pub const ALPN_IMAP: &[u8] = b"imap";
 
-#[derive(Debug, thiserror::Error)]
-pub enum TlsConfigError {
-    #[error("{key}: {source}")]
-    Rustls { key: &'static str, source: rustls::Error },
-    #[error("backend_tls.ca: no system root certificates could be loaded")]
-    NoSystemRoots,
-    #[error("{key}: {path}: {reason}")]
-    Certificate { key: String, path: PathBuf, reason: String },
-}
-
-/// Installs aws-lc-rs as the process-wide crypto provider. Call first thing; a second call is harmless.
-pub fn install_crypto_provider() {
-    // Err means a provider is already installed, which is what we want.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// aws-lc-rs with the AES-128-GCM suites first (TLS 1.3's mandatory `TLS_AES_128_GCM_SHA256`, then TLS
-/// 1.2's), the rest in the provider's order. AES-128 runs 10 rounds to AES-256's 14, and its SHA-256 key
-/// schedule has instructions on current x86 and ARM where SHA-384 does not: on the benchmark machine the
-/// SHA-384 of a handshake was 7% of a login's CPU. The backend leg always offers this order; the listener
-/// uses it unless `tls.cipher_preference = "client"`.
-pub(super) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.cipher_suites.sort_by_key(|suite| !is_aes128_gcm(suite.suite()));
-    Arc::new(provider)
-}
-
-fn is_aes128_gcm(suite: rustls::CipherSuite) -> bool {
-    use rustls::CipherSuite as S;
-    matches!(
-        suite,
-        S::TLS13_AES_128_GCM_SHA256
-            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
-    )
-}
-
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
-
-pub(super) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
-    let pem = |source| TlsConfigError::Certificate {
-        key: key.to_owned(),
-        path: path.to_owned(),
-        reason: format!("cannot read: {source}"),
-    };
-    let certs = CertificateDer::pem_file_iter(path).map_err(pem)?.collect::<Result<Vec<_>, _>>().map_err(pem)?;
-    if certs.is_empty() {
-        return Err(TlsConfigError::Certificate {
-            key: key.to_owned(),
-            path: path.to_owned(),
-            reason: "holds no certificate".into(),
-        });
-    }
-    Ok(certs)
-}
 
 /// The listener's configuration: TLS 1.2 and 1.3, the certificates chosen by server name (see `certs`),
 /// ALPN `imap`, the cipher suite by `tls.cipher_preference` (the proxy's order, AES-128-GCM first, unless
@@ -78,20 +26,16 @@ pub(super) fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<
 pub fn server_config(
     tls: &TlsConfig,
     ticketer: &Arc<dyn rustls::server::ProducesTickets>,
-) -> Result<(Arc<ServerConfig>, Vec<super::certs::Expiry>), TlsConfigError> {
-    let (resolver, expiries) = super::certs::load(tls)?;
+) -> Result<(Arc<ServerConfig>, Vec<certs::Expiry>), TlsConfigError> {
+    let (resolver, expiries) = certs::load(tls)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsConfigError::Rustls { key: "tls", source })?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(super::tls_stream::RecordServerName(resolver)));
+        .with_cert_resolver(Arc::new(RecordServerName(resolver)));
     config.alpn_protocols = vec![ALPN_IMAP.to_vec()];
     config.ignore_client_order = tls.cipher_preference == CipherPreference::Server;
     config.ticketer = Arc::clone(ticketer);
-    // TLS 1.3 sessions leave rustls's connection for the own record layer after the handshake
-    // (`tls_stream`, `tls_records`); the secrets never leave the process.
-    config.enable_secret_extraction = true;
-    config.key_log = Arc::new(super::tls_records::SecretsLog);
     Ok((Arc::new(config), expiries))
 }
 
@@ -118,14 +62,11 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigEr
             }
         }
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|source| TlsConfigError::Rustls { key: "backend_tls", source })?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    // As on the listener: TLS 1.3 records are this crate's after the handshake.
-    config.enable_secret_extraction = true;
-    config.key_log = Arc::new(super::tls_records::SecretsLog);
     Ok(Arc::new(config))
 }
 
@@ -134,7 +75,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::config::UnknownName;
+    use crate::net::tls::install_crypto_provider;
     use rustls::CipherSuite;
+    use std::path::PathBuf;
 
     /// A self-signed certificate for `localhost` written as `cert.pem` and `key.pem` into a new directory
     /// (the caller removes it).

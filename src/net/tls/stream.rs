@@ -1,13 +1,16 @@
-//! TLS streams for both legs over rustls's unbuffered API: the ciphertext and plaintext buffers are this
-//! module's, sized to what is in flight, and released when a connection goes quiet, so an idle session
-//! holds no TLS buffer at all (rustls's buffered connection keeps a 4 KiB read buffer per connection for
-//! its whole life). Bulk reads take up to 64 KiB of ciphertext per system call, records are decrypted in
-//! the read buffer, and one `poll_write` encrypts all it is given (several records) into one write.
+//! TLS streams for both legs over rustls's unbuffered API. rustls seals and opens every record; the
+//! ciphertext and plaintext buffers are this module's, sized to what is in flight, and released when a
+//! connection goes quiet, so an idle session holds no TLS buffer at all (rustls's buffered connection keeps
+//! a 4 KiB read buffer per connection for its whole life). Bulk reads take up to 64 KiB of ciphertext per
+//! system call, and one `poll_write` encrypts all it is given (several records) into one write.
 //!
-//! Once a TLS 1.3 handshake is over (and nothing received is left unprocessed), the connection leaves
-//! rustls's connection object for this crate's own record layer (`tls_records`), which holds only keys,
-//! traffic secrets and sequence numbers; TLS 1.2 sessions, and configurations without
-//! `enable_secret_extraction`, stay on rustls's unbuffered connection throughout.
+//! What the stream owes the peer is bounded: handshake messages and alerts are what rustls queues (it keeps
+//! at most one `KeyUpdate` reply and sends it ahead of the next record), application data stops being taken
+//! once `HIGH_WATER` bytes are unsent, and a peer that never reads meets the caller's write deadline.
+//!
+//! rustls's unbuffered contract: bytes it did not `discard` stay in front of the next call's input (it may
+//! hold part of a handshake message there). Every call here, including the one that collects the alert
+//! after an error, hands it the unprocessed bytes.
 //!
 //! Behaves as tokio-rustls does where the rest of the proxy can tell: a clean close (`close_notify`) reads
 //! as end of stream, a TCP close without it as `UnexpectedEof`; TLS errors are `InvalidData` errors
@@ -23,22 +26,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon, UnbufferedStatus,
 };
-use rustls::{
-    AlertDescription, ClientConfig, ExtractedSecrets, HandshakeKind, ProtocolVersion, ServerConfig,
-    SupportedCipherSuite,
-};
+use rustls::{ClientConfig, HandshakeKind, ProtocolVersion, ServerConfig, SupportedCipherSuite};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::tls_records::{self, MAX_PLAINTEXT, Opened, Peer, Records};
-
+/// The most plaintext one TLS record carries (RFC 8446 5.1).
+const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Ciphertext asked of the kernel per read: enough for a handshake flight or a few commands, and up to
 /// 64 KiB once a read filled what it was given (a bulk transfer), until the peer goes quiet.
 const READ_SMALL: usize = 8 * 1024;
@@ -56,7 +55,7 @@ const ROUNDS_PER_POLL: usize = 64;
 
 /// One side of rustls's unbuffered connection (client or server), as this stream drives it.
 pub trait Side: Send + Unpin + Sized {
-    type Data: Peer + Send + Unpin;
+    type Data: Send + Unpin;
     fn common(&self) -> &UnbufferedConnectionCommon<Self::Data>;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
     /// Called after each `process`; the server side picks up the name the client asked for.
@@ -65,8 +64,6 @@ pub trait Side: Send + Unpin + Sized {
     fn take_server_name(&mut self) -> Option<String> {
         None
     }
-    /// The traffic secrets and the handshake's final state of a finished handshake.
-    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
     /// The handshake's last flight may wait for the first write (see `poll_handshake`).
     const DEFERS_LAST_FLIGHT: bool = false;
 }
@@ -95,9 +92,6 @@ impl Side for Server {
     fn take_server_name(&mut self) -> Option<String> {
         self.sni.take()
     }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<ServerConnectionData>), rustls::Error> {
-        self.conn.dangerous_into_kernel_connection()
-    }
 }
 
 /// The backend leg's client connection.
@@ -110,9 +104,6 @@ impl Side for Client {
     }
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
         self.0.process_tls_records(incoming)
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, KernelConnection<ClientConnectionData>), rustls::Error> {
-        self.0.dangerous_into_kernel_connection()
     }
 }
 
@@ -150,7 +141,7 @@ impl Acceptor {
     /// The server handshake on `tcp`; the caller bounds it in time.
     pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<Server>> {
         let conn = UnbufferedServerConnection::new(Arc::clone(&self.0)).map_err(tls_error)?;
-        let mut stream = TlsStream::new(tcp, Server { conn, sni: None }, self.0.enable_secret_extraction);
+        let mut stream = TlsStream::new(tcp, Server { conn, sni: None });
         poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
     }
@@ -162,9 +153,8 @@ pub async fn connect(
     name: ServerName<'static>,
     tcp: TcpStream,
 ) -> io::Result<TlsStream<Client>> {
-    let own_records = config.enable_secret_extraction;
     let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-    let mut stream = TlsStream::new(tcp, Client(conn), own_records);
+    let mut stream = TlsStream::new(tcp, Client(conn));
     poll_fn(|cx| stream.poll_handshake(cx)).await?;
     Ok(stream)
 }
@@ -181,7 +171,7 @@ enum Outbound<'a> {
 enum Stop {
     /// No complete record is left: more ciphertext is needed.
     NeedInput,
-    /// The caller's read buffer has no room for another record.
+    /// The caller's read buffer has no room for the next record (which rustls keeps until the next read).
     ReadFull,
     /// Both sides have closed.
     Closed,
@@ -205,29 +195,14 @@ impl Negotiated {
     }
 }
 
-/// Who protects the records.
-// The large variant is the one a session keeps; boxing it would cost an allocation (the stream is boxed).
-#[allow(clippy::large_enum_variant)]
-enum Engine<S: Side> {
-    /// rustls's connection: during the handshake, and for TLS 1.2 throughout.
-    Rustls(Box<S>),
-    /// TLS 1.3 after the handshake.
-    Records(Records<S::Data>),
-    /// Neither: the hand-over failed (the stream has failed).
-    Gone,
-}
-
 /// A TLS connection over TCP with buffers of its own.
 pub struct TlsStream<S: Side> {
     tcp: TcpStream,
-    engine: Engine<S>,
+    /// rustls's connection: it protects every record, in the handshake and after it.
+    side: S,
     negotiated: Negotiated,
     /// The server name the client asked for (server side).
     sni: Option<String>,
-    /// Leave rustls's connection for the own record layer once a TLS 1.3 handshake is over.
-    own_records: bool,
-    /// The traffic secrets rustls's key log reported during the handshake, for the own record layer.
-    logged: Option<Box<tls_records::TrafficSecrets>>,
     /// Ciphertext received; `in_start..incoming.len()` is not processed yet.
     incoming: Vec<u8>,
     in_start: usize,
@@ -262,14 +237,12 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl<S: Side> TlsStream<S> {
-    fn new(tcp: TcpStream, side: S, own_records: bool) -> Self {
+    fn new(tcp: TcpStream, side: S) -> Self {
         Self {
             tcp,
-            engine: Engine::Rustls(Box::new(side)),
+            side,
             negotiated: Negotiated::default(),
             sni: None,
-            own_records,
-            logged: None,
             incoming: Vec::new(),
             in_start: 0,
             out: Outgoing::default(),
@@ -288,61 +261,19 @@ impl<S: Side> TlsStream<S> {
         &self.negotiated
     }
 
-    /// Whether the own record layer protects the records (TLS 1.3 after the handshake).
-    pub fn own_record_layer(&self) -> bool {
-        matches!(self.engine, Engine::Records(_))
-    }
-
-    /// The own record layer, for tests.
-    #[cfg(test)]
-    pub(crate) fn records(&mut self) -> Option<&mut Records<S::Data>> {
-        match &mut self.engine {
-            Engine::Records(records) => Some(records),
-            _ => None,
-        }
-    }
-
     fn is_handshaking(&self) -> bool {
-        match &self.engine {
-            Engine::Rustls(side) => side.common().is_handshaking(),
-            Engine::Records(_) | Engine::Gone => false,
-        }
+        self.side.common().is_handshaking()
     }
 
-    /// Notes what the handshake agreed and, for TLS 1.3 with nothing received left unprocessed, hands the
-    /// connection over to the own record layer. (With records left, rustls may hold a message it has
-    /// begun to reassemble; such rare connections stay on rustls.)
-    fn finish_handshake(&mut self) -> io::Result<()> {
-        let Engine::Rustls(side) = &mut self.engine else {
-            return Ok(());
-        };
-        let common = side.common();
+    /// Notes what the handshake agreed.
+    fn finish_handshake(&mut self) {
+        let common = self.side.common();
         self.negotiated = Negotiated {
             version: common.protocol_version(),
             suite: common.negotiated_cipher_suite(),
             kind: common.handshake_kind(),
         };
-        self.sni = side.take_server_name();
-        let logged = self.logged.take();
-        if !self.own_records
-            || self.negotiated.version != Some(ProtocolVersion::TLSv1_3)
-            || self.in_start != self.incoming.len()
-        {
-            return Ok(());
-        }
-        let Engine::Rustls(side) = std::mem::replace(&mut self.engine, Engine::Gone) else {
-            return Ok(());
-        };
-        match side.into_kernel().and_then(|(secrets, kernel)| Records::new(secrets, kernel, logged)) {
-            Ok(records) => {
-                self.engine = Engine::Records(records);
-                Ok(())
-            }
-            Err(e) => {
-                self.failed = Some(e.clone());
-                Err(tls_error(e))
-            }
-        }
+        self.sni = self.side.take_server_name();
     }
 
     /// Bytes held in this stream's buffers (allocated capacity), for tests of the idle footprint.
@@ -351,116 +282,40 @@ impl<S: Side> TlsStream<S> {
         self.incoming.capacity() + self.out.buf.capacity() + self.plain.capacity()
     }
 
-    /// Runs rustls over the unprocessed ciphertext: decrypted records go to `read_into` while it has room
-    /// for a whole record (else to `plain`), handshake records to `outgoing`, and `outbound` is encrypted
-    /// once the connection may send. Returns where it stopped and how much of `outbound` was taken.
-    fn process(&mut self, read_into: Option<&mut ReadBuf<'_>>, outbound: Outbound<'_>) -> io::Result<(Stop, usize)> {
-        if let Some(e) = &self.failed {
-            return Err(tls_error(e.clone()));
-        }
-        match self.engine {
-            Engine::Rustls(_) => self.process_rustls(read_into, outbound),
-            Engine::Records(_) => self.process_records(read_into, outbound),
-            Engine::Gone => Err(io::Error::new(io::ErrorKind::NotConnected, "TLS connection is gone")),
-        }
-    }
-
-    /// [`Self::process`] with the own record layer: `outbound` is sealed first (after any key update
-    /// owed), then records are opened while the reader has room.
-    fn process_records(
-        &mut self,
-        mut read_into: Option<&mut ReadBuf<'_>>,
-        outbound: Outbound<'_>,
-    ) -> io::Result<(Stop, usize)> {
-        let Engine::Records(records) = &mut self.engine else {
-            return Ok((Stop::NeedInput, 0));
-        };
-        let push = &mut self.out;
-        let mut taken = 0;
-        let sealed = match outbound {
-            Outbound::Data(data) if !data.is_empty() && !self.close_notify_queued => {
-                let data = &data[..data.len().min(WRITE_CHUNK)];
-                taken = data.len();
-                records.seal(data, push)
-            }
-            Outbound::CloseNotify if !self.close_notify_queued => {
-                self.close_notify_queued = true;
-                records.seal_alert(AlertDescription::CloseNotify, push)
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = sealed {
-            return Err(self.fail(e));
-        }
-        if self.peer_closed {
-            return Ok((Stop::Closed, taken));
-        }
-        for _ in 0..4 * ROUNDS_PER_POLL {
-            let Engine::Records(records) = &mut self.engine else {
-                break;
-            };
-            let opened = records.open(&mut self.incoming[self.in_start..]);
-            let opened = match opened {
-                Ok(opened) => opened,
-                Err(e) => return Err(self.fail(e)),
-            };
-            match opened {
-                Opened::NeedMore => {
-                    if let Err(e) = records.seal_owed(&mut self.out) {
-                        return Err(self.fail(e));
-                    }
-                    return Ok((Stop::NeedInput, taken));
-                }
-                Opened::Handled { consumed } => self.in_start += consumed,
-                Opened::Closed { consumed } => {
-                    self.in_start += consumed;
-                    self.peer_closed = true;
-                    return Ok((Stop::Closed, taken));
-                }
-                Opened::Data { consumed, plain } => {
-                    let start = self.in_start;
-                    self.in_start += consumed;
-                    let payload = &self.incoming[start + plain.start..start + plain.end];
-                    deliver(read_into.as_deref_mut(), &mut self.plain, self.plain_start, payload);
-                    // Records already received go to the reader as long as the next one fits whole: a bulk
-                    // reader gets several records per read (and writes them on in one go).
-                    let next = tls_records::next_payload_bound(&self.incoming[self.in_start..]);
-                    match read_into.as_deref() {
-                        Some(buf) if buf.remaining() < next || self.plain_start < self.plain.len() => {
-                            return Ok((Stop::ReadFull, taken));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        Ok((Stop::Yield, taken))
-    }
-
-    /// [`Self::process`] with rustls's connection.
-    fn process_rustls(
+    /// Runs rustls over the unprocessed ciphertext: decrypted records go to `read_into` while each fits
+    /// whole (a record that does not stays with rustls for the next read; without a reader they go to
+    /// `plain`), handshake messages and alerts to `out`, and `outbound` is encrypted once the connection
+    /// may send. Returns where it stopped and how much of `outbound` was taken.
+    fn process(
         &mut self,
         mut read_into: Option<&mut ReadBuf<'_>>,
         mut outbound: Outbound<'_>,
     ) -> io::Result<(Stop, usize)> {
-        let Engine::Rustls(side) = &mut self.engine else {
-            return Ok((Stop::NeedInput, 0));
-        };
-        let side = &mut **side;
+        if let Some(e) = &self.failed {
+            return Err(tls_error(e.clone()));
+        }
         let mut taken = 0;
+        let mut delivered = false;
         // Each round consumes a record or encodes a message, or stops; the count bounds one call's work.
         for _ in 0..4 * ROUNDS_PER_POLL {
-            let UnbufferedStatus { discard, state } = side.process(&mut self.incoming[self.in_start..]);
-            tls_records::collect_logged(&mut self.logged);
+            let UnbufferedStatus { discard, state } = self.side.process(&mut self.incoming[self.in_start..]);
             let mut discard = discard;
             let stop = match state {
                 Err(e) => {
                     self.in_start += discard;
-                    side.after_process();
+                    self.side.after_process();
                     return Err(self.fail(e));
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
-                    while let Some(record) = traffic.next_record() {
+                    let mut stop = None;
+                    while let Some(len) = traffic.peek_len() {
+                        // A record that does not fit whole waits in rustls for the next read, unless it is
+                        // the first of this call (the reader gets what fits, `plain` the rest).
+                        if read_into.as_deref().is_some_and(|buf| buf.remaining() < len.get() && delivered) {
+                            stop = Some(Stop::ReadFull);
+                            break;
+                        }
+                        let Some(record) = traffic.next_record() else { break };
                         let record = match record {
                             Ok(record) => record,
                             Err(e) => {
@@ -470,13 +325,16 @@ impl<S: Side> TlsStream<S> {
                         };
                         discard += record.discard;
                         deliver(read_into.as_deref_mut(), &mut self.plain, self.plain_start, record.payload);
-                    }
-                    match read_into.as_deref() {
-                        Some(buf) if buf.remaining() < MAX_PLAINTEXT || self.plain_start < self.plain.len() => {
-                            Some(Stop::ReadFull)
+                        delivered = true;
+                        if read_into
+                            .as_deref()
+                            .is_some_and(|buf| buf.remaining() == 0 || self.plain_start < self.plain.len())
+                        {
+                            stop = Some(Stop::ReadFull);
+                            break;
                         }
-                        _ => None,
                     }
+                    stop
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     self.out
@@ -484,7 +342,7 @@ impl<S: Side> TlsStream<S> {
                         .map_err(|e| io::Error::other(e.to_string()))?;
                     None
                 }
-                // What was encoded sits in `outgoing`, which every caller flushes before waiting for input.
+                // What was encoded sits in `out`, which every caller flushes before waiting for input.
                 Ok(ConnectionState::TransmitTlsData(transmit)) => {
                     transmit.done();
                     None
@@ -502,7 +360,8 @@ impl<S: Side> TlsStream<S> {
                     match std::mem::replace(&mut outbound, Outbound::Nothing) {
                         Outbound::Data(data) if !data.is_empty() && !self.close_notify_queued => {
                             let data = &data[..data.len().min(WRITE_CHUNK)];
-                            let room = data.len() + data.len().div_ceil(MAX_PLAINTEXT) * 64;
+                            // Records' overhead, and a queued key update reply that goes out first.
+                            let room = data.len() + data.len().div_ceil(MAX_PLAINTEXT) * 64 + 64;
                             self.out
                                 .append(room, |b| traffic.encrypt(data, b), encrypt_needs)
                                 .map_err(|e| io::Error::other(e.to_string()))?;
@@ -510,7 +369,7 @@ impl<S: Side> TlsStream<S> {
                         }
                         Outbound::CloseNotify if !self.close_notify_queued => {
                             self.out
-                                .append(64, |b| traffic.queue_close_notify(b), encrypt_needs)
+                                .append(128, |b| traffic.queue_close_notify(b), encrypt_needs)
                                 .map_err(|e| io::Error::other(e.to_string()))?;
                             self.close_notify_queued = true;
                         }
@@ -525,7 +384,7 @@ impl<S: Side> TlsStream<S> {
                 Ok(_) => return Err(self.fail(rustls::Error::General("unexpected TLS state".into()))),
             };
             self.in_start += discard;
-            side.after_process();
+            self.side.after_process();
             if let Some(stop) = stop {
                 return Ok((stop, taken));
             }
@@ -533,33 +392,29 @@ impl<S: Side> TlsStream<S> {
         Ok((Stop::Yield, taken))
     }
 
-    /// Records a TLS error and queues the alert rustls has for the peer (sent on a best-effort basis).
+    /// Records a TLS error and sends the alert rustls queued for the peer (best effort). rustls is handed
+    /// the unprocessed bytes as on every call: it may still hold part of a handshake message in them (an
+    /// empty buffer there made rustls index past its end). Only what rustls has queued is taken: a call
+    /// with nothing queued would process the records after the failure (and raise a second alert).
     fn fail(&mut self, e: rustls::Error) -> io::Error {
         self.failed = Some(e.clone());
-        match &mut self.engine {
-            Engine::Rustls(side) => {
-                // No more input: processing the same records again would make rustls raise (and alert) twice.
-                for _ in 0..4 {
-                    match side.process(&mut []).state {
-                        Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                            if self.out.append(64, |b| encode.encode(b), encode_needs).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                        _ => break,
+        for _ in 0..8 {
+            if !self.side.common().wants_write() {
+                break;
+            }
+            let status = self.side.process(&mut self.incoming[self.in_start..]);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    if self.out.append(64, |b| encode.encode(b), encode_needs).is_err() {
+                        break;
                     }
                 }
-                side.after_process();
+                // Plaintext rustls holds comes before its queue; it is of no use any more.
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => while traffic.next_record().is_some() {},
+                _ => break,
             }
-            Engine::Records(records) => {
-                if let Some(alert) = tls_records::alert_for(&e) {
-                    // Best effort: a failure to seal the alert leaves only the TCP close.
-                    let _ = records.seal_alert(alert, &mut self.out);
-                }
-            }
-            Engine::Gone => {}
         }
+        self.side.after_process();
         // The alert goes out if the socket takes it now; the connection is over either way.
         while !self.out.unsent().is_empty() {
             match self.tcp.try_write(self.out.unsent()) {
@@ -641,11 +496,13 @@ impl<S: Side> TlsStream<S> {
         for _ in 0..ROUNDS_PER_POLL {
             let (stop, _) = self.process(None, Outbound::Nothing)?;
             if !self.is_handshaking() && S::DEFERS_LAST_FLIGHT {
-                return Poll::Ready(self.finish_handshake());
+                self.finish_handshake();
+                return Poll::Ready(Ok(()));
             }
             ready!(self.poll_send_all(cx))?;
             if !self.is_handshaking() {
-                return Poll::Ready(self.finish_handshake());
+                self.finish_handshake();
+                return Poll::Ready(Ok(()));
             }
             if stop == Stop::Yield {
                 continue;
@@ -807,17 +664,6 @@ impl Outgoing {
                 Err(e) => room = needs(&e).ok_or(e)?,
             }
         }
-    }
-}
-
-/// Records sealed in place at the end of the unsent bytes.
-impl tls_records::Push for Outgoing {
-    fn record(
-        &mut self,
-        len: usize,
-        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), rustls::Error>,
-    ) -> Result<(), rustls::Error> {
-        self.append(len, |b| fill(&mut b[..len]).map(|()| len), |_| None)
     }
 }
 
