@@ -13,6 +13,7 @@ pub mod nginx;
 pub mod pki;
 pub mod procs;
 pub mod proxy;
+pub mod raw_tls;
 pub mod redis;
 pub mod tokens;
 
