@@ -3,7 +3,8 @@
 # binaries are used: tests and the demo run private instances with their own configuration; the system's
 # Dovecot is never configured) and, with --test-tools, what the test suite also starts or calls: haproxy (a real
 # load balancer in front of imapgate, run from a private configuration), prometheus (for promtool) and openssl
-# (a TLS client that sends an IP address as SNI), python3 (the tests' user lookup service), redis-server (shared
+# (a TLS client that sends an IP address as SNI, and key updates), gnutls-bin (gnutls-cli: a second TLS
+# stack against the listener), python3 (the tests' user lookup service), redis-server (shared
 # defence state for several instances; private instances on run-time ports), systemd (systemd-analyze,
 # which checks the unit file), chromium and chromium-driver (the console's test in a real headless browser),
 # and kubernetes-validate from PyPI in a venv under target/.
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--test-tools" ]; then
   command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
   [ -x /usr/sbin/haproxy ] || packages+=(haproxy)
   command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+  command -v gnutls-cli >/dev/null 2>&1 || packages+=(gnutls-bin)
   command -v python3 >/dev/null 2>&1 || packages+=(python3)
   command -v systemd-analyze >/dev/null 2>&1 || packages+=(systemd)
   [ -x /usr/bin/redis-server ] || packages+=(redis-server)
