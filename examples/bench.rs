@@ -397,15 +397,29 @@ fn main() {
             let gate = Gate::start(&dir, &pki, &dovecot, "memory", BENCH_DEFENCE);
             let gate_c = Contender { name: "imapgate", addr: gate.addr, pids: vec![gate.pid()] };
             let others = Others::start(&pki, &dovecot);
+            // IMAPGATE_BENCH_BASELINE=path/to/an/older/imapgate: its memory is measured in the same run.
+            let baseline_path = std::env::var("IMAPGATE_BENCH_BASELINE").ok();
+            let baseline = baseline_path.as_deref().map(|path| {
+                let gate = Gate::start_with_env(
+                    &dir,
+                    &pki,
+                    &dovecot,
+                    "baseline",
+                    BENCH_DEFENCE,
+                    &[(support::gate::BINARY, path)],
+                );
+                let contender = Contender { name: "baseline", addr: gate.addr, pids: vec![gate.pid()] };
+                (gate, contender)
+            });
             let mut costs = Vec::new();
-            for contender in [&gate_c].into_iter().chain(others.all()) {
+            for contender in [&gate_c].into_iter().chain(baseline.as_ref().map(|b| &b.1)).chain(others.all()) {
                 // Warm up (the first sessions allocate what every later one shares).
                 drop(vec![idling(contender.addr, &config).await, idling(contender.addr, &config).await]);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let before = contender.pss_kib();
                 let mut sessions = Vec::with_capacity(o.crowd);
                 let cost = idle_cost(contender, &config, o.sessions, &mut sessions, before).await;
-                let crowd = if contender.name == "imapgate" && o.crowd > o.sessions {
+                let crowd = if matches!(contender.name, "imapgate" | "baseline") && o.crowd > o.sessions {
                     Some(idle_cost(contender, &config, o.crowd, &mut sessions, before).await)
                 } else {
                     None
@@ -436,7 +450,18 @@ fn main() {
                     *crowd <= 12.0 && *crowd <= gate_cost * 1.1,
                 );
             }
+            if let Some((_, _, baseline_crowd)) = costs.iter().find(|c| c.0 == "baseline") {
+                let cost = cost("baseline").unwrap_or(f64::NAN);
+                let crowd = baseline_crowd.map_or(String::from("-"), |c| format!("{c:.2}"));
+                println!(
+                    "  baseline {}: {cost:.2} KiB/idle session ({}), {crowd} ({})",
+                    baseline_path.as_deref().unwrap_or(""),
+                    o.sessions,
+                    o.crowd
+                );
+            }
             println!("  (PSS growth of each proxy's processes with the sessions logged in, SELECTed and in IDLE)");
+            drop(baseline);
             drop(others);
             drop(gate);
             // Let Dovecot reap the sessions of the memory run before timing anything.

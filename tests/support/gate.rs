@@ -14,6 +14,10 @@ pub fn imapgate_binary() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("imapgate")
 }
 
+/// Not an environment variable: in `start_with_env`'s list it names the binary to run instead of this
+/// build's.
+pub const BINARY: &str = "=binary";
+
 pub struct Gate {
     child: Child,
     pub addr: SocketAddr,
@@ -56,7 +60,10 @@ impl Gate {
         .unwrap();
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut command = Command::new(imapgate_binary());
+        // A baseline build to compare with in the same run (the benchmark's IMAPGATE_BENCH_BASELINE).
+        let binary = env.iter().find(|(k, _)| *k == BINARY).map_or_else(imapgate_binary, |(_, v)| PathBuf::from(v));
+        let env: Vec<(&str, &str)> = env.iter().copied().filter(|(k, _)| *k != BINARY).collect();
+        let mut command = Command::new(binary);
         command.envs(env.iter().copied());
         // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
         if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
