@@ -64,7 +64,6 @@ pub struct RawTls {
 impl RawTls {
     /// Connects to `addr`, trusting `ca`, with ALPN `imap` and TLS 1.3's AES-128-GCM suite only.
     pub fn connect(addr: SocketAddr, ca: &Path) -> RawTls {
-        let base = super::client::tls_config(ca, &[b"imap"]);
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
@@ -72,7 +71,7 @@ impl RawTls {
             .unwrap()
             .with_root_certificates(roots_of(ca))
             .with_no_client_auth();
-        config.alpn_protocols = base.alpn_protocols.clone();
+        config.alpn_protocols = vec![b"imap".to_vec()];
         config.enable_secret_extraction = true;
         config.resumption = rustls::client::Resumption::disabled();
         let mut conn =
