@@ -2,7 +2,10 @@
 //! defaults, logins at a steady rate; one member is switched off (its address refuses connections, as a
 //! crashed server's would) and on again. Prints the time until its circuit opens, the logins that failed
 //! meanwhile and after (failover "none" and "next"), the time until it is used again, and the login
-//! latency an HTTP lookup adds with a cold and a warm cache. Run with `scripts/failover.sh`.
+//! latency an HTTP lookup adds with a cold and a warm cache. Then a member that hangs instead of dying (it
+//! accepts and never greets; it hangs after STARTTLS; its SYNs vanish): 200 users log in, 20 at a time,
+//! and the round prints how long the hung member's users and everyone else waited, and what they got.
+//! Run with `scripts/failover.sh` (`scripts/failover.sh hang` for the hung members only).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/support/mod.rs"]
@@ -14,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use support::client::TlsClient;
 use support::dovecot::Dovecot;
+use support::hung::{Hang, HungServer, Login, Outcome};
 use support::lookup::LookupService;
 use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
@@ -228,11 +232,76 @@ async fn lookup_latency(pki: &Pki, dir: &std::path::Path, members: &[u16]) {
     looked.stop().await;
 }
 
+/// Accounts of the hung-member rounds.
+const HANG_USERS: usize = 200;
+
+/// One round with a hung member m3 beside two real Dovecots: the shipped `[backend_tls]` and `[health]`
+/// settings, the harness's wide per-address `[defence]` (every client comes from 127.0.0.1).
+async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Hang, failover: &str) {
+    let hung = HungServer::start(hang).await;
+    let rest = format!(
+        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
+         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
+        backend("m1", members[0].imap_port),
+        backend("m2", members[1].imap_port),
+        backend("m3", hung.port)
+    );
+    let text =
+        config_text(pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+    let proxy = TestProxy::start(&text).await;
+    // Both real members proven up (the first checks), as in a running cluster whose member just hung.
+    for name in ["m1", "m2"] {
+        let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");
+        support::scrape_until(proxy.admin, &series, 1.0, Duration::from_secs(20)).await;
+    }
+    let users = support::hung::users(HANG_USERS);
+    let logins = support::hung::login_round(proxy.addr, &pki.ca, &users, 20, Duration::from_secs(20)).await;
+    let pool = imapgate::config::Pool {
+        name: "cluster".into(),
+        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
+        failover: imapgate::config::Failover::Next,
+    };
+    let names = ["m1", "m2", "m3"];
+    let on_hung = |l: &&Login| imapgate::route::pool::order(&pool, &l.user, |b| names[b])[0] == 2;
+    let (hung_users, others): (Vec<&Login>, Vec<&Login>) = logins.iter().partition(on_hung);
+    let count = |set: &[&Login], f: fn(&Outcome) -> bool| set.iter().filter(|l| f(&l.outcome)).count();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let q = support::hung::quantile;
+    println!(
+        "{:<22} {failover:<5} hung member's {:>3} users: {:>3} in, {:>3} NO, {:>3} client timeouts (20 s), {:>2} broken; \
+         p50 {:>7.0} ms p99 {:>7.0} ms max {:>7.0} ms | other {:>3} users: {:>3} in, p50 {:>5.0} ms p99 {:>5.0} ms",
+        hang.as_str(),
+        hung_users.len(),
+        count(&hung_users, |o| *o == Outcome::LoggedIn),
+        count(&hung_users, |o| matches!(o, Outcome::Refused(_))),
+        count(&hung_users, |o| *o == Outcome::ClientTimeout),
+        count(&hung_users, |o| matches!(o, Outcome::Broken(_))),
+        ms(q(&hung_users, 0.5)),
+        ms(q(&hung_users, 0.99)),
+        ms(q(&hung_users, 1.0)),
+        others.len(),
+        count(&others, |o| *o == Outcome::LoggedIn),
+        ms(q(&others, 0.5)),
+        ms(q(&others, 0.99)),
+    );
+    proxy.stop().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = support::scratch_dir("imapgate-failover-");
     let pki = Pki::generate(&dir);
-    let members: Vec<Dovecot> = (1..=3).map(|i| Dovecot::start(&format!("m{i}"), &pki, &[])).collect();
+    let hang_users = support::hung::users(HANG_USERS);
+    let members: Vec<Dovecot> = (1..=3).map(|i| Dovecot::start(&format!("m{i}"), &pki, &hang_users)).collect();
+    if std::env::args().nth(1).as_deref() == Some("hang") {
+        print_hang_header();
+        for hang in Hang::ALL {
+            for failover in ["next", "none"] {
+                hung_round(&pki, &members, hang, failover).await;
+            }
+        }
+        return;
+    }
     let mut switches = Vec::new();
     for d in &members {
         switches.push(Switch::start(d.imap_port).await);
@@ -243,4 +312,20 @@ async fn main() {
     run(&pki, &switches, "none").await;
     run(&pki, &switches, "next").await;
     lookup_latency(&pki, &dir, &members.iter().map(|d| d.imap_port).collect::<Vec<_>>()).await;
+    print_hang_header();
+    for hang in Hang::ALL {
+        for failover in ["next", "none"] {
+            hung_round(&pki, &members, hang, failover).await;
+        }
+    }
+}
+
+fn print_hang_header() {
+    println!(
+        "hung member: pool m1, m2 (Dovecot) and m3 (hung); {HANG_USERS} users log in, 20 at a time, each giving up"
+    );
+    println!(
+        "after 20 s; shipped [backend_tls] and [health]; [defence] wide per address: {:?}",
+        support::proxy::DEFAULT_TEST_DEFENCE
+    );
 }

@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{BackendMode, Config};
 use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
+use crate::net::outliers::Outliers;
 use crate::net::pool::Pool;
 use crate::net::proxy_protocol::{self, HeaderError};
 use crate::net::session::Mode;
@@ -83,6 +84,7 @@ struct Lasting {
     sessions: Arc<Registry>,
     signals: Arc<Signals>,
     pool: Arc<Pool>,
+    outliers: Arc<Outliers>,
 }
 
 impl Lasting {
@@ -96,13 +98,14 @@ impl Lasting {
             sessions: Arc::clone(&shared.sessions),
             signals: Arc::clone(&shared.signals),
             pool: Arc::clone(&shared.pool),
+            outliers: Arc::clone(&shared.outliers),
         }
     }
 }
 
 /// The parts of [`Shared`] that come from the configuration file, built around the long-lived parts.
 fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> {
-    let Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool } = lasting;
+    let Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool, outliers } = lasting;
     circuits.reconfigure(config.health.clone());
     let (server, expiries) = tls::server_config(&config.tls, &ticketer)?;
     // The names of the set now served (a reload may drop some).
@@ -134,6 +137,7 @@ fn build_shared(config: Config, lasting: Lasting) -> Result<Shared, StartError> 
         sessions,
         signals,
         pool,
+        outliers,
     })
 }
 
@@ -176,7 +180,8 @@ impl Prepared {
         let tokens = config.admin.token_file.as_deref().map(admin::auth::Tokens::load).transpose()?;
         let signals = Arc::new(Signals::default());
         let pool = Arc::new(Pool::default());
-        let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool };
+        let outliers = Arc::new(Outliers::default());
+        let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool, outliers };
         let shared = build_shared(config, lasting)?;
         Ok(Self { shared: Arc::new(shared), config_path: None, store, tokens })
     }
@@ -196,7 +201,8 @@ impl Prepared {
         let sessions = Registry::new(1);
         let signals = Arc::new(Signals::default());
         let pool = Arc::new(Pool::default());
-        let lasting = Lasting { defence, metrics, audit: None, circuits, ticketer, sessions, signals, pool };
+        let outliers = Arc::new(Outliers::default());
+        let lasting = Lasting { defence, metrics, audit: None, circuits, ticketer, sessions, signals, pool, outliers };
         build_shared(config, lasting).map(|_| ())
     }
 

@@ -448,6 +448,12 @@ struct RawBackendTls {
     allow_plaintext: bool,
     #[serde(default = "defaults::connect_timeout")]
     connect_timeout_secs: u64,
+    #[serde(default = "defaults::greeting_timeout")]
+    greeting_timeout_ms: u64,
+    #[serde(default = "defaults::tls_timeout")]
+    tls_timeout_ms: u64,
+    #[serde(default = "defaults::capability_timeout")]
+    capability_timeout_ms: u64,
     #[serde(default = "defaults::login_timeout")]
     login_timeout_secs: u64,
     #[serde(default)]
@@ -477,6 +483,9 @@ impl Default for RawBackendTls {
             ca: None,
             allow_plaintext: false,
             connect_timeout_secs: defaults::connect_timeout(),
+            greeting_timeout_ms: defaults::greeting_timeout(),
+            tls_timeout_ms: defaults::tls_timeout(),
+            capability_timeout_ms: defaults::capability_timeout(),
             send_proxy: SendProxy::Off,
             login_timeout_secs: defaults::login_timeout(),
             pool_size: defaults::pool_size(),
@@ -689,8 +698,21 @@ mod defaults {
     pub fn proxy_ttl() -> u32 {
         5
     }
+    // The backend login's step deadlines. A healthy Dovecot answers each short step in milliseconds (see
+    // `imapgate_backend_step_duration_seconds` and README "Backend health"); a deadline of about a second
+    // and a half tells a hung server from a busy one, and 2 s for the connect leaves room for one lost
+    // SYN (retransmitted after 1 s).
     pub fn connect_timeout() -> u64 {
-        5
+        2
+    }
+    pub fn greeting_timeout() -> u64 {
+        1500
+    }
+    pub fn tls_timeout() -> u64 {
+        1500
+    }
+    pub fn capability_timeout() -> u64 {
+        1500
     }
     pub fn login_timeout() -> u64 {
         30
@@ -784,7 +806,15 @@ pub struct TlsConfig {
 pub struct BackendTlsConfig {
     pub mode: BackendMode,
     pub ca: Option<PathBuf>,
+    /// TCP connect (and a PROXY header).
     pub connect_timeout: Duration,
+    /// From connected to the greeting.
+    pub greeting_timeout: Duration,
+    /// STARTTLS (its reply) and the TLS handshake.
+    pub tls_timeout: Duration,
+    /// CAPABILITY and `ID` after TLS; a pooled connection's `ID` reply.
+    pub capability_timeout: Duration,
+    /// The credentials step (authentication may take long).
     pub login_timeout: Duration,
     pub send_proxy: SendProxy,
     /// Ready connections kept per backend (greeted, STARTTLS and TLS done, capabilities known), so that a
@@ -945,6 +975,14 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         }
         Duration::from_secs(v)
     };
+    // A short step of the backend login: long enough for one round trip over a slow link, short enough
+    // that a hung server costs its users seconds, not the whole login deadline.
+    let step_ms = |key: &str, v: u64, errors: &mut Vec<ConfigError>| {
+        if !(100..=60_000).contains(&v) {
+            errors.push(err(key, "must be 100 to 60000 (milliseconds)"));
+        }
+        Duration::from_millis(v)
+    };
     let server = ServerConfig {
         listen,
         starttls_listen,
@@ -996,6 +1034,13 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         mode: raw.backend_tls.mode,
         ca: raw.backend_tls.ca.map(|p| resolve(base, p)),
         connect_timeout: secs("backend_tls.connect_timeout_secs", raw.backend_tls.connect_timeout_secs, &mut errors),
+        greeting_timeout: step_ms("backend_tls.greeting_timeout_ms", raw.backend_tls.greeting_timeout_ms, &mut errors),
+        tls_timeout: step_ms("backend_tls.tls_timeout_ms", raw.backend_tls.tls_timeout_ms, &mut errors),
+        capability_timeout: step_ms(
+            "backend_tls.capability_timeout_ms",
+            raw.backend_tls.capability_timeout_ms,
+            &mut errors,
+        ),
         login_timeout: secs("backend_tls.login_timeout_secs", raw.backend_tls.login_timeout_secs, &mut errors),
         send_proxy: raw.backend_tls.send_proxy,
         pool_size: raw.backend_tls.pool_size,

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::imap::backend_login::Step;
 use crate::imap::reply::Rejection;
 
 /// Which side a failure came from.
@@ -21,8 +22,11 @@ pub enum Side {
 pub enum Kind {
     /// The backend could not be reached (DNS, TCP connect).
     Connect,
-    /// A step took longer than its timeout.
-    Timeout,
+    /// A step of the backend login took longer than its deadline (`[backend_tls]`).
+    Timeout(Step),
+    /// Given up on while waiting at a backend that other attempts had just found hung (its circuit turned
+    /// suspect): not evidence of its own, so not counted again.
+    Ejected,
     /// The TLS handshake with the backend failed (untrusted chain, wrong name, ...).
     Tls,
     /// The backend did not offer STARTTLS, refused it, or sent bytes after its OK.
@@ -45,7 +49,14 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Connect => "connect",
-            Kind::Timeout => "timeout",
+            Kind::Timeout(step) => match step {
+                Step::Connect => "connect_timeout",
+                Step::Greeting => "greeting_timeout",
+                Step::Tls => "tls_timeout",
+                Step::Capabilities => "capability_timeout",
+                Step::Credentials => "login_timeout",
+            },
+            Kind::Ejected => "ejected",
             Kind::Tls => "tls",
             Kind::Starttls => "starttls",
             Kind::Protocol => "protocol",
@@ -102,7 +113,13 @@ impl Failure {
     /// protocol. Wrong credentials and temporary refusals come from a backend that works.
     pub fn counts_against_backend(&self) -> bool {
         self.side == Side::Backend
-            && matches!(self.kind, Kind::Connect | Kind::Timeout | Kind::Tls | Kind::Starttls | Kind::Protocol)
+            && matches!(self.kind, Kind::Connect | Kind::Timeout(_) | Kind::Tls | Kind::Starttls | Kind::Protocol)
+    }
+
+    /// A sign that the backend hangs: a step a healthy server answers at once did not end in time. Such
+    /// timeouts count together with the other attempts stuck at the same backend (`route::health`).
+    pub fn is_hang(&self) -> bool {
+        self.side == Side::Backend && matches!(self.kind, Kind::Timeout(step) if step.is_short())
     }
 
     /// The `result` label of `imapgate_auth_attempts_total` and of the audit log.
@@ -149,6 +166,14 @@ mod tests {
             (auth.result(), auth.audit_event(), auth.reason().as_str()),
             ("bad_credentials", "auth_failure", "client/auth_failed")
         );
+        let hung = Failure::backend(Kind::Timeout(Step::Greeting), "x");
+        assert!(hung.is_hang() && hung.counts_against_backend());
+        assert_eq!((hung.rejection(), hung.reason().as_str()), (Rejection::UNAVAILABLE, "backend/greeting_timeout"));
+        let slow_auth = Failure::backend(Kind::Timeout(Step::Credentials), "x");
+        assert!(!slow_auth.is_hang() && slow_auth.counts_against_backend());
+        let ejected = Failure::backend(Kind::Ejected, "x");
+        assert!(!ejected.is_hang() && !ejected.counts_against_backend() && !ejected.is_auth_failure());
+        assert_eq!(ejected.result(), "backend_error");
         let tls = Failure::backend(Kind::Tls, "x");
         assert_eq!(
             (tls.result(), tls.audit_event(), tls.reason().as_str()),

@@ -26,6 +26,42 @@ pub enum Security {
     Plain,
 }
 
+/// A step of a backend login, each with its own deadline (`[backend_tls]`): every step but the credentials
+/// is one round trip that a healthy server answers at once, so a short deadline there tells a hung server
+/// from a slow authentication. [`BackendLogin::step`] names the machine's; the caller adds the connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// TCP connect (and a PROXY header).
+    Connect,
+    /// Waiting for the greeting.
+    Greeting,
+    /// STARTTLS (its capabilities and reply) and the TLS handshake; for implicit TLS, the handshake.
+    Tls,
+    /// CAPABILITY and `ID` after TLS; on a pooled connection, the `ID` reply that precedes the login's.
+    Capabilities,
+    /// The credentials (authentication backends, LDAP: the one step that may take long).
+    Credentials,
+}
+
+impl Step {
+    pub const ALL: [Step; 5] = [Step::Connect, Step::Greeting, Step::Tls, Step::Capabilities, Step::Credentials];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Connect => "connect",
+            Step::Greeting => "greeting",
+            Step::Tls => "tls",
+            Step::Capabilities => "capability",
+            Step::Credentials => "credentials",
+        }
+    }
+
+    /// Whether a healthy server answers the step at once (all but the credentials).
+    pub fn is_short(self) -> bool {
+        self != Step::Credentials
+    }
+}
+
 /// What the machine is for.
 pub enum Goal {
     /// Log in with these credentials, sending this `ID` command (tag `I`) with the capabilities. With
@@ -214,6 +250,20 @@ impl BackendLogin {
         machine
     }
 
+    /// The step the machine waits in (what its next read or write belongs to).
+    pub fn step(&self) -> Step {
+        match self.state {
+            State::Greeting => Step::Greeting,
+            State::PreTlsCapabilities | State::StartTlsReply | State::AwaitTls => Step::Tls,
+            State::Capabilities | State::IdReply => Step::Capabilities,
+            State::PlainContinuation
+            | State::LoginPieces
+            | State::LoginReply
+            | State::FinalCapabilities
+            | State::Finished => Step::Credentials,
+        }
+    }
+
     /// Bytes read from the backend.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.framer.push(bytes);
@@ -248,7 +298,7 @@ impl BackendLogin {
                 },
                 Some(Err(e)) => Err(error(ErrorKind::Protocol, format!("backend response: {e}"))),
             };
-            if let Err(e) = response.and_then(|r| self.step(r)) {
+            if let Err(e) = response.and_then(|r| self.advance(r)) {
                 self.fail(e);
             }
         }
@@ -278,7 +328,7 @@ impl BackendLogin {
         self.state = State::Capabilities;
     }
 
-    fn step(&mut self, response: Response) -> Result<(), LoginError> {
+    fn advance(&mut self, response: Response) -> Result<(), LoginError> {
         match self.state {
             State::Greeting => self.greeting(response),
             State::PreTlsCapabilities => {
@@ -922,5 +972,31 @@ mod tests {
             Want::Failed(e) => assert!(e.detail.contains("injection"), "{e:?}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn steps_follow_the_conversation() {
+        let mut m = BackendLogin::new(Security::StartTls, Goal::Check);
+        assert_eq!(m.step(), Step::Greeting);
+        assert!(matches!(m.next_want(), Want::Read));
+        m.feed(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n");
+        assert!(matches!(m.next_want(), Want::Send(_)));
+        assert_eq!(m.step(), Step::Tls, "STARTTLS sent");
+        m.feed(b"S OK go\r\n");
+        assert!(matches!(m.next_want(), Want::StartTls));
+        assert_eq!(m.step(), Step::Tls, "the handshake");
+        m.tls_established();
+        assert!(matches!(m.next_want(), Want::Send(_)));
+        assert_eq!(m.step(), Step::Capabilities);
+        // A pooled login waits for its ID reply under the short deadline, then for the credentials.
+        let goal =
+            Goal::Login { credentials: credentials("u@example.org", "pw"), id: b"I ID NIL\r\n".to_vec(), oauth: None };
+        let mut pooled = BackendLogin::resume(Security::StartTls, vec!["SASL-IR".into(), "AUTH=PLAIN".into()], goal);
+        while let Want::Send(_) = pooled.next_want() {}
+        assert_eq!(pooled.step(), Step::Capabilities);
+        pooled.feed(b"I OK ID done\r\n");
+        assert!(matches!(pooled.next_want(), Want::Read));
+        assert_eq!(pooled.step(), Step::Credentials);
+        assert!(Step::ALL.iter().filter(|s| s.is_short()).count() == 4);
     }
 }

@@ -1,8 +1,9 @@
 //! Sockets: the PROXY protocol header, TLS (`tls`: configurations, certificates, the stream over rustls), one task per client connection,
-//! the backend leg, its health checks, the relay, and what sessions report to the mailbox signals. Knows sockets, not IMAP grammar (that lives in `imap`).
+//! the backend leg (with the attempts waiting at each backend), its health checks, the relay, and what sessions report to the mailbox signals. Knows sockets, not IMAP grammar (that lives in `imap`).
 
 pub mod health;
 pub mod lookup;
+pub mod outliers;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod relay;

@@ -3,7 +3,9 @@
 //! (`upstream::prepare`), so that a login sends its `ID` and credentials at once and waits one round trip.
 //! A background task refills the pool (one preparation at a time per backend, only while the backend's
 //! circuit is closed) and closes connections older than `pool_max_age` (before the backend's own pre-login
-//! timeout); a login never waits for it: an empty pool means a new connection, as without one. Off with
+//! timeout); a login never waits for it: an empty pool means a new connection, as without one. A login
+//! takes a ready connection only while the backend's circuit is closed, and a circuit that turns suspect or
+//! opens closes the backend's ready connections (`forget`). Off with
 //! `pool_size = 0` and with `send_proxy` (a PROXY header must name the client, which a connection made in
 //! advance cannot).
 
@@ -63,6 +65,11 @@ impl Pool {
         };
         self.wake.notify_one();
         taken.map(|e| e.ready)
+    }
+
+    /// Closes `backend`'s ready connections (its circuit turned suspect or opened: they may be as hung as it).
+    pub fn forget(&self, backend: &Backend) {
+        self.lock().remove(&key(backend));
     }
 
     /// Ready connections per backend name now.

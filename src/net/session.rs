@@ -752,7 +752,10 @@ async fn login_at(
     let config = &shared.config;
     let started = Instant::now();
     // A pooled connection for configured backends (a lookup's ad-hoc server has none).
-    let ready = (tracked && crate::net::pool::enabled(shared))
+    // Never from a backend whose circuit is not closed (suspect, or half-open on this very probe).
+    let ready = (tracked
+        && crate::net::pool::enabled(shared)
+        && shared.circuits.state(backend) == crate::route::health::State::Closed)
         .then(|| shared.pool.take(backend, config.backend_tls.pool_max_age))
         .flatten();
     let connection = if ready.is_some() { "pooled" } else { "new" };
@@ -761,7 +764,10 @@ async fn login_at(
     }
     let result = upstream::login(
         LoginContext {
-            leg: upstream::Leg::new(backend, shared).for_client(peer, local),
+            leg: {
+                let leg = upstream::Leg::new(backend, shared).for_client(peer, local);
+                if tracked { leg } else { leg.untracked() }
+            },
             credentials,
             oauth,
             id_fields: vec![
@@ -781,25 +787,17 @@ async fn login_at(
     let name = backend.name.as_str();
     metrics.backend_connect_seconds.with_label_values(&[name]).observe(started.elapsed().as_secs_f64());
     let now = std::time::Instant::now();
+    if tracked {
+        crate::net::health::outcome(shared, backend, result.as_ref().map(|_| ()), now);
+    }
     match result {
         Ok(upstream) => {
-            if tracked {
-                crate::net::health::record(shared, shared.circuits.success(backend, now));
-            }
             tracing::info!(user = %request.credentials.username, backend = name, mechanism = request.mechanism.as_str(), "login");
             Ok(upstream)
         }
         Err(failure) => {
             if failure.side == Side::Backend {
                 metrics.backend_errors.with_label_values(&[name, failure.kind.as_str()]).inc();
-            }
-            if tracked {
-                let transition = if failure.counts_against_backend() {
-                    shared.circuits.failure(backend, now)
-                } else {
-                    shared.circuits.success(backend, now)
-                };
-                crate::net::health::record(shared, transition);
             }
             Err(Failure { detail: format!("{} (backend {name})", failure.detail), ..failure })
         }

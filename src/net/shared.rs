@@ -32,6 +32,8 @@ pub struct Shared {
     pub signals: Arc<crate::signals::Signals>,
     /// Ready backend connections; kept across reloads.
     pub pool: Arc<crate::net::pool::Pool>,
+    /// The attempts waiting at each backend (evidence of a hang); kept across reloads.
+    pub outliers: Arc<crate::net::outliers::Outliers>,
 }
 
 impl Shared {

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub tarpit_seconds: Histogram,
     pub backend_connect_seconds: HistogramVec,
     pub backend_errors: IntCounterVec,
+    pub backend_step_seconds: HistogramVec,
     pub backend_up: IntGaugeVec,
     pub backend_sessions: IntGaugeVec,
     pub commands: IntCounterVec,
@@ -110,9 +111,25 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("preauth", "internal_error"),
     ("relay", "internal_error"),
 ];
-const BACKEND_ERRORS: &[&str] = &["connect", "timeout", "tls", "starttls", "protocol", "tempfail", "circuit_open"];
+/// `imapgate_backend_errors_total`'s kinds (`failure::Kind::as_str`): each step's deadline has its own.
+const BACKEND_ERRORS: &[&str] = &[
+    "connect",
+    "connect_timeout",
+    "greeting_timeout",
+    "tls_timeout",
+    "capability_timeout",
+    "login_timeout",
+    "ejected",
+    "tls",
+    "starttls",
+    "protocol",
+    "tempfail",
+    "circuit_open",
+];
 /// Circuit states (see `route::health::State`).
-pub const CIRCUIT_STATES: &[&str] = &["closed", "open", "half_open"];
+pub const CIRCUIT_STATES: &[&str] = &["closed", "suspect", "open", "half_open"];
+/// Steps of a backend login (`imap::backend_login::Step::as_str`).
+const BACKEND_STEPS: &[&str] = &["connect", "greeting", "tls", "capability", "credentials"];
 /// `imapgate_tls_handshakes_total`'s labels: which connection, and whether a ticket spared the certificate.
 const TLS_LEGS: &[&str] = &["client", "backend"];
 const HANDSHAKE_KINDS: &[&str] = &["full", "resumed"];
@@ -241,6 +258,13 @@ impl Metrics {
                 "imapgate_backend_errors_total",
                 "Backend failures by backend and kind.",
                 &["backend", "kind"],
+            ),
+            backend_step_seconds: histogram_vec(
+                &r,
+                "imapgate_backend_step_duration_seconds",
+                "How long each step of a backend login or check took, when it ended in time (the data behind the step deadlines).",
+                &["backend", "step"],
+                LATENCY,
             ),
             backend_up: gauge_vec(
                 &r,
@@ -451,11 +475,14 @@ impl Metrics {
             for state in CIRCUIT_STATES {
                 m.circuit_transitions.with_label_values(&[backend.as_str(), state]).inc_by(0);
             }
-            for result in ["success", "failure"] {
+            for result in ["success", "failure", "abandoned"] {
                 m.health_checks.with_label_values(&[backend.as_str(), result]).inc_by(0);
             }
             for kind in BACKEND_ERRORS {
                 m.backend_errors.with_label_values(&[backend.as_str(), kind]).inc_by(0);
+            }
+            for step in BACKEND_STEPS {
+                let _ = m.backend_step_seconds.with_label_values(&[backend.as_str(), step]);
             }
         }
         m
@@ -503,7 +530,7 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
         // state store's errors once one fails.
-        assert_eq!(families, 38, "{text}");
+        assert_eq!(families, 39, "{text}");
         assert!(text.contains("imapgate_tls_handshakes_total{kind=\"resumed\",leg=\"backend\"} 0"), "{text}");
     }
 }

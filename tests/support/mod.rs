@@ -8,6 +8,7 @@ pub mod client;
 pub mod dovecot;
 pub mod gate;
 pub mod haproxy;
+pub mod hung;
 pub mod lookup;
 pub mod nginx;
 pub mod pki;
