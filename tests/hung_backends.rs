@@ -1,0 +1,142 @@
+//! A pool of two real Dovecots and a member that hangs (scripted: `support::hung`): its users fail over
+//! (or get `NO [UNAVAILABLE]`) within seconds, not after the login deadline, and the others never notice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use support::dovecot::Dovecot;
+use support::hung::{Hang, HungServer, Login, Outcome};
+use support::pki::Pki;
+use support::proxy::{TestProxy, backend, config_text};
+
+const USERS: usize = 200;
+
+struct Cluster {
+    pki: Pki,
+    members: Vec<Dovecot>,
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let pki = Pki::generate(&support::scratch_dir("imapgate-hung-"));
+        let users = support::hung::users(USERS);
+        let members = (1..=2).map(|i| Dovecot::start(&format!("m{i}"), &pki, &users)).collect();
+        Cluster { pki, members }
+    })
+}
+
+/// One round at a time: the rounds measure latency.
+static ROUNDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn round(hang: Hang, failover: &str) -> (Vec<Login>, Vec<Login>, TestProxy) {
+    let c = cluster();
+    let hung = HungServer::start(hang).await;
+    let rest = format!(
+        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
+         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
+        backend("m1", c.members[0].imap_port),
+        backend("m2", c.members[1].imap_port),
+        backend("m3", hung.port)
+    );
+    // The shipped [backend_tls] deadlines and [health].
+    let text =
+        config_text(&c.pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+    let proxy = TestProxy::start(&text).await;
+    for name in ["m1", "m2"] {
+        let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");
+        support::scrape_until(proxy.admin, &series, 1.0, Duration::from_secs(20)).await;
+    }
+    let users = support::hung::users(USERS);
+    let logins = support::hung::login_round(proxy.addr, &c.pki.ca, &users, 20, Duration::from_secs(20)).await;
+    let pool = imapgate::config::Pool {
+        name: "cluster".into(),
+        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
+        failover: imapgate::config::Failover::Next,
+    };
+    let names = ["m1", "m2", "m3"];
+    let (on_hung, others) =
+        logins.into_iter().partition(|l| imapgate::route::pool::order(&pool, &l.user, |b| names[b])[0] == 2);
+    drop(hung);
+    (on_hung, others, proxy)
+}
+
+async fn fails_over_within_three_seconds(hang: Hang) {
+    let _one = ROUNDS.lock().await;
+    let (on_hung, others, proxy) = round(hang, "next").await;
+    assert!(!on_hung.is_empty());
+    for login in on_hung.iter().chain(&others) {
+        assert_eq!(login.outcome, Outcome::LoggedIn, "{hang:?}: {login:?}");
+        assert!(login.took < Duration::from_secs(3), "{hang:?}: {login:?}");
+    }
+    let c = cluster();
+    let pool = imapgate::config::Pool {
+        name: "cluster".into(),
+        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
+        failover: imapgate::config::Failover::Next,
+    };
+    let names = ["m1", "m2", "m3"];
+    for login in &on_hung {
+        let next = imapgate::route::pool::order(&pool, &login.user, |b| names[b])[1];
+        assert!(c.members[next].logins_of(&login.user) >= 1, "{hang:?}: {} not on its next member", login.user);
+    }
+    let text = support::admin_get(proxy.admin, "/metrics").await.1;
+    assert!(
+        support::sample(&text, "imapgate_circuit_transitions_total{backend=\"m3\",state=\"suspect\"}") >= 1.0,
+        "{text}"
+    );
+    proxy.stop().await;
+}
+
+async fn answers_unavailable_within_three_seconds(hang: Hang) {
+    let _one = ROUNDS.lock().await;
+    let (on_hung, others, proxy) = round(hang, "none").await;
+    for login in &on_hung {
+        assert!(
+            matches!(&login.outcome, Outcome::Refused(line) if line.contains("[UNAVAILABLE]")),
+            "{hang:?}: {login:?}"
+        );
+        assert!(login.took < Duration::from_secs(3), "{hang:?}: {login:?}");
+    }
+    for login in &others {
+        assert_eq!(login.outcome, Outcome::LoggedIn, "{hang:?}: {login:?}");
+    }
+    // Backend faults are not the client's: nothing counted against its address.
+    let (_, standing, banned) = proxy.defence.standing("127.0.0.1".parse().unwrap());
+    assert!(standing.as_ref().is_none_or(|s| s.failures == 0.0), "{standing:?}");
+    assert!(banned.is_none());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_member_next() {
+    fails_over_within_three_seconds(Hang::Silent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_hung_after_starttls_next() {
+    fails_over_within_three_seconds(Hang::AfterStarttls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syn_blackhole_next() {
+    fails_over_within_three_seconds(Hang::Blackhole).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_member_none() {
+    answers_unavailable_within_three_seconds(Hang::Silent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_hung_after_starttls_none() {
+    answers_unavailable_within_three_seconds(Hang::AfterStarttls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syn_blackhole_none() {
+    answers_unavailable_within_three_seconds(Hang::Blackhole).await;
+}
