@@ -256,13 +256,7 @@ async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Hang, failover: &str) 
     }
     let users = support::hung::users(HANG_USERS);
     let logins = support::hung::login_round(proxy.addr, &pki.ca, &users, 20, Duration::from_secs(20)).await;
-    let pool = imapgate::config::Pool {
-        name: "cluster".into(),
-        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
-        failover: imapgate::config::Failover::Next,
-    };
-    let names = ["m1", "m2", "m3"];
-    let on_hung = |l: &&Login| imapgate::route::pool::order(&pool, &l.user, |b| names[b])[0] == 2;
+    let on_hung = |l: &&Login| support::hung::order_of(&l.user)[0] == 2;
     let (hung_users, others): (Vec<&Login>, Vec<&Login>) = logins.iter().partition(on_hung);
     let count = |set: &[&Login], f: fn(&Outcome) -> bool| set.iter().filter(|l| f(&l.outcome)).count();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

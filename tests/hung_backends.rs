@@ -52,14 +52,7 @@ async fn round(hang: Hang, failover: &str) -> (Vec<Login>, Vec<Login>, TestProxy
     }
     let users = support::hung::users(USERS);
     let logins = support::hung::login_round(proxy.addr, &c.pki.ca, &users, 20, Duration::from_secs(20)).await;
-    let pool = imapgate::config::Pool {
-        name: "cluster".into(),
-        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
-        failover: imapgate::config::Failover::Next,
-    };
-    let names = ["m1", "m2", "m3"];
-    let (on_hung, others) =
-        logins.into_iter().partition(|l| imapgate::route::pool::order(&pool, &l.user, |b| names[b])[0] == 2);
+    let (on_hung, others) = logins.into_iter().partition(|l| support::hung::order_of(&l.user)[0] == 2);
     drop(hung);
     (on_hung, others, proxy)
 }
@@ -73,14 +66,8 @@ async fn fails_over_within_three_seconds(hang: Hang) {
         assert!(login.took < Duration::from_secs(3), "{hang:?}: {login:?}");
     }
     let c = cluster();
-    let pool = imapgate::config::Pool {
-        name: "cluster".into(),
-        members: (0..3).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
-        failover: imapgate::config::Failover::Next,
-    };
-    let names = ["m1", "m2", "m3"];
     for login in &on_hung {
-        let next = imapgate::route::pool::order(&pool, &login.user, |b| names[b])[1];
+        let next = support::hung::order_of(&login.user)[1];
         assert!(c.members[next].logins_of(&login.user) >= 1, "{hang:?}: {} not on its next member", login.user);
     }
     let text = support::admin_get(proxy.admin, "/metrics").await.1;

@@ -14,11 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 use crate::config::Backend;
-
-/// Which backend: name and address (as its circuit).
-fn key(backend: &Backend) -> String {
-    format!("{}\0{}:{}", backend.name, backend.host, backend.port)
-}
+use crate::route::health::key;
 
 /// One attempt's short step: when it began and its deadline; `None` in the credentials step (which may
 /// take long without the backend being hung).
@@ -86,7 +82,8 @@ impl Outliers {
     }
 
     /// Attempts in flight now (all backends).
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.lock().values().map(|m| m.attempts.len()).sum()
     }
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Backend, HealthConfig};
 
-/// The circuit's key: name and address.
-fn key(backend: &Backend) -> String {
+/// The circuit's key: name and address (also the key of `net::outliers`' waiting attempts).
+pub fn key(backend: &Backend) -> String {
     format!("{}\0{}:{}", backend.name, backend.host, backend.port)
 }
 

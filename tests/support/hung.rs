@@ -200,3 +200,16 @@ pub fn quantile(logins: &[&Login], p: f64) -> Duration {
     took.sort();
     took[((took.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// The rounds' pool: m1, m2 and m3 (the hung one, index 2), one weight each.
+pub const MEMBERS: [&str; 3] = ["m1", "m2", "m3"];
+
+/// `user`'s members of that pool, best first (the proxy's own rendezvous order).
+pub fn order_of(user: &str) -> Vec<usize> {
+    let pool = imapgate::config::Pool {
+        name: "cluster".into(),
+        members: (0..MEMBERS.len()).map(|backend| imapgate::config::Member { backend, weight: 1 }).collect(),
+        failover: imapgate::config::Failover::Next,
+    };
+    imapgate::route::pool::order(&pool, user, |b| MEMBERS[b])
+}
