@@ -237,20 +237,26 @@ const HANG_USERS: usize = 200;
 
 /// One round with a hung member m3 beside two real Dovecots: the shipped `[backend_tls]` and `[health]`
 /// settings, the harness's wide per-address `[defence]` (every client comes from 127.0.0.1).
-async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Hang, failover: &str) {
-    let hung = HungServer::start(hang).await;
+/// `hang` None: the baseline, m3 is the third real Dovecot. Returns the other members' users' p99.
+async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Option<Hang>, failover: &str) -> Duration {
+    let hung = match hang {
+        Some(hang) => Some(HungServer::start(hang).await),
+        None => None,
+    };
+    let m3 = hung.as_ref().map_or(members[2].imap_port, |h| h.port);
     let rest = format!(
         "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
          members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
         backend("m1", members[0].imap_port),
         backend("m2", members[1].imap_port),
-        backend("m3", hung.port)
+        backend("m3", m3)
     );
     let text =
         config_text(pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
     let proxy = TestProxy::start(&text).await;
     // Both real members proven up (the first checks), as in a running cluster whose member just hung.
-    for name in ["m1", "m2"] {
+    let real: &[&str] = if hang.is_some() { &["m1", "m2"] } else { &support::hung::MEMBERS };
+    for name in real {
         let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");
         support::scrape_until(proxy.admin, &series, 1.0, Duration::from_secs(20)).await;
     }
@@ -264,7 +270,7 @@ async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Hang, failover: &str) 
     println!(
         "{:<22} {failover:<5} hung member's {:>3} users: {:>3} in, {:>3} NO, {:>3} client timeouts (20 s), {:>2} broken; \
          p50 {:>7.0} ms p99 {:>7.0} ms max {:>7.0} ms | other {:>3} users: {:>3} in, p50 {:>5.0} ms p99 {:>5.0} ms",
-        hang.as_str(),
+        hang.map_or("none hung (baseline)", Hang::as_str),
         hung_users.len(),
         count(&hung_users, |o| *o == Outcome::LoggedIn),
         count(&hung_users, |o| matches!(o, Outcome::Refused(_))),
@@ -278,7 +284,49 @@ async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Hang, failover: &str) 
         ms(q(&others, 0.5)),
         ms(q(&others, 0.99)),
     );
+    if hang.is_none() {
+        print_steps(&support::admin_get(proxy.admin, "/metrics").await.1);
+    }
     proxy.stop().await;
+    q(&others, 0.99)
+}
+
+/// Each login step's durations against the real Dovecots (all members, logins and checks), from
+/// `imapgate_backend_step_duration_seconds`: the evidence for the step deadlines' defaults.
+fn print_steps(exposition: &str) {
+    let family = "imapgate_backend_step_duration_seconds";
+    for step in ["connect", "greeting", "tls", "capability", "credentials"] {
+        // le -> cumulative count, summed over the backends.
+        let mut buckets: std::collections::BTreeMap<u64, f64> = std::collections::BTreeMap::new();
+        let (mut sum, mut count) = (0.0, 0.0);
+        for line in exposition.lines() {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            if !series.contains(&format!("step=\"{step}\"")) {
+                continue;
+            }
+            if series.starts_with(&format!("{family}_bucket{{")) {
+                let le = series.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
+                let le = if le == "+Inf" { u64::MAX } else { (le.parse::<f64>().unwrap_or(0.0) * 1e6) as u64 };
+                *buckets.entry(le).or_default() += value;
+            } else if series.starts_with(&format!("{family}_sum{{")) {
+                sum += value;
+            } else if series.starts_with(&format!("{family}_count{{")) {
+                count += value;
+            }
+        }
+        let within = |share: f64| {
+            buckets.iter().find(|(_, n)| **n >= share * count).map_or("?".to_owned(), |(le, _)| {
+                if *le == u64::MAX { "+Inf".to_owned() } else { format!("{} ms", *le as f64 / 1000.0) }
+            })
+        };
+        println!(
+            "  step {step:<11} {count:>5.0} times, mean {:>7.2} ms, 99% within {:>9}, all within {:>9}",
+            if count > 0.0 { sum / count * 1000.0 } else { 0.0 },
+            within(0.99),
+            within(1.0),
+        );
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -288,12 +336,7 @@ async fn main() {
     let hang_users = support::hung::users(HANG_USERS);
     let members: Vec<Dovecot> = (1..=3).map(|i| Dovecot::start(&format!("m{i}"), &pki, &hang_users)).collect();
     if std::env::args().nth(1).as_deref() == Some("hang") {
-        print_hang_header();
-        for hang in Hang::ALL {
-            for failover in ["next", "none"] {
-                hung_round(&pki, &members, hang, failover).await;
-            }
-        }
+        hang_rounds(&pki, &members).await;
         return;
     }
     let mut switches = Vec::new();
@@ -306,10 +349,23 @@ async fn main() {
     run(&pki, &switches, "none").await;
     run(&pki, &switches, "next").await;
     lookup_latency(&pki, &dir, &members.iter().map(|d| d.imap_port).collect::<Vec<_>>()).await;
+    hang_rounds(&pki, &members).await;
+}
+
+/// The baseline round (three real members), then each kind of hang with each failover setting; the other
+/// members' users' p99 beside the baseline's.
+async fn hang_rounds(pki: &Pki, members: &[Dovecot]) {
     print_hang_header();
+    let baseline = hung_round(pki, members, None, "next").await;
     for hang in Hang::ALL {
         for failover in ["next", "none"] {
-            hung_round(&pki, &members, hang, failover).await;
+            let p99 = hung_round(pki, members, Some(hang), failover).await;
+            println!(
+                "  other users' p99 {:.0} ms against the baseline's {:.0} ms ({:+.0} ms)",
+                p99.as_secs_f64() * 1000.0,
+                baseline.as_secs_f64() * 1000.0,
+                (p99.as_secs_f64() - baseline.as_secs_f64()) * 1000.0
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use support::dovecot::Dovecot;
+use support::faulty::{Fault, FaultyServer};
 use support::hung::{Hang, HungServer, Login, Outcome};
 use support::pki::Pki;
 use support::proxy::{TestProxy, backend, config_text};
@@ -126,4 +127,65 @@ async fn member_hung_after_starttls_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syn_blackhole_none() {
     answers_unavailable_within_three_seconds(Hang::Blackhole).await;
+}
+
+/// A member that hangs under the proxy's ready connections: the pooled login's ID gets no answer. The
+/// login gives up after the capability step's deadline and fails over, and is not retried on another
+/// ready connection or a new one there (that would be a second wait); the member's other ready
+/// connections are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_of_a_frozen_member() {
+    let _one = ROUNDS.lock().await;
+    let c = cluster();
+    // m3 relays to the second Dovecot until frozen.
+    let member = FaultyServer::start(c.members[1].imap_port).await;
+    let rest = format!(
+        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"next\"\n\
+         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
+        backend("m1", c.members[0].imap_port),
+        backend("m2", c.members[1].imap_port),
+        backend("m3", member.port)
+    );
+    let text =
+        config_text(&c.pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+    let proxy = TestProxy::start(&text).await;
+    for name in support::hung::MEMBERS {
+        let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");
+        support::scrape_until(proxy.admin, &series, 1.0, Duration::from_secs(20)).await;
+    }
+    let ready = "imapgate_backend_pool_ready{backend=\"m3\"}";
+    let text = support::scrape_until(proxy.admin, ready, 1.0, Duration::from_secs(20)).await;
+    assert!(support::sample(&text, ready) >= 1.0, "m3's pool never filled\n{text}");
+
+    member.set(Fault::Freeze);
+    let users = support::hung::users(USERS);
+    let (user, password) = users.iter().find(|(u, _)| support::hung::order_of(u)[0] == 2).unwrap();
+    let logins = support::hung::login_round(
+        proxy.addr,
+        &c.pki.ca,
+        &[(user.clone(), password.clone())],
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    let login = &logins[0];
+    assert_eq!(login.outcome, Outcome::LoggedIn, "{login:?}");
+    assert!(login.took < Duration::from_secs(3), "{login:?}");
+    let next = support::hung::order_of(user)[1];
+    assert!(c.members[next].logins_of(user) >= 1, "{user} not on its next member");
+
+    let text = support::admin_get(proxy.admin, "/metrics").await.1;
+    let m3 = |series: &str| support::sample(&text, &format!("{series}{{backend=\"m3\"{}", "}"));
+    assert_eq!(
+        support::sample(&text, "imapgate_backend_pool_logins_total{backend=\"m3\",connection=\"pooled\"}"),
+        1.0,
+        "{text}"
+    );
+    let errors = |kind: &str| {
+        support::sample(&text, &format!("imapgate_backend_errors_total{{backend=\"m3\",kind=\"{kind}\"}}"))
+    };
+    assert_eq!(errors("capability_timeout"), 1.0, "{text}");
+    assert_eq!(errors("greeting_timeout"), 0.0, "retried on a new connection\n{text}");
+    assert_eq!(m3("imapgate_backend_pool_ready"), 0.0, "the frozen member's ready connections were kept\n{text}");
+    proxy.stop().await;
 }

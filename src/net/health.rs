@@ -53,6 +53,10 @@ pub fn outcome(shared: &Shared, backend: &Backend, result: Result<(), &Failure>,
         Err(failure) if failure.kind == Kind::Ejected => return,
         Err(failure) if failure.counts_against_backend() => {
             let stuck = if failure.is_hang() { shared.outliers.stuck(backend, now) } else { 0 };
+            if failure.is_hang() {
+                // Ready connections made before the hang would most likely hang as well.
+                shared.pool.forget(backend);
+            }
             let transition = shared.circuits.failure(backend, now, stuck);
             if let Some(t) = &transition {
                 if matches!(t.to, State::Suspect | State::Open) {

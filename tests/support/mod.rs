@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod client;
 pub mod dovecot;
+pub mod faulty;
 pub mod gate;
 pub mod haproxy;
 pub mod hung;
