@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{BackendMode, Config};
 use crate::fleet::{RedisSetup, RedisStore};
 use crate::lifecycle::Phase;
+use crate::net::inherit::{self, Inherited, Role};
 use crate::net::outliers::Outliers;
 use crate::net::pool::Pool;
 use crate::net::proxy_protocol::{self, HeaderError};
@@ -154,6 +155,16 @@ pub struct Prepared {
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
     tokens: Option<admin::auth::Tokens>,
+    inherited: Inherited,
+    upgrade: Option<Upgrade>,
+}
+
+/// How this process starts its successor on SIGUSR2: the binary's path (as it was when this one started:
+/// a package upgrade puts the new binary there) and the arguments it was started with.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    pub exe: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl Prepared {
@@ -183,7 +194,14 @@ impl Prepared {
         let outliers = Arc::new(Outliers::default());
         let lasting = Lasting { defence, metrics, audit, circuits, ticketer, sessions, signals, pool, outliers };
         let shared = build_shared(config, lasting)?;
-        Ok(Self { shared: Arc::new(shared), config_path: None, store, tokens })
+        Ok(Self {
+            shared: Arc::new(shared),
+            config_path: None,
+            store,
+            tokens,
+            inherited: Inherited::none(),
+            upgrade: None,
+        })
     }
 
     /// Everything `new` checks (certificates, keys, routes, the lookup URL) without opening the audit
@@ -212,25 +230,49 @@ impl Prepared {
         self
     }
 
-    /// Binds every configured listener and the admin server.
-    pub async fn bind(self) -> std::io::Result<Proxy> {
+    /// Listening sockets handed to this process (systemd's socket activation, or the imapgate it
+    /// replaces): listeners they match use them instead of binding.
+    pub fn with_inherited(mut self, inherited: Inherited) -> Self {
+        self.inherited = inherited;
+        self
+    }
+
+    /// SIGUSR2 upgrades in place (starts `upgrade.exe` with the listeners, then leaves slowly) and SIGQUIT
+    /// leaves slowly; for the binary, not for a proxy embedded in another process.
+    pub fn with_upgrade(mut self, upgrade: Upgrade) -> Self {
+        self.upgrade = Some(upgrade);
+        self
+    }
+
+    /// Binds every configured listener and the admin server (or takes the inherited socket for it).
+    pub async fn bind(mut self) -> std::io::Result<Proxy> {
+        let mut inherited = std::mem::replace(&mut self.inherited, Inherited::none());
         let admin_addr = self.shared.config.admin.listen;
-        let admin = TcpListener::bind(admin_addr)
-            .await
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind admin {admin_addr}: {e}")))?;
+        let admin = match inherited.take(Role::Admin, 0, admin_addr) {
+            Some(listener) => TcpListener::from_std(listener)?,
+            None => TcpListener::bind(admin_addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("bind admin {admin_addr}: {e}")))?,
+        };
         let mut listeners = Vec::new();
         let server = &self.shared.config.server;
         let addresses = server
             .listen
             .iter()
-            .map(|a| (a, Mode::ImplicitTls))
-            .chain(server.starttls_listen.iter().map(|a| (a, Mode::StartTls)));
-        for (addr, mode) in addresses {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
-            listeners.push((listener, mode));
+            .enumerate()
+            .map(|(i, a)| (i, a, Mode::ImplicitTls))
+            .chain(server.starttls_listen.iter().enumerate().map(|(i, a)| (i, a, Mode::StartTls)));
+        for (index, addr, mode) in addresses {
+            let role = if mode == Mode::StartTls { Role::StartTls } else { Role::ImplicitTls };
+            let listener = match inherited.take(role, index, *addr) {
+                Some(listener) => TcpListener::from_std(listener)?,
+                None => TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?,
+            };
+            listeners.push((listener, mode, inherit::name(role, index)));
         }
+        inherited.close_unclaimed();
         Ok(Proxy {
             shared: self.shared,
             listeners,
@@ -238,6 +280,7 @@ impl Prepared {
             config_path: self.config_path,
             store: self.store,
             tokens: self.tokens,
+            upgrade: self.upgrade,
         })
     }
 }
@@ -245,11 +288,13 @@ impl Prepared {
 /// A bound proxy, ready to serve.
 pub struct Proxy {
     shared: Arc<Shared>,
-    listeners: Vec<(TcpListener, Mode)>,
+    /// Each with the name it is handed over under (`net::inherit::name`).
+    listeners: Vec<(TcpListener, Mode, String)>,
     admin: TcpListener,
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
     tokens: Option<admin::auth::Tokens>,
+    upgrade: Option<Upgrade>,
 }
 
 /// The configuration new connections get; a reload swaps it, sessions keep the one they started with.
@@ -271,7 +316,11 @@ impl Proxy {
     }
 
     fn addrs(&self, wanted: Mode) -> Vec<SocketAddr> {
-        self.listeners.iter().filter(|(_, mode)| *mode == wanted).filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter(|(_, mode, _)| *mode == wanted)
+            .filter_map(|(l, _, _)| l.local_addr().ok())
+            .collect()
     }
 
     /// The admin server's address (useful with port 0).
@@ -326,7 +375,31 @@ impl Proxy {
             }),
             history: admin::console::History::default(),
         });
-        tokio::spawn(admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone()));
+        // Copies of the listening sockets for a successor (an upgrade), taken before the loops own them.
+        let handover: Vec<(String, std::os::fd::OwnedFd)> = if self.upgrade.is_some() {
+            use std::os::fd::AsFd;
+            let admin = std::iter::once((inherit::name(Role::Admin, 0), self.admin.as_fd().try_clone_to_owned()));
+            let others = self.listeners.iter().map(|(l, _, name)| (name.clone(), l.as_fd().try_clone_to_owned()));
+            admin.chain(others).filter_map(|(name, fd)| fd.ok().map(|fd| (name, fd))).collect()
+        } else {
+            Vec::new()
+        };
+        // After a hand-over the successor answers on the admin address; this process stops accepting there.
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        {
+            let serving = admin::serve(self.admin, Arc::clone(&admin_state), phase_rx.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = serving => {}
+                    Ok(()) = admin_stopped => {}
+                }
+            });
+        }
+        let (leave_tx, mut leave_rx) = mpsc::channel::<Leave>(1);
+        if let Some(upgrade) = self.upgrade.clone() {
+            let timeout = self.shared.config.server.upgrade_timeout;
+            tokio::spawn(on_leave_signals(upgrade, handover, timeout, leave_tx, phase_rx.clone()));
+        }
         tokio::spawn(on_signals(
             Arc::clone(&live),
             self.config_path.clone(),
@@ -336,7 +409,7 @@ impl Proxy {
         // Every task holds a sender; `recv` returns None once all of them have ended.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
-        for (listener, mode) in self.listeners {
+        for (listener, mode, _) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(listen = %addr, starttls = mode == Mode::StartTls, "listening");
             }
@@ -351,10 +424,35 @@ impl Proxy {
         }
         drop(done_tx);
         admin_state.listening.store(true, Ordering::Relaxed);
-        shutdown.await;
-        tracing::info!(grace_secs = self.shared.config.server.shutdown_grace.as_secs(), "shutting down");
-        let _ = phase_tx.send(Phase::Draining);
-        let drained = tokio::time::timeout(self.shared.config.server.shutdown_grace, done_rx.recv()).await;
+        crate::net::notify::ready();
+        let leave = tokio::select! {
+            () = shutdown => None,
+            Some(leave) = leave_rx.recv() => Some(leave),
+        };
+        let server = &self.shared.config.server;
+        let wait = match leave {
+            None => {
+                tracing::info!(grace_secs = server.shutdown_grace.as_secs(), "shutting down");
+                server.shutdown_grace
+            }
+            Some(leave) => {
+                if leave == Leave::HandedOver {
+                    let _ = admin_stop.send(());
+                }
+                tracing::info!(
+                    event = "leaving",
+                    handed_over = leave == Leave::HandedOver,
+                    sessions = self.shared.sessions.len(),
+                    spread_secs = server.drain_spread.as_secs(),
+                    "leaving: no new connections; sessions end at random moments over the drain spread"
+                );
+                let sessions = Arc::clone(&self.shared.sessions);
+                tokio::spawn(crate::net::leave::spread_kicks(sessions, server.drain_spread, phase_rx.clone()));
+                server.drain_spread + server.shutdown_grace
+            }
+        };
+        let _ = phase_tx.send(if leave.is_some() { Phase::Leaving } else { Phase::Draining });
+        let drained = tokio::time::timeout(wait, done_rx.recv()).await;
         if drained.is_err() {
             tracing::info!("grace period over; closing remaining sessions");
             let _ = phase_tx.send(Phase::Closing);
@@ -374,6 +472,52 @@ impl Proxy {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Why the process leaves slowly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// An upgrade: the successor is ready and holds the listeners.
+    HandedOver,
+    /// SIGQUIT: no successor here (a rolling update elsewhere takes the clients).
+    Asked,
+}
+
+/// SIGUSR2 starts a successor with the listening sockets and, once it is ready, leaves; a failed upgrade
+/// is logged and this process serves on. SIGQUIT leaves without a successor.
+async fn on_leave_signals(
+    upgrade: Upgrade,
+    handover: Vec<(String, std::os::fd::OwnedFd)>,
+    timeout: std::time::Duration,
+    leave: mpsc::Sender<Leave>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut usr2), Ok(mut quit)) = (signal(SignalKind::user_defined2()), signal(SignalKind::quit())) else {
+        tracing::warn!("cannot install SIGUSR2/SIGQUIT handlers: no upgrade in place");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr2.recv() => {}
+            _ = quit.recv() => {
+                let _ = leave.send(Leave::Asked).await;
+                return;
+            }
+            () = crate::lifecycle::stopping(&mut phase) => return,
+        }
+        let sockets: Vec<(String, std::os::fd::OwnedFd)> =
+            handover.iter().filter_map(|(name, fd)| fd.try_clone().ok().map(|fd| (name.clone(), fd))).collect();
+        tracing::info!(path = %upgrade.exe.display(), sockets = sockets.len(), "upgrade: starting the successor");
+        match crate::net::successor::start(&upgrade.exe, &upgrade.args, sockets, timeout).await {
+            Ok(pid) => {
+                tracing::info!(event = "handed_over", successor = pid, "upgrade: the successor is ready and accepting");
+                let _ = leave.send(Leave::HandedOver).await;
+                return;
+            }
+            Err(e) => tracing::error!(event = "upgrade_failed", error = %e, "upgrade failed; this process serves on"),
+        }
     }
 }
 
@@ -536,7 +680,7 @@ async fn sweep_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
                 defence.sweep();
                 shared.metrics.bans_active.set(defence.stats().active_bans as i64);
             }
-            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => break,
+            () = crate::lifecycle::stopping(&mut phase) => break,
         }
         if n % 60 == 0 {
             log_defence_stats(defence);
@@ -576,7 +720,7 @@ async fn on_signals(
         let reload = tokio::select! {
             _ = hup.recv() => true,
             _ = usr1.recv() => false,
-            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::stopping(&mut phase) => return,
         };
         let shared = current(&live);
         if let Some(audit) = &shared.audit {

@@ -359,6 +359,10 @@ struct RawServer {
     write_timeout_secs: u64,
     #[serde(default = "defaults::shutdown_grace")]
     shutdown_grace_secs: u64,
+    #[serde(default = "defaults::drain_spread")]
+    drain_spread_secs: u64,
+    #[serde(default = "defaults::upgrade_timeout")]
+    upgrade_timeout_secs: u64,
     #[serde(default = "defaults::max_connections")]
     max_connections: usize,
     #[serde(default = "defaults::proxy_ttl")]
@@ -692,6 +696,12 @@ mod defaults {
     pub fn shutdown_grace() -> u64 {
         10
     }
+    pub fn drain_spread() -> u64 {
+        300
+    }
+    pub fn upgrade_timeout() -> u64 {
+        60
+    }
     pub fn max_connections() -> usize {
         20_000
     }
@@ -782,6 +792,11 @@ pub struct ServerConfig {
     /// A write to a client (or, in the relay, to a backend) that makes no progress this long ends the session.
     pub write_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Leaving (after an upgrade handed the listeners over, or on SIGQUIT): logged-in sessions end at
+    /// random moments over this long, each when quiet, so that their clients reconnect as a trickle.
+    pub drain_spread: Duration,
+    /// How long an upgrade waits for the successor to say it is ready before it stops it.
+    pub upgrade_timeout: Duration,
     pub max_connections: usize,
     pub proxy_ttl: u32,
     pub proxy_protocol: ProxyProtocolMode,
@@ -1000,6 +1015,8 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         relay_idle_timeout: secs("server.relay_idle_timeout_secs", raw.server.relay_idle_timeout_secs, &mut errors),
         write_timeout: secs("server.write_timeout_secs", raw.server.write_timeout_secs, &mut errors),
         shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs),
+        drain_spread: Duration::from_secs(raw.server.drain_spread_secs),
+        upgrade_timeout: Duration::from_secs(raw.server.upgrade_timeout_secs),
         max_connections: raw.server.max_connections,
         proxy_ttl: raw.server.proxy_ttl,
         proxy_protocol: raw.server.proxy_protocol,
@@ -1020,6 +1037,12 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
             "server.relay_idle_timeout_secs",
             "must be at least 1800 (RFC 9051: IDLE clients re-issue every 29 minutes)",
         ));
+    }
+    if raw.server.drain_spread_secs > 3600 {
+        errors.push(err("server.drain_spread_secs", "at most 3600 (an hour)"));
+    }
+    if !(1..=600).contains(&raw.server.upgrade_timeout_secs) {
+        errors.push(err("server.upgrade_timeout_secs", "between 1 and 600"));
     }
 
     let tls = validate_tls(raw.tls, base, &mut errors);

@@ -6,6 +6,10 @@
 pub enum Phase {
     /// Serving.
     Running,
+    /// Leaving slowly (an upgrade handed the listeners over, or SIGQUIT): no new connections, `/readyz`
+    /// answers 503; logins under way finish, and relayed sessions are asked to reconnect one by one over
+    /// the drain spread (`net::leave`).
+    Leaving,
     /// Shutting down gracefully: no new connections, `/readyz` answers 503; sessions before login say BYE
     /// and close, relayed sessions carry on for the grace period.
     Draining,
@@ -22,7 +26,7 @@ pub async fn phase_reached(phase: &mut tokio::sync::watch::Receiver<Phase>, reac
     let _ = phase.wait_for(reached).await;
 }
 
-/// Resolves once the proxy has left `Running`.
+/// Resolves once the proxy is shutting down (draining or later; not while it leaves slowly).
 pub async fn stopping(phase: &mut tokio::sync::watch::Receiver<Phase>) {
-    phase_reached(phase, |p| *p != Phase::Running).await;
+    phase_reached(phase, |p| *p >= Phase::Draining).await;
 }

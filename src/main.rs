@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use imapgate::app::Prepared;
+use imapgate::app::{Prepared, Upgrade};
 use imapgate::config::Config;
+use imapgate::net::inherit::Inherited;
 use imapgate::route::Router;
 
 /// Exit status for configuration errors (EX_USAGE).
@@ -62,8 +63,16 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // The path as it is now: an upgrade starts whatever binary is installed there by then.
+    let upgrade = std::env::current_exe().ok().map(|exe| Upgrade { exe, args: std::env::args_os().skip(1).collect() });
     let prepared = match Prepared::new(config) {
-        Ok(prepared) => prepared.with_config_path(cli.config.clone()),
+        Ok(prepared) => {
+            let prepared = prepared.with_config_path(cli.config.clone()).with_inherited(Inherited::from_env());
+            match upgrade {
+                Some(upgrade) => prepared.with_upgrade(upgrade),
+                None => prepared,
+            }
+        }
         Err(e) => {
             eprintln!("imapgate: invalid configuration {}:\n{e}", cli.config.display());
             return ExitCode::from(EXIT_CONFIG);

@@ -39,6 +39,8 @@ pub struct Session {
     last: Mutex<Option<(&'static str, SystemTime)>>,
     kick: Notify,
     kicked: AtomicBool,
+    /// The kick is the process leaving (after an upgrade), not an administrator's.
+    leaving: AtomicBool,
 }
 
 /// The counters of a session at one moment.
@@ -88,6 +90,22 @@ impl Session {
             }
             notified.await;
         }
+    }
+
+    /// Whether the kick is the process leaving (see [`Session::kick_leaving`]).
+    pub fn leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// The process is leaving (its successor has the listeners): the session says `* BYE` when it is
+    /// quiet (no command but IDLE in flight, nothing of a response or a literal half sent) and closes, so
+    /// that its client reconnects to the successor. Whether it was not kicked already.
+    pub fn kick_leaving(&self) -> bool {
+        if self.kicked.load(Ordering::Acquire) {
+            return false;
+        }
+        self.leaving.store(true, Ordering::Release);
+        self.kick()
     }
 
     fn kick(&self) -> bool {
@@ -143,6 +161,7 @@ impl Registry {
             last: Mutex::new(None),
             kick: Notify::new(),
             kicked: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
         });
         let mut sessions = self.lock();
         if sessions.len() >= self.capacity || sessions.contains_key(&session.info.id) {

@@ -95,7 +95,7 @@ pub async fn sample(state: Arc<AdminState>, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+            () = crate::lifecycle::stopping(&mut phase) => return,
         }
         let families = state.metrics.gather();
         let sample = take_sample(&state, &families);

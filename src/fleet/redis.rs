@@ -208,7 +208,7 @@ impl RedisStore {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = crate::lifecycle::phase_reached(&mut phase, |p| *p != Phase::Running) => return,
+                () = crate::lifecycle::stopping(&mut phase) => return,
             }
             let inner = &self.inner;
             // After an outage the connection is a new one: subscribe again rather than trust that the

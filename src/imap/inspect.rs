@@ -357,6 +357,16 @@ impl Observer {
         self.server == ServerState::LineStart
     }
 
+    /// Nothing is under way that a `* BYE` and a close would cut: both streams are between lines (no
+    /// response, command or literal half sent) and no command but IDLE waits for its answer. Where a
+    /// leaving process ends a session, so that a FETCH or an APPEND under way always completes.
+    pub fn quiet(&self) -> bool {
+        self.server == ServerState::LineStart
+            && self.client == ClientState::LineStart
+            && self.awaiting_continuation.is_none()
+            && self.in_flight.iter().all(|c| c.label == "IDLE")
+    }
+
     /// Commands finished since the last call.
     pub fn drain(&mut self) -> std::vec::Drain<'_, Completed> {
         self.completed.drain(..)

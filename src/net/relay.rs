@@ -71,6 +71,8 @@ pub enum RelayEnd {
     GuardLost,
     /// An administrator kicked the session.
     Kicked,
+    /// The process is leaving (its successor serves new connections): the session ended when quiet.
+    Leaving,
 }
 
 impl RelayEnd {
@@ -88,6 +90,7 @@ impl RelayEnd {
             RelayEnd::BackendError(_) => "backend_error",
             RelayEnd::GuardLost => "guard_lost",
             RelayEnd::Kicked => "kicked",
+            RelayEnd::Leaving => "leaving",
         }
     }
 }
@@ -360,6 +363,8 @@ where
         let stalls = Stalls::default();
         // Kicked: end at the next response boundary.
         let draining = std::sync::atomic::AtomicBool::new(false);
+        // The process is leaving: end once quiet, however long that takes (the drain's end bounds it).
+        let leaving = std::sync::atomic::AtomicBool::new(false);
         let mut copy = poll_fn(|cx| {
             let mut moved = false;
             let now = std::time::Instant::now();
@@ -398,6 +403,9 @@ where
             }
             if draining.load(Ordering::Relaxed) && down.drained() && observer.at_response_boundary() {
                 return Poll::Ready(Step::Done(Err(RelayEnd::Kicked)));
+            }
+            if leaving.load(Ordering::Relaxed) && down.drained() && !up.holding() && observer.quiet() {
+                return Poll::Ready(Step::Done(Err(RelayEnd::Leaving)));
             }
             if observer.guard_lost() {
                 return Poll::Ready(Step::Done(Err(RelayEnd::GuardLost)));
@@ -439,9 +447,13 @@ where
                 },
                 () = &mut stop => break RelayEnd::Shutdown,
                 // The copy is polled again right away (a new select), and ends at the next boundary.
-                () = &mut kick, if kick_deadline.is_none() => {
-                    draining.store(true, Ordering::Relaxed);
-                    kick_deadline = Some(Instant::now() + KICK_DRAIN);
+                () = &mut kick, if kick_deadline.is_none() && !leaving.load(Ordering::Relaxed) => {
+                    if session.is_some_and(|s| s.leaving()) {
+                        leaving.store(true, Ordering::Relaxed);
+                    } else {
+                        draining.store(true, Ordering::Relaxed);
+                        kick_deadline = Some(Instant::now() + KICK_DRAIN);
+                    }
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     if kick_deadline.is_some_and(|k| k <= Instant::now()) {

@@ -950,6 +950,7 @@ async fn relay_session(
         RelayEnd::BackendWriteTimeout => Some(b"* BYE Backend not responding.\r\n"),
         RelayEnd::GuardLost => Some(b"* BYE Connection closed by proxy.\r\n"),
         RelayEnd::Kicked => Some(b"* BYE Disconnected by an administrator.\r\n"),
+        RelayEnd::Leaving => Some(b"* BYE Server restarting, please reconnect.\r\n"),
     };
     let client_gone = matches!(outcome.end, RelayEnd::ClientError(_) | RelayEnd::ClientWriteTimeout);
     if !client_gone {

@@ -107,6 +107,7 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("relay", "backend_error"),
     ("relay", "guard_lost"),
     ("relay", "kicked"),
+    ("relay", "leaving"),
     // A bug of ours: the session's task panicked (`telemetry::panics`), before or after login.
     ("preauth", "internal_error"),
     ("relay", "internal_error"),
