@@ -26,6 +26,13 @@ struct Cli {
 enum Command {
     /// Validate the configuration (including certificates) and print the effective routes.
     Check,
+    /// Ask a running imapgate to leave slowly (SIGQUIT: stop accepting, sessions asked to reconnect over
+    /// server.drain_spread_secs) and wait until it has exited: a Kubernetes preStop hook.
+    Leave {
+        /// The process (in a container, imapgate is process 1).
+        #[arg(long, default_value_t = 1)]
+        pid: i32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(Command::Leave { pid }) = cli.command {
+        return leave(
+            pid,
+            config.server.drain_spread + config.server.shutdown_grace + std::time::Duration::from_secs(2),
+        );
+    }
     let router = Router::new(&config);
     let checking = matches!(cli.command, Some(Command::Check));
     // Logging first, so that start-up warnings (e.g. plaintext backends) are seen; `check` only prints.
@@ -112,4 +125,32 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
+}
+
+/// Sends SIGQUIT to `pid` and waits (at most `within`) until it has exited.
+fn leave(pid: i32, within: std::time::Duration) -> ExitCode {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let target = Pid::from_raw(pid);
+    if let Err(e) = kill(target, Signal::SIGQUIT) {
+        eprintln!("imapgate leave: cannot signal process {pid}: {e}");
+        return ExitCode::FAILURE;
+    }
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if kill(target, None).is_err() || zombie(pid) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    eprintln!("imapgate leave: process {pid} still running after {}s", within.as_secs());
+    ExitCode::FAILURE
+}
+
+/// Whether `pid` has exited and only waits to be reaped (state `Z` in /proc/<pid>/stat).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
 }

@@ -184,6 +184,23 @@ fn the_systemd_unit_verifies_is_hardened_and_matches_the_shipped_config() {
     assert!(unit.contains("--config /etc/imapgate/proxy.toml") && unit.contains("ReadOnlyPaths=/etc/imapgate"));
     assert!(shipped.contains("cert = \"/etc/imapgate/") && shipped.contains("key = \"/etc/imapgate/"));
     assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // Readiness and the upgrade's MAINPID= from the successor's predecessor.
+    assert!(unit.contains("Type=notify") && unit.contains("NotifyAccess=all"));
+    // The socket unit: its ListenStream addresses are the shipped configuration's listeners (matched by
+    // address at start-up), and it verifies with the service beside it.
+    let socket = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd/imapgate.socket"),
+    )
+    .unwrap();
+    let config = imapgate::config::Config::from_toml(&shipped, None).unwrap();
+    for addr in config.server.listen.iter().chain(std::iter::once(&config.admin.listen)) {
+        assert!(socket.contains(&format!("\nListenStream={addr}\n")), "{addr} not in imapgate.socket");
+    }
+    let socket_path = dir.path().join("imapgate.socket");
+    std::fs::write(&socket_path, &socket).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&socket_path).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify imapgate.socket: {stderr}");
 }
 
 #[test]

@@ -90,14 +90,20 @@ fn manifests_container_and_config_agree_with_the_binary() {
         deployment.contains("mountPath: /etc/imapgate/tls")
             && deployment.contains("mountPath: /etc/imapgate/proxy.toml")
     );
-    // Termination grace above the drain: shutdown grace + 1 s of closing + the preStop pause.
+    // The preStop leaves slowly (`imapgate leave` waits for the drain spread and the grace), and the
+    // termination grace is above what it waits.
     let number_after = |text: &str, key: &str| -> u64 {
         let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key}")) + key.len()..];
         rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
     };
     let termination = number_after(&deployment, "terminationGracePeriodSeconds:");
-    let pre_stop = number_after(&deployment, "seconds:");
-    assert!(termination > config.server.shutdown_grace.as_secs() + 1 + pre_stop, "{termination}");
+    assert!(
+        deployment.contains(r#"command: ["/usr/local/bin/imapgate", "leave", "--config", "/etc/imapgate/proxy.toml"]"#),
+        "the preStop hook leaves slowly"
+    );
+    assert!(config.server.drain_spread.as_secs() >= 60, "a rollout's spread is minutes");
+    let leave = config.server.drain_spread.as_secs() + config.server.shutdown_grace.as_secs() + 2;
+    assert!(termination > leave + 1, "terminationGracePeriodSeconds {termination} <= {leave} + 1");
     // The Services select the pods the Deployment labels, and keep client addresses.
     assert!(read("deploy/kubernetes/service.yaml").contains("externalTrafficPolicy: Local"));
     assert!(config.audit.is_some_and(|a| a.target == imapgate::config::AuditTarget::Stdout));

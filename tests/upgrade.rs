@@ -11,80 +11,111 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::client::TlsClient;
 use support::dovecot::Dovecot;
 use support::gate::{BINARY, Gate};
 use support::pki::Pki;
+use support::upgrade::{self, Pid, login, next_line};
 
 const IDLERS: usize = 1000;
 const SPREAD_SECS: u64 = 20;
 const BIG: usize = 8 * 1024 * 1024;
 
-/// A process the test must not leave behind (the successor is not the test's child).
-struct Pid(u32);
-
-impl Drop for Pid {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(self.0.to_string()).status();
-    }
+struct Env {
+    dir: std::path::PathBuf,
+    pki: Pki,
+    dovecot: Dovecot,
 }
 
-async fn login(addr: std::net::SocketAddr, ca: &std::path::Path, user: &str, password: &str) -> TlsClient {
-    let mut client = TlsClient::connect(addr, ca).await.unwrap();
-    let greeting = client.line().await.unwrap();
-    assert!(greeting.starts_with("* OK"), "{greeting}");
+/// One Dovecot for the test binary, for crowds, with a large message for fetcher@example.org.
+fn env() -> &'static Env {
+    static ENV: std::sync::OnceLock<Env> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let dir = support::scratch_dir("imapgate-upgrade-");
+        let pki = Pki::generate(&dir);
+        let dovecot = Dovecot::start_for_crowds("upgrade", &pki);
+        let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\r\n";
+        let big = format!("Subject: big\r\n\r\n{}", line.repeat(BIG / 66));
+        dovecot.deliver("fetcher@example.org", "big.eml", big.as_bytes());
+        Env { dir, pki, dovecot }
+    })
+}
+
+/// Started as systemd starts a socket-activated service (systemd-socket-activate binds the ports, waits
+/// for the first connection, then runs imapgate with LISTEN_FDS): the configured listeners take the
+/// sockets by address, and the connection that woke it, queued meanwhile, is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_the_queued_connection() {
+    let Env { dir, pki, dovecot } = env();
+    let (port, admin) = (support::free_port(), support::free_port());
+    let config = dir.join("activated.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[audit]\npath = \"off\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
+             [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
+             [route]\ndefault = \"dovecot\"\n[log]\nlevel = \"info\"\n{}",
+            pki.cert.display(),
+            pki.key.display(),
+            pki.ca.display(),
+            dovecot.imap_port,
+            support::proxy::DEFAULT_TEST_DEFENCE
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("activated.log");
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}"), "-l", &format!("127.0.0.1:{admin}")])
+        .arg(env!("CARGO_BIN_EXE_imapgate"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package 'systemd')");
+    let pid = Pid(child.id());
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The manager's socket is listening before imapgate runs; this connection starts it.
+    let (user, password) = ("alice@example.org", support::dovecot::password("alice@example.org"));
+    let mut client = None;
+    for _ in 0..100 {
+        match TlsClient::connect(addr, &pki.ca).await {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let mut client = client.expect("systemd-socket-activate did not listen");
+    assert!(client.line().await.unwrap().starts_with("* OK"));
     let reply = client.command("l", &format!("LOGIN \"{user}\" \"{password}\"")).await.unwrap();
     assert!(reply.tagged.starts_with("l OK"), "{reply:?}");
-    client
+    assert!(client.command("z", "LOGOUT").await.unwrap().tagged.starts_with("z OK"));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.matches("using an inherited socket").count(), 2, "{log}");
+    let (status, _) = support::admin_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/healthz").await;
+    assert_eq!(status, 200);
+    drop(pid);
+    let _ = child.wait();
 }
-
-/// The next line, waiting as long as it takes (the client's read timeout only bounds one read).
-async fn next_line(client: &mut TlsClient) -> std::io::Result<String> {
-    loop {
-        match client.line().await {
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
-            other => return other,
-        }
-    }
-}
-
-/// Dovecot's successful logins per second of its log's clock (`HH:MM:SS`).
-fn logins_per_second(log: &str) -> BTreeMap<String, usize> {
-    let mut per_second = BTreeMap::new();
-    for line in
-        log.lines().filter(|l| l.contains("imap-login: Info: Login: user=<") || l.contains("imap-login: Login: user=<"))
-    {
-        if let Some(clock) = line.split_whitespace().nth(2) {
-            *per_second.entry(clock.to_owned()).or_insert(0) += 1;
-        }
-    }
-    per_second
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_refuses_nobody_and_spreads_the_reconnects() {
-    let dir = support::scratch_dir("imapgate-upgrade-");
-    let pki = Pki::generate(&dir);
-    let dovecot = Dovecot::start_for_crowds("upgrade", &pki);
-    let big = format!(
-        "Subject: big\r\n\r\n{}",
-        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/\r\n".repeat(BIG / 66)
-    );
-    dovecot.deliver("fetcher@example.org", "big.eml", big.as_bytes());
+    let Env { dir, pki, dovecot } = env();
     let extra = format!(
         "{}connections_per_prefix = 5000\nconnections_per_prefix_max = 10000\n",
         support::proxy::DEFAULT_TEST_DEFENCE
     );
     let spread = SPREAD_SECS.to_string();
     let old = Gate::start_with_env(
-        &dir,
-        &pki,
-        &dovecot,
+        dir,
+        pki,
+        dovecot,
         "old",
         &extra,
         &[(BINARY, env!("CARGO_BIN_EXE_imapgate")), ("IMAPGATE_SERVER__DRAIN_SPREAD_SECS", &spread)],
@@ -93,61 +124,10 @@ async fn upgrade_refuses_nobody_and_spreads_the_reconnects() {
     let (user, password) = ("alice@example.org", support::dovecot::password("alice@example.org"));
 
     // A thousand IDLE sessions; each records when its BYE came, reconnects and logs in again.
-    let idling = Arc::new(AtomicUsize::new(0));
-    let permits = Arc::new(tokio::sync::Semaphore::new(50));
-    let mut idlers = Vec::new();
-    for _ in 0..IDLERS {
-        let (idling, permits, ca) = (Arc::clone(&idling), Arc::clone(&permits), ca.clone());
-        idlers.push(tokio::spawn(async move {
-            let permit = permits.acquire_owned().await.unwrap();
-            let mut client = login(addr, &ca, user, password).await;
-            client.command("s", "SELECT INBOX").await.unwrap();
-            client.send(b"i IDLE\r\n").await.unwrap();
-            assert!(next_line(&mut client).await.unwrap().starts_with("+ "));
-            drop(permit);
-            idling.fetch_add(1, Ordering::SeqCst);
-            let line = loop {
-                let line = next_line(&mut client).await.expect("a BYE before the connection closed");
-                if line.starts_with("* BYE") {
-                    break line;
-                }
-            };
-            let at = Instant::now();
-            assert!(line.contains("reconnect"), "{line}");
-            assert!(client.rest().await.is_empty(), "bytes after the BYE");
-            let mut again = login(addr, &ca, user, password).await;
-            let _ = again.command("z", "LOGOUT").await;
-            at
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while idling.load(Ordering::SeqCst) < IDLERS {
-        assert!(Instant::now() < deadline, "only {} sessions idling", idling.load(Ordering::SeqCst));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
+    let idlers = upgrade::idlers(addr, &ca, user, password, IDLERS, 50).await;
     // A client connecting in a loop: every connection must be greeted.
     let stop = Arc::new(AtomicBool::new(false));
-    let looping = {
-        let (stop, ca) = (Arc::clone(&stop), ca.clone());
-        tokio::spawn(async move {
-            let (mut greeted, mut failed) = (0usize, Vec::new());
-            while !stop.load(Ordering::SeqCst) {
-                match TlsClient::connect(addr, &ca).await {
-                    Ok(mut client) => match client.line().await {
-                        Ok(line) if line.starts_with("* OK") => {
-                            greeted += 1;
-                            let _ = client.command("z", "LOGOUT").await;
-                        }
-                        other => failed.push(format!("greeting: {other:?}")),
-                    },
-                    Err(e) => failed.push(format!("connect: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (greeted, failed)
-        })
-    };
+    let looping = upgrade::connect_loop(addr, ca.clone(), Arc::clone(&stop));
 
     // A FETCH of the large message again and again, across the hand-over, until its BYE.
     let fetching = {
@@ -186,15 +166,9 @@ async fn upgrade_refuses_nobody_and_spreads_the_reconnects() {
     let before = dovecot.log().len();
     let signalled = Instant::now();
     let _ = std::process::Command::new("kill").arg("-USR2").arg(old.pid().to_string()).status();
-    let successor = support::wait_until(Duration::from_secs(30), || {
-        let log = std::fs::read_to_string(&old.log).unwrap_or_default();
-        log.lines().find(|l| l.contains("\"handed_over\"")).and_then(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            v["fields"]["successor"].as_u64().or_else(|| v["successor"].as_u64())
-        })
-    })
-    .unwrap_or_else(|| panic!("no hand-over:\n{}", std::fs::read_to_string(&old.log).unwrap_or_default()));
-    let _successor = Pid(successor as u32);
+    let successor = upgrade::successor_from_log(&old.log, Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("no hand-over:\n{}", std::fs::read_to_string(&old.log).unwrap_or_default()));
+    let _successor = Pid(successor);
 
     let mut byes = Vec::new();
     for idler in idlers {
@@ -227,7 +201,7 @@ async fn upgrade_refuses_nobody_and_spreads_the_reconnects() {
     }
 
     // Dovecot's login rate over the window: the reconnects (and the loop's none: it does not log in).
-    let per_second = logins_per_second(&dovecot.log()[before..]);
+    let per_second = upgrade::logins_per_second(&dovecot.log()[before..]);
     let busiest = per_second.values().copied().max().unwrap_or(0);
     let mean = IDLERS as f64 / (SPREAD_SECS - 1) as f64;
     eprintln!(
@@ -243,4 +217,39 @@ async fn upgrade_refuses_nobody_and_spreads_the_reconnects() {
     assert!(exited.is_some(), "the old process did not exit");
     let mut client = login(addr, &ca, user, password).await;
     assert!(client.command("z", "LOGOUT").await.unwrap().tagged.starts_with("z OK"));
+}
+
+/// `imapgate leave` (the Kubernetes preStop hook) without a successor: the process stops accepting, its
+/// sessions get `* BYE` within the spread, and the command returns once the process has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_without_a_successor() {
+    let Env { dir, pki, dovecot } = env();
+    let spread = ("IMAPGATE_SERVER__DRAIN_SPREAD_SECS", "3");
+    let mut gate = Gate::start_with_env(
+        dir,
+        pki,
+        dovecot,
+        "leaving",
+        support::proxy::DEFAULT_TEST_DEFENCE,
+        &[(BINARY, env!("CARGO_BIN_EXE_imapgate")), spread],
+    );
+    let (user, password) = ("alice@example.org", support::dovecot::password("alice@example.org"));
+    let mut client = login(gate.addr, &pki.ca, user, password).await;
+    client.command("s", "SELECT INBOX").await.unwrap();
+    client.send(b"i IDLE\r\n").await.unwrap();
+    assert!(next_line(&mut client).await.unwrap().starts_with("+ "));
+    let started = Instant::now();
+    let leave = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["leave", "--pid", &gate.pid().to_string(), "--config"])
+        .arg(dir.join("leaving.toml"))
+        .env(spread.0, spread.1)
+        .spawn()
+        .unwrap();
+    let bye = next_line(&mut client).await.unwrap();
+    assert!(bye.starts_with("* BYE") && bye.contains("reconnect"), "{bye}");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1) && took <= Duration::from_secs(5), "BYE after {took:?}");
+    let status = tokio::task::spawn_blocking(move || leave.wait_with_output().unwrap().status).await.unwrap();
+    assert!(status.success(), "imapgate leave: {status}");
+    assert!(gate.try_wait().is_some(), "imapgate leave returned before the process exited");
 }

@@ -44,8 +44,15 @@ pub fn parse_names(names: Option<&str>, count: usize) -> Vec<Option<String>> {
 pub fn claims(name: Option<&str>, bound: Option<SocketAddr>, wanted: &str, configured: SocketAddr) -> bool {
     match name {
         Some(name) => name == wanted,
-        None => configured.port() != 0 && bound == Some(configured),
+        None => configured.port() != 0 && bound.is_some_and(|bound| same_address(bound, configured)),
     }
+}
+
+/// The same port, and the same address or both the wildcard (systemd's `ListenStream=993` is bound to
+/// `[::]:993`, serving IPv4 too, where a configuration says `0.0.0.0:993`).
+fn same_address(bound: SocketAddr, configured: SocketAddr) -> bool {
+    bound.port() == configured.port()
+        && (bound.ip() == configured.ip() || (bound.ip().is_unspecified() && configured.ip().is_unspecified()))
 }
 
 /// The sockets received at start-up, until claimed.
@@ -126,6 +133,8 @@ mod tests {
         assert!(!claims(Some("imap.0"), Some(configured), "imaps.0", configured));
         assert!(claims(None, Some(configured), "imaps.0", configured));
         assert!(!claims(None, Some("0.0.0.0:143".parse().unwrap()), "imaps.0", configured));
+        assert!(claims(None, Some("[::]:993".parse().unwrap()), "imaps.0", configured));
+        assert!(!claims(None, Some("127.0.0.1:993".parse().unwrap()), "imaps.0", configured));
         // Port 0 is "any": only a name can claim it.
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         assert!(!claims(None, Some("127.0.0.1:4000".parse().unwrap()), "imaps.0", any));

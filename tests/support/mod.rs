@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod raw_tls;
 pub mod redis;
 pub mod tokens;
+pub mod upgrade;
 
 use std::net::TcpListener;
 
