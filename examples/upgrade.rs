@@ -54,7 +54,8 @@ async fn main() {
     let before = dovecot.log().len();
     let signalled = Instant::now();
     let _ = std::process::Command::new("kill").arg("-USR2").arg(old.pid().to_string()).status();
-    let successor = upgrade::successor_from_log(&old.log, Duration::from_secs(60)).expect("no hand-over");
+    let successor = upgrade::successor_from_log(&old.log, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("no hand-over:\n{}", std::fs::read_to_string(&old.log).unwrap_or_default()));
     let _successor = Pid(successor);
     println!("SIGUSR2: successor {successor} ready after {:.2} s", signalled.elapsed().as_secs_f64());
     let mut byes = Vec::new();

@@ -174,6 +174,9 @@ impl Prepared {
         crate::telemetry::panics::install_hook();
         let (store, secret) = state_setup(&config)?;
         let defence = Defence::with_fingerprint_secret(config.defence.clone(), secret.as_deref());
+        if let Some(path) = &config.memory {
+            crate::memory::restore(&defence, path);
+        }
         let backends: Vec<String> = config.backends.iter().map(|b| b.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&backends));
         let audit = match &config.audit {
@@ -398,7 +401,8 @@ impl Proxy {
         let (leave_tx, mut leave_rx) = mpsc::channel::<Leave>(1);
         if let Some(upgrade) = self.upgrade.clone() {
             let timeout = self.shared.config.server.upgrade_timeout;
-            tokio::spawn(on_leave_signals(upgrade, handover, timeout, leave_tx, phase_rx.clone()));
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(on_leave_signals(shared, upgrade, handover, timeout, leave_tx, phase_rx.clone()));
         }
         tokio::spawn(on_signals(
             Arc::clone(&live),
@@ -464,6 +468,10 @@ impl Proxy {
         }
         let _ = phase_tx.send(Phase::Aborted);
         let _ = tokio::time::timeout(CLOSING, done_rx.recv()).await;
+        // The successor of a hand-over has the newer memory; otherwise this is the last word.
+        if leave != Some(Leave::HandedOver) {
+            save_memory(&current(&live)).await;
+        }
         if let Some(audit) = current(&live).audit.clone() {
             // The last lines (session ends, summaries) reach the file before the process exits.
             let flushed = tokio::task::spawn_blocking(move || audit.flush(std::time::Duration::from_secs(2))).await;
@@ -487,6 +495,7 @@ enum Leave {
 /// SIGUSR2 starts a successor with the listening sockets and, once it is ready, leaves; a failed upgrade
 /// is logged and this process serves on. SIGQUIT leaves without a successor.
 async fn on_leave_signals(
+    shared: Arc<Shared>,
     upgrade: Upgrade,
     handover: Vec<(String, std::os::fd::OwnedFd)>,
     timeout: std::time::Duration,
@@ -510,6 +519,8 @@ async fn on_leave_signals(
         let sockets: Vec<(String, std::os::fd::OwnedFd)> =
             handover.iter().filter_map(|(name, fd)| fd.try_clone().ok().map(|fd| (name.clone(), fd))).collect();
         tracing::info!(path = %upgrade.exe.display(), sockets = sockets.len(), "upgrade: starting the successor");
+        // The successor starts from what the defence knows now.
+        save_memory(&shared).await;
         match crate::net::successor::start(&upgrade.exe, &upgrade.args, sockets, timeout).await {
             Ok(pid) => {
                 tracing::info!(event = "handed_over", successor = pid, "upgrade: the successor is ready and accepting");
@@ -685,8 +696,24 @@ async fn sweep_loop(shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
         if n % 60 == 0 {
             log_defence_stats(defence);
         }
+        // While this process is the one serving (after a hand-over the successor writes the file).
+        if n % crate::memory::SAVE_EVERY.as_secs() == 0 && *phase.borrow() == Phase::Running {
+            save_memory(&shared).await;
+        }
     }
     log_defence_stats(defence);
+}
+
+/// Writes the defence's memory (`[state] path`) off the async workers; failures are logged.
+async fn save_memory(shared: &Arc<Shared>) {
+    let Some(path) = shared.config.memory.clone() else { return };
+    let defence = Arc::clone(&shared.defence);
+    let saved = tokio::task::spawn_blocking(move || crate::memory::save(&defence, &path)).await;
+    match saved {
+        Ok(Ok(bytes)) => tracing::debug!(bytes, "defence memory written"),
+        Ok(Err(e)) => tracing::warn!(event = "defence_memory_not_written", error = %e, "defence memory not written"),
+        Err(e) => tracing::warn!(error = %e, "defence memory writer failed"),
+    }
 }
 
 fn log_defence_stats(defence: &Defence) {
@@ -741,26 +768,55 @@ fn reload_config(live: &Current, path: &Path, admin: Option<&AdminState>) -> adm
         if let Some(admin) = admin {
             admin.reload_tokens(config.admin.token_file.as_deref()).map_err(|e| format!("admin.token_file: {e}"))?;
         }
+        // What is bound or connected at start-up cannot follow: the reload is refused, saying so.
+        let mut restart = Vec::new();
+        if config.server.listen != old.config.server.listen
+            || config.server.starttls_listen != old.config.server.starttls_listen
+            || config.admin.listen != old.config.admin.listen
+        {
+            restart.push("listen and admin addresses");
+        }
+        if config.state != old.config.state || config.memory != old.config.memory {
+            restart.push("[state]");
+        }
+        if !restart.is_empty() {
+            return Err(format!("{} changed: they need a restart (or an upgrade, SIGUSR2)", restart.join(", ")));
+        }
         let mut notes = Vec::new();
-        if config.server.listen != old.config.server.listen || config.admin.listen != old.config.admin.listen {
-            notes.push("listen and admin addresses");
-        }
-        if config.defence != old.config.defence {
-            notes.push("[defence]");
-        }
+        let mut lasting = Lasting::of(&old);
         if config.audit != old.config.audit {
-            notes.push("[audit]");
+            // A new file (or none): the sessions already running write to the old one until they end.
+            lasting.audit = match &config.audit {
+                Some(audit) => Some(Arc::new(
+                    AuditLog::open(audit.clone(), old.metrics.audit_dropped.clone())
+                        .map_err(|e| format!("[audit]: {e}"))?,
+                )),
+                None => None,
+            };
+            notes.push("[audit] moved");
         }
-        if config.state != old.config.state {
-            notes.push("[state]");
+        let defence = (config.defence != old.config.defence).then(|| config.defence.clone());
+        if let Some(defence) = &defence {
+            old.defence.check_reconfigure(defence).map_err(str::to_owned)?;
         }
-        let fresh = build_shared(config, Lasting::of(&old)).map_err(|e| e.to_string())?;
+        let audit = lasting.audit.clone();
+        let fresh = build_shared(config, lasting).map_err(|e| e.to_string())?;
+        if let Some(defence) = defence {
+            old.defence.reconfigure(defence).map_err(str::to_owned)?;
+            notes.push("[defence] applied to new decisions");
+        }
+        if fresh.config.audit != old.config.audit {
+            match audit {
+                Some(audit) => old.defence.set_event_sink(move |event| audit.record(&defence_audit_event(event))),
+                None => old.defence.set_event_sink(|_| {}),
+            }
+        }
         *live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
         Ok(notes)
     });
     let (result, reason) = match &outcome {
         Ok(notes) if notes.is_empty() => ("success", String::new()),
-        Ok(notes) => ("success", format!("unchanged until restart: {}", notes.join(", "))),
+        Ok(notes) => ("success", notes.join(", ")),
         Err(e) => ("failure", e.clone()),
     };
     match &outcome {

@@ -99,6 +99,8 @@ impl AuthConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawState {
+    /// The defence's memory on a single instance ("off": none); not used with `redis`.
+    path: String,
     redis: Option<String>,
     password_file: Option<PathBuf>,
     fingerprint_key_file: Option<PathBuf>,
@@ -110,6 +112,7 @@ struct RawState {
 impl Default for RawState {
     fn default() -> Self {
         Self {
+            path: "/var/lib/imapgate/defence-state.json".into(),
             redis: None,
             password_file: None,
             fingerprint_key_file: None,
@@ -891,6 +894,9 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Shared defence state, when `[state] redis` is set.
     pub state: Option<StateConfig>,
+    /// Where a single instance keeps what its defence learnt across restarts (`[state] path`); None with
+    /// `[state] redis` (Redis holds it) or `path = "off"`.
+    pub memory: Option<PathBuf>,
     pub auth: AuthConfig,
 }
 
@@ -1121,6 +1127,15 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     if raw.audit.queue_lines == 0 {
         errors.push(err("audit.queue_lines", "must be at least 1"));
     }
+    let memory = match raw.state.path.as_str() {
+        _ if raw.state.redis.is_some() => None,
+        "off" => None,
+        "" => {
+            errors.push(err("state.path", "a file path, or \"off\""));
+            None
+        }
+        path => Some(resolve(base, PathBuf::from(path))),
+    };
     let state = validate_state(raw.state, base, &mut errors);
     let mut mechanisms = Vec::new();
     for mechanism in raw.auth.mechanisms {
@@ -1144,6 +1159,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
         otel: raw.otel,
         audit,
         state,
+        memory,
         auth: AuthConfig { mechanisms },
         defence,
         admin: AdminConfig { listen: admin_listen, token_file: raw.admin.token_file.map(|p| resolve(base, p)) },

@@ -21,6 +21,7 @@
 //!   certificates per server name, what sessions share, the per-connection session
 //!   (deadlines on every wait), the backend leg (I/O of the login machine), health checks, the HTTP lookup
 //!   client, the relay.
+//! - [`memory`]: the defence's memory on disk for a single instance (atomic snapshots, read at start-up).
 //! - [`admin`]: the admin HTTP server: metrics and probes, and with a token file the JSON API (sessions and
 //!   kicks, bans, backends, reload) and the live console.
 //! - [`app`]: builds the shared parts, binds the listeners, accepts, reloads and drains.
@@ -32,6 +33,7 @@ pub mod failure;
 pub mod fleet;
 pub mod imap;
 pub mod lifecycle;
+pub mod memory;
 pub mod net;
 pub mod registry;
 pub mod route;

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 
 use super::shared::AccountEvidence;
+use super::snapshot::AccountRecord;
 use crate::config::DefenceConfig;
 
 /// A keyed hash of (account, password).
@@ -60,6 +61,36 @@ pub struct Account {
 }
 
 impl Account {
+    /// What a snapshot keeps of the account (under `name`, its hash): no fingerprints.
+    pub fn record(&self, name: String, now: Instant) -> AccountRecord {
+        AccountRecord {
+            account: name,
+            consecutive: self.consecutive,
+            since_failure_ms: self.last_failure.map(|at| now.saturating_duration_since(at).as_millis() as u64),
+            since_seen_ms: now.saturating_duration_since(self.last_seen).as_millis() as u64,
+            known: self.known.clone(),
+            failed_from: self.failed_from.clone(),
+        }
+    }
+
+    /// The account as a snapshot left it (bounded as the live one is).
+    pub fn from_record(record: &AccountRecord, now: Instant) -> Self {
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+        let mut known = record.known.clone();
+        known.truncate(KNOWN_PREFIXES);
+        let mut failed_from = record.failed_from.clone();
+        failed_from.truncate(FAILED_PREFIXES);
+        Self {
+            consecutive: record.consecutive,
+            pending: 0,
+            last_failure: record.since_failure_ms.map(ago),
+            recent: VecDeque::new(),
+            known,
+            failed_from,
+            last_seen: ago(record.since_seen_ms),
+        }
+    }
+
     pub fn new(now: Instant) -> Self {
         Self {
             consecutive: 0,

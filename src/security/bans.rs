@@ -6,10 +6,11 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
+use super::snapshot::BanRecord;
 use super::table::Table;
 use crate::config::DefenceConfig;
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Ban {
     until: Instant,
     /// Bans so far, for doubling; forgotten `ban_max` after the last one.
@@ -108,6 +109,32 @@ impl Bans {
             .filter(|(_, b)| b.active && b.until > now)
             .map(|(k, b)| (*k, b.until - now, b.count))
             .collect()
+    }
+
+    /// Every entry, in force or remembered for doubling, as ages (for a snapshot).
+    pub fn export(&self, now: Instant) -> Vec<BanRecord> {
+        self.table
+            .iter()
+            .map(|(key, b)| BanRecord {
+                key: *key,
+                remaining_ms: if b.active { b.until.saturating_duration_since(now).as_millis() as u64 } else { 0 },
+                count: b.count,
+                since_last_ms: now.saturating_duration_since(b.last).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// An entry from a snapshot; one here already (made since the start) is kept.
+    pub fn import(&mut self, record: &BanRecord, now: Instant) {
+        if self.table.get(&record.key).is_some() {
+            return;
+        }
+        let last = now.checked_sub(Duration::from_millis(record.since_last_ms)).unwrap_or(now);
+        let remaining = Duration::from_millis(record.remaining_ms);
+        let ban = Ban { until: now + remaining, count: record.count, last, active: !remaining.is_zero() };
+        if let Some(entry) = self.table.entry(&record.key, || ban) {
+            *entry = ban;
+        }
     }
 
     pub fn active(&self, now: Instant) -> usize {

@@ -44,12 +44,13 @@ pub enum DefenceEvent {
     },
 }
 
-type EventSink = Box<dyn Fn(&DefenceEvent) + Send + Sync>;
+type EventSink = Arc<dyn Fn(&DefenceEvent) + Send + Sync>;
 
 /// The defence, shared by all sessions.
 pub struct Defence {
-    events: std::sync::OnceLock<EventSink>,
-    config: DefenceConfig,
+    events: std::sync::RwLock<Option<EventSink>>,
+    /// Swapped by a reload (`reconfigure`).
+    config: std::sync::RwLock<Arc<DefenceConfig>>,
     policy: PrefixPolicy,
     state: Arc<dyn DefenceState>,
     /// The fleet's evidence, when instances share it (set once, at start-up).
@@ -137,20 +138,21 @@ impl Defence {
             PrefixPolicy { ipv4: config.ipv4_prefix, ipv6: config.ipv6_prefix, ipv6_wide: config.ipv6_wide_prefix };
         let own: [u8; 32] = rand::random();
         Arc::new(Defence {
-            events: std::sync::OnceLock::new(),
+            events: std::sync::RwLock::new(None),
             hash_key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret.unwrap_or(&own)),
             shared_fingerprints: secret.is_some(),
             policy,
             state,
             store: std::sync::OnceLock::new(),
             ended: Arc::new(Notify::new()),
-            config,
+            config: std::sync::RwLock::new(Arc::new(config)),
         })
     }
 
-    /// Where bans and unbans are reported besides the diagnostic log (set once, at start-up).
+    /// Where bans and unbans are reported besides the diagnostic log (at start-up, and again when a reload
+    /// moves the audit log).
     pub fn set_event_sink(&self, sink: impl Fn(&DefenceEvent) + Send + Sync + 'static) {
-        let _ = self.events.set(Box::new(sink));
+        *self.events.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(sink));
     }
 
     /// Shares evidence with other instances through `store` from now on (set once, at start-up).
@@ -164,7 +166,8 @@ impl Defence {
     }
 
     fn emit(&self, event: DefenceEvent) {
-        if let Some(sink) = self.events.get() {
+        let sink = self.events.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(sink) = sink {
             sink(&event);
         }
     }
@@ -172,7 +175,7 @@ impl Defence {
     fn keys(&self, ip: IpAddr) -> Keys {
         let prefix = self.policy.key(ip);
         let wide = self.policy.wide_key(ip).filter(|w| *w != prefix);
-        Keys { prefix, wide, trusted: prefix::contains(&self.config.trusted, ip) }
+        Keys { prefix, wide, trusted: prefix::contains(&self.config().trusted, ip) }
     }
 
     /// Connection admission, before the TLS handshake.
@@ -183,10 +186,10 @@ impl Defence {
 
     pub fn admit(&self, ip: IpAddr) -> Result<ConnectionGuard, Refusal> {
         let state = Arc::clone(&self.state);
-        if !self.config.enabled {
+        if !self.config().enabled {
             return Ok(ConnectionGuard { state, keys: None, logged_in: false });
         }
-        if prefix::contains(&self.config.deny, ip) {
+        if prefix::contains(&self.config().deny, ip) {
             return Err(self.refused(ip, Refusal::Denied, None));
         }
         let keys = self.keys(ip);
@@ -203,13 +206,13 @@ impl Defence {
     /// moments ago, waits for room among the prefix's logins in flight, and applies the account's delay.
     pub async fn begin_login(&self, ip: IpAddr, user: &Username, password: &Password) -> Result<LoginPermit, Refusal> {
         let permit = |ticket| LoginPermit { state: Arc::clone(&self.state), ended: Arc::clone(&self.ended), ticket };
-        if !self.config.enabled {
+        if !self.config().enabled {
             return Ok(permit(None));
         }
         let keys = self.keys(ip);
         let account = canonical_account(user);
         let fingerprint = self.fingerprint(&account, password);
-        let deadline = Instant::now() + self.config.auth_queue_timeout;
+        let deadline = Instant::now() + self.config().auth_queue_timeout;
         if let Some(store) = self.store.get() {
             // What the fleet has seen first: bans, failures and standing elsewhere, the account's history.
             match store.view(keys, account.clone(), self.shared_fingerprints.then_some(fingerprint)).await {
@@ -362,6 +365,41 @@ impl Defence {
         }
     }
 
+    fn config(&self) -> Arc<DefenceConfig> {
+        Arc::clone(&self.config.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// New limits (a reload of `[defence]`): they apply to the next decisions; bans, budgets, standing and
+    /// accounts stay as they are. The prefix lengths and the table sizes key and bound what is kept, so
+    /// they cannot change without a restart: such a change is refused, and nothing is applied.
+    pub fn reconfigure(&self, config: DefenceConfig) -> Result<(), &'static str> {
+        self.check_reconfigure(&config)?;
+        self.state.reconfigure(config.clone());
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    /// Whether `reconfigure` would take `config`.
+    pub fn check_reconfigure(&self, config: &DefenceConfig) -> Result<(), &'static str> {
+        let current = self.config();
+        if (config.ipv4_prefix, config.ipv6_prefix, config.ipv6_wide_prefix, config.max_tracked)
+            != (current.ipv4_prefix, current.ipv6_prefix, current.ipv6_wide_prefix, current.max_tracked)
+        {
+            return Err("defence.ipv4_prefix, ipv6_prefix, ipv6_wide_prefix and max_tracked need a restart");
+        }
+        Ok(())
+    }
+
+    /// What a restart should remember (`memory`).
+    pub fn snapshot(&self) -> super::snapshot::Snapshot {
+        self.state.export(Instant::now())
+    }
+
+    /// Takes in a snapshot from an earlier run: (bans in force, prefixes, accounts) brought.
+    pub fn restore(&self, snapshot: &super::snapshot::Snapshot) -> (usize, usize, usize) {
+        self.state.import(snapshot, Instant::now())
+    }
+
     pub fn stats(&self) -> DefenceStats {
         self.state.stats(Instant::now())
     }
@@ -415,13 +453,13 @@ impl Defence {
                 let keys = self.keys(ip);
                 if keys.trusted { Duration::ZERO } else { self.tarpit(self.state.level(&keys, Instant::now())) }
             }
-            _ => self.config.tarpit.iter().copied().max().unwrap_or_default(),
+            _ => self.config().tarpit.iter().copied().max().unwrap_or_default(),
         }
     }
 
     /// The n-th (1-based) tarpit delay; the last configured value repeats.
     fn tarpit(&self, level: u32) -> Duration {
-        let table = &self.config.tarpit;
+        let table = &self.config().tarpit;
         let index = (level.max(1) as usize - 1).min(table.len().saturating_sub(1));
         table.get(index).copied().unwrap_or_default()
     }

@@ -8,6 +8,7 @@
 //! - [`bans`]: bans that double on repeat.
 //! - [`table`]: the bounded LRU table every part keeps its entries in.
 //! - [`prefix`]: client addresses reduced to the prefixes that are counted.
+//! - [`snapshot`]: what the defence remembers across a restart, as bytes (no I/O).
 //!
 //! No sockets here; time comes from tokio's clock so that tests can pause and advance it.
 
@@ -16,6 +17,7 @@ pub mod bans;
 pub mod defence;
 pub mod prefix;
 pub mod shared;
+pub mod snapshot;
 pub mod standing;
 pub mod state;
 pub mod table;

@@ -276,6 +276,16 @@ impl Standing {
 
     /// What the fleet has seen: failures and standing at least as high as its figures (which include this
     /// instance's own, when it could report them).
+    /// What a snapshot keeps: the failure budget used and the standing, decayed to `now`.
+    pub fn record(&mut self, key: ipnet::IpNet, now: Instant, limits: &Limits) -> super::snapshot::PrefixRecord {
+        super::snapshot::PrefixRecord {
+            key,
+            failures: self.failures(now, limits),
+            successes: self.successes(now, limits),
+            since_seen_ms: now.saturating_duration_since(self.last_seen).as_millis() as u64,
+        }
+    }
+
     pub fn absorb(&mut self, now: Instant, limits: &Limits, failures: f64, successes: f64) {
         let (own_failures, own_successes) = (self.failures(now, limits), self.successes(now, limits));
         if failures.is_finite() {

@@ -4,8 +4,8 @@
 //!
 //! Every call is synchronous and short: the facade does the waiting (login slots, delays) outside.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::accounts::{Account, AccountCheck, Fingerprint, Lane};
 use super::bans::Bans;
 use super::shared::Evidence;
+use super::snapshot::Snapshot;
 use super::standing::{AdmitError, Limits, Standing};
 use super::table::Table;
 use crate::config::DefenceConfig;
@@ -184,6 +185,13 @@ pub trait DefenceState: Send + Sync {
     fn lift_ban(&self, key: IpNet, now: Instant) -> bool;
     /// The standing of the keys' prefix, when it is tracked (not for trusted networks).
     fn standing(&self, keys: &Keys, now: Instant) -> Option<StandingView>;
+    /// New limits for new decisions (a reload); what was learnt stays.
+    fn reconfigure(&self, config: DefenceConfig);
+    /// What a restart should remember (see `snapshot`).
+    fn export(&self, now: Instant) -> Snapshot;
+    /// Takes in a snapshot written by an earlier run; what is known here already stays. Returns how many
+    /// bans in force, prefixes and accounts it brought.
+    fn import(&self, snapshot: &Snapshot, now: Instant) -> (usize, usize, usize);
 }
 
 struct Tables {
@@ -192,16 +200,67 @@ struct Tables {
     bans: Bans,
     /// Prefixes with standing closed to unfamiliar accounts (doubling like bans).
     closures: Bans,
+    /// Accounts from a snapshot, by the hash of their name, until a login for one of them comes (then it
+    /// moves to `accounts` under its name) or they are old enough to forget.
+    restored: Table<String, Account>,
     sweeps: u64,
+}
+
+impl Tables {
+    /// The account's entry, made from its restored record when there is one.
+    fn account(&mut self, account: &str, now: Instant) -> Option<&mut Account> {
+        let restored = &mut self.restored;
+        let make = || {
+            if restored.is_empty() {
+                return Account::new(now);
+            }
+            let hash = super::snapshot::account_hash(account);
+            let found = restored.peek_mut(&hash).map(|a| std::mem::replace(a, Account::new(now)));
+            if found.is_some() {
+                restored.retain(|k, _| *k != hash);
+            }
+            found.unwrap_or_else(|| Account::new(now))
+        };
+        self.accounts.entry(&account.to_owned(), make)
+    }
 }
 
 /// The defence's state in this process.
 pub struct LocalState {
+    /// Swapped whole by a reload (`reconfigure`); each call works with one version.
+    settings: std::sync::RwLock<Arc<Settings>>,
+    tables: Mutex<Tables>,
+    max_in_flight: AtomicU64,
+}
+
+/// The limits a decision is made with.
+struct Settings {
     config: DefenceConfig,
     prefix_limits: Limits,
     wide_limits: Limits,
-    tables: Mutex<Tables>,
-    max_in_flight: AtomicU64,
+}
+
+impl Settings {
+    fn new(config: DefenceConfig) -> Self {
+        Settings { prefix_limits: Limits::prefix(&config), wide_limits: Limits::wide(&config), config }
+    }
+
+    fn limits(&self, keys: &Keys, key: &IpNet) -> &Limits {
+        if keys.wide.as_ref() == Some(key) && *key != keys.prefix { &self.wide_limits } else { &self.prefix_limits }
+    }
+
+    /// The per-address keys of a login or connection with their limits (none for trusted networks).
+    fn counted<'a>(&'a self, keys: &'a Keys) -> impl Iterator<Item = (IpNet, &'a Limits)> + 'a {
+        keys.all().filter(move |_| !keys.trusted).map(move |k| (k, self.limits(keys, &k)))
+    }
+
+    /// The limits of a key from a snapshot: the coarse IPv6 bucket's, or a prefix's.
+    fn limits_of(&self, key: &IpNet) -> &Limits {
+        let wide = matches!(key, IpNet::V6(_))
+            && key.prefix_len() == self.config.ipv6_wide_prefix
+            && self.config.ipv6_wide_prefix != self.config.ipv6_prefix;
+        if wide { &self.wide_limits } else { &self.prefix_limits }
+    }
 }
 
 impl LocalState {
@@ -212,15 +271,18 @@ impl LocalState {
             accounts: Table::new(max),
             bans: Bans::new(max),
             closures: Bans::new(max),
+            restored: Table::new(max),
             sweeps: 0,
         };
         Self {
-            prefix_limits: Limits::prefix(&config),
-            wide_limits: Limits::wide(&config),
-            config,
+            settings: std::sync::RwLock::new(Arc::new(Settings::new(config))),
             tables: Mutex::new(tables),
             max_in_flight: AtomicU64::new(0),
         }
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -228,14 +290,10 @@ impl LocalState {
         self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn limits(&self, keys: &Keys, key: &IpNet) -> &Limits {
-        if keys.wide.as_ref() == Some(key) && *key != keys.prefix { &self.wide_limits } else { &self.prefix_limits }
-    }
-
     /// A key's failures overflowed its budget: banned, or (with standing) closed to unfamiliar accounts; not
     /// again if that is in force already (a login that was in flight when it happened).
     fn overflowed(
-        &self,
+        s: &Settings,
         tables: &mut Tables,
         key: IpNet,
         is_prefix: bool,
@@ -248,30 +306,26 @@ impl LocalState {
             return;
         }
         if has_standing {
-            let duration = tables.closures.ban(key, now, &self.config);
+            let duration = tables.closures.ban(key, now, &s.config);
             effects.closed.push((key, duration));
         } else {
             let reason = if is_prefix { "failure_budget" } else { "wide_failure_budget" };
-            let duration = tables.bans.ban(key, now, &self.config);
+            let duration = tables.bans.ban(key, now, &s.config);
             effects.banned.push((key, reason, duration));
         }
-    }
-
-    /// The per-address keys of a login or connection with their limits (none for trusted networks).
-    fn counted<'a>(&'a self, keys: &'a Keys) -> impl Iterator<Item = (IpNet, &'a Limits)> + 'a {
-        keys.all().filter(move |_| !keys.trusted).map(move |k| (k, self.limits(keys, &k)))
     }
 }
 
 impl DefenceState for LocalState {
     fn admit(&self, keys: &Keys, now: Instant) -> Result<(), Refusal> {
+        let s = self.settings();
         let mut tables = self.lock();
         if let Some(remaining) = tables.bans.remaining(keys.all(), now) {
             return Err(Refusal::Banned { remaining });
         }
         let mut admitted: Vec<(IpNet, &Limits)> = Vec::new();
         let mut outcome = Ok(());
-        for (key, limits) in self.counted(keys) {
+        for (key, limits) in s.counted(keys) {
             let Some(standing) = tables.prefixes.entry(&key, || Standing::new(now, limits)) else {
                 outcome = Err(Refusal::Busy);
                 break;
@@ -302,8 +356,9 @@ impl DefenceState for LocalState {
     }
 
     fn logged_in(&self, keys: &Keys, now: Instant) {
+        let s = self.settings();
         let mut tables = self.lock();
-        for (key, limits) in self.counted(keys) {
+        for (key, limits) in s.counted(keys) {
             if let Some(standing) = tables.prefixes.peek_mut(&key) {
                 standing.logged_in(now, limits);
             }
@@ -311,8 +366,9 @@ impl DefenceState for LocalState {
     }
 
     fn closed(&self, keys: &Keys, logged_in: bool) {
+        let s = self.settings();
         let mut tables = self.lock();
-        for (key, _) in self.counted(keys) {
+        for (key, _) in s.counted(keys) {
             if !logged_in {
                 if let Some(standing) = tables.prefixes.peek_mut(&key) {
                     standing.closed_unauthenticated();
@@ -323,6 +379,7 @@ impl DefenceState for LocalState {
     }
 
     fn begin_login(&self, keys: &Keys, account: &str, fingerprint: &Fingerprint, delayed: bool, now: Instant) -> Begin {
+        let s = self.settings();
         let mut tables = self.lock();
         if !keys.trusted {
             if let Some(remaining) = tables.bans.remaining(keys.all(), now) {
@@ -330,10 +387,10 @@ impl DefenceState for LocalState {
             }
         }
         let account_key = account.to_owned();
-        let Some(state) = tables.accounts.entry(&account_key, || Account::new(now)) else {
+        let Some(state) = tables.account(account, now) else {
             return Begin::Refused(Refusal::Busy);
         };
-        let (lane, delay_level, counted, known) = match state.check(keys.prefix, fingerprint, now, &self.config) {
+        let (lane, delay_level, counted, known) = match state.check(keys.prefix, fingerprint, now, &s.config) {
             AccountCheck::Blocked => return Begin::Refused(Refusal::AccountBlocked),
             AccountCheck::Repeated => return Begin::Refused(Refusal::Repeated),
             AccountCheck::Go { lane, delay_level, counted, known } => (lane, delay_level, counted, known),
@@ -348,7 +405,7 @@ impl DefenceState for LocalState {
             return Begin::Delay(delay_level);
         }
         let familiar = lane == Lane::Familiar;
-        for (key, limits) in self.counted(keys) {
+        for (key, limits) in s.counted(keys) {
             let Some(standing) = tables.prefixes.entry(&key, || Standing::new(now, limits)) else {
                 return Begin::Refused(Refusal::Busy);
             };
@@ -356,7 +413,7 @@ impl DefenceState for LocalState {
                 return Begin::Wait;
             }
         }
-        for (key, _) in self.counted(keys) {
+        for (key, _) in s.counted(keys) {
             if let Some(standing) = tables.prefixes.get_mut(&key) {
                 standing.start_login(now, familiar);
                 self.max_in_flight.fetch_max(u64::from(standing.logins()), Ordering::Relaxed);
@@ -371,34 +428,37 @@ impl DefenceState for LocalState {
     }
 
     fn abandon(&self, ticket: &Ticket) {
+        let s = self.settings();
         let mut tables = self.lock();
-        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+        end(&mut tables, s.counted(&ticket.keys).map(|(k, _)| k), ticket);
     }
 
     fn succeeded(&self, ticket: &Ticket, now: Instant) {
+        let s = self.settings();
         let mut tables = self.lock();
         if let Some(state) = tables.accounts.get_mut(&ticket.account) {
             state.succeeded(ticket.keys.prefix, now);
         }
-        for (key, limits) in self.counted(&ticket.keys) {
+        for (key, limits) in s.counted(&ticket.keys) {
             if let Some(standing) = tables.prefixes.get_mut(&key) {
                 standing.succeeded(now, limits);
             }
         }
-        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+        end(&mut tables, s.counted(&ticket.keys).map(|(k, _)| k), ticket);
     }
 
     fn failed(&self, ticket: &Ticket, fingerprint: Fingerprint, now: Instant) -> FailureEffects {
+        let s = self.settings();
         let mut tables = self.lock();
         let mut effects = FailureEffects::default();
         if let Some(state) = tables.accounts.get_mut(&ticket.account) {
-            let (repeated, blocked) = state.failed(ticket.keys.prefix, fingerprint, now, &self.config);
+            let (repeated, blocked) = state.failed(ticket.keys.prefix, fingerprint, now, &s.config);
             effects.repeated = repeated;
             effects.account_blocked = blocked;
             effects.consecutive = state.consecutive();
         }
         let counted = !effects.repeated;
-        for (key, limits) in self.counted(&ticket.keys) {
+        for (key, limits) in s.counted(&ticket.keys) {
             let Some(standing) = tables.prefixes.get_mut(&key) else { continue };
             let (level, over) = standing.failed(now, limits, counted);
             let has_standing = standing.has_standing(now, limits);
@@ -406,13 +466,13 @@ impl DefenceState for LocalState {
                 effects.level = level;
             }
             if over {
-                self.overflowed(&mut tables, key, key == ticket.keys.prefix, has_standing, now, &mut effects);
+                Self::overflowed(&s, &mut tables, key, key == ticket.keys.prefix, has_standing, now, &mut effects);
             }
         }
         if ticket.keys.trusted {
             effects.level = 0;
         }
-        end(&mut tables, self.counted(&ticket.keys).map(|(k, _)| k), ticket);
+        end(&mut tables, s.counted(&ticket.keys).map(|(k, _)| k), ticket);
         effects
     }
 
@@ -421,17 +481,19 @@ impl DefenceState for LocalState {
     }
 
     fn level(&self, keys: &Keys, now: Instant) -> u32 {
+        let s = self.settings();
         let mut tables = self.lock();
-        let limits = &self.prefix_limits;
+        let limits = &s.prefix_limits;
         tables.prefixes.peek_mut(&keys.prefix).map_or(1, |s| s.level(now, limits))
     }
 
     fn sweep(&self, now: Instant) -> Swept {
-        let config = &self.config;
+        let s = self.settings();
+        let config = &s.config;
         let mut tables = self.lock();
         let swept = Swept { unbanned: tables.bans.sweep(now, config), reopened: tables.closures.sweep(now, config) };
         tables.sweeps += 1;
-        let (prefix, wide) = (&self.prefix_limits, &self.wide_limits);
+        let (prefix, wide) = (&s.prefix_limits, &s.wide_limits);
         let limits_of = |key: &IpNet| match key {
             IpNet::V6(net) if net.prefix_len() < config.ipv6_prefix => wide,
             _ => prefix,
@@ -439,6 +501,7 @@ impl DefenceState for LocalState {
         if tables.sweeps % 60 == 0 {
             tables.prefixes.retain(|key, s| !s.forgettable(now, limits_of(key)));
             tables.accounts.retain(|_, a| !a.forgettable(now, config));
+            tables.restored.retain(|_, a| !a.forgettable(now, config));
         } else {
             tables.prefixes.expire_oldest(|key, s| s.forgettable(now, limits_of(key)));
             tables.accounts.expire_oldest(|_, a| a.forgettable(now, config));
@@ -447,12 +510,13 @@ impl DefenceState for LocalState {
     }
 
     fn absorb(&self, keys: &Keys, account: &str, evidence: &Evidence, now: Instant) {
+        let s = self.settings();
         let mut tables = self.lock();
         for seen in &evidence.keys {
-            if !self.counted(keys).any(|(k, _)| k == seen.key) {
+            if !s.counted(keys).any(|(k, _)| k == seen.key) {
                 continue;
             }
-            let limits = self.limits(keys, &seen.key);
+            let limits = s.limits(keys, &seen.key);
             if let Some(standing) = tables.prefixes.entry(&seen.key, || Standing::new(now, limits)) {
                 standing.absorb(now, limits, seen.failures, seen.successes);
             }
@@ -460,16 +524,16 @@ impl DefenceState for LocalState {
                 tables.bans.apply(seen.key, now, remaining, count);
             }
         }
-        let account_key = account.to_owned();
-        if let Some(state) = tables.accounts.entry(&account_key, || Account::new(now)) {
-            state.absorb(keys.prefix, &evidence.account, now, &self.config);
+        if let Some(state) = tables.account(account, now) {
+            state.absorb(keys.prefix, &evidence.account, now, &s.config);
         }
     }
 
     fn judge(&self, keys: &Keys, now: Instant) -> FailureEffects {
+        let s = self.settings();
         let mut tables = self.lock();
         let mut effects = FailureEffects::default();
-        for (key, limits) in self.counted(keys) {
+        for (key, limits) in s.counted(keys) {
             let Some(standing) = tables.prefixes.peek_mut(&key) else { continue };
             let over = standing.over_budget(now, limits);
             let has_standing = standing.has_standing(now, limits);
@@ -477,7 +541,7 @@ impl DefenceState for LocalState {
                 effects.level = standing.level(now, limits);
             }
             if over {
-                self.overflowed(&mut tables, key, key == keys.prefix, has_standing, now, &mut effects);
+                Self::overflowed(&s, &mut tables, key, key == keys.prefix, has_standing, now, &mut effects);
             }
         }
         effects
@@ -492,10 +556,11 @@ impl DefenceState for LocalState {
     }
 
     fn standing(&self, keys: &Keys, now: Instant) -> Option<StandingView> {
+        let s = self.settings();
         if keys.trusted {
             return None;
         }
-        let limits = self.limits(keys, &keys.prefix);
+        let limits = s.limits(keys, &keys.prefix);
         let mut tables = self.lock();
         let standing = tables.prefixes.peek_mut(&keys.prefix)?;
         Some(StandingView {
@@ -513,6 +578,61 @@ impl DefenceState for LocalState {
             standing.forgive(now);
         }
         tables.bans.lift(key, now)
+    }
+
+    fn reconfigure(&self, config: DefenceConfig) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Settings::new(config));
+    }
+
+    fn export(&self, now: Instant) -> Snapshot {
+        let s = self.settings();
+        let mut tables = self.lock();
+        let tables = &mut *tables;
+        let mut prefixes = Vec::new();
+        for (key, standing) in tables.prefixes.iter_mut() {
+            let limits = s.limits_of(key);
+            let record = standing.record(*key, now, limits);
+            if record.failures >= 0.01 || record.successes >= 0.01 {
+                prefixes.push(record);
+            }
+        }
+        let mut accounts: Vec<_> =
+            tables.accounts.iter().map(|(name, a)| a.record(super::snapshot::account_hash(name), now)).collect();
+        accounts.extend(tables.restored.iter().map(|(hash, a)| a.record(hash.clone(), now)));
+        Snapshot {
+            bans: tables.bans.export(now),
+            closures: tables.closures.export(now),
+            prefixes,
+            accounts,
+            ..Snapshot::default()
+        }
+    }
+
+    fn import(&self, snapshot: &Snapshot, now: Instant) -> (usize, usize, usize) {
+        let s = self.settings();
+        let mut tables = self.lock();
+        for ban in &snapshot.bans {
+            tables.bans.import(ban, now);
+        }
+        for closure in &snapshot.closures {
+            tables.closures.import(closure, now);
+        }
+        let mut prefixes = 0;
+        for record in &snapshot.prefixes {
+            let limits = s.limits_of(&record.key);
+            if let Some(standing) = tables.prefixes.entry(&record.key, || Standing::new(now, limits)) {
+                standing.absorb(now, limits, record.failures, record.successes);
+                prefixes += 1;
+            }
+        }
+        let mut accounts = 0;
+        for record in &snapshot.accounts {
+            let account = Account::from_record(record, now);
+            if tables.restored.entry(&record.account, || account).is_some() {
+                accounts += 1;
+            }
+        }
+        (tables.bans.active(now), prefixes, accounts)
     }
 
     fn stats(&self, now: Instant) -> DefenceStats {

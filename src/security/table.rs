@@ -151,6 +151,11 @@ impl<K: Hash + Eq + Clone, V> Table<K, V> {
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.slots.iter().map(|(k, s)| (k, &s.value))
     }
+
+    /// Every entry, mutable (recency unchanged).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&K, &mut V)> {
+        self.slots.iter_mut().map(|(k, s)| (k, &mut s.value))
+    }
 }
 
 #[cfg(test)]

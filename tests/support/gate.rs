@@ -50,11 +50,16 @@ impl Gate {
                 "[server]\nlisten = [\"127.0.0.1:{port}\"]\nmax_connections = 5000\n\
                  [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[audit]\npath = \"off\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[backend_tls]\nca = \"{}\"\n\
                  [[backend]]\nname = \"dovecot\"\naddress = \"127.0.0.1:{}\"\ntls_name = \"localhost\"\n\
-                 [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info\"\n{extra}",
+                 [route]\ndefault = \"dovecot\"\n[log]\nformat = \"json\"\nlevel = \"warn,imapgate::app=info,imapgate::memory=info\"\n{extra}{state}",
                 pki.cert.display(),
                 pki.key.display(),
                 pki.ca.display(),
-                dovecot.imap_port
+                dovecot.imap_port,
+                state = if extra.contains("[state]") {
+                    String::new()
+                } else {
+                    format!("\n[state]\npath = \"{}\"\n", dir.join(format!("{name}-defence.json")).display())
+                }
             ),
         )
         .unwrap();
@@ -64,7 +69,8 @@ impl Gate {
         let binary = env.iter().find(|(k, _)| *k == BINARY).map_or_else(imapgate_binary, |(_, v)| PathBuf::from(v));
         let env: Vec<(&str, &str)> = env.iter().copied().filter(|(k, _)| *k != BINARY).collect();
         let mut command = Command::new(binary);
-        command.envs(env.iter().copied());
+        // The configured [log] level, not the harness's own RUST_LOG (the log is read back).
+        command.env_remove("RUST_LOG").envs(env.iter().copied());
         // Lets a run compare runtime sizes of the proxy alone: IMAPGATE_BENCH_WORKERS=1.
         if let Ok(workers) = std::env::var("IMAPGATE_BENCH_WORKERS") {
             command.env("TOKIO_WORKER_THREADS", workers);

@@ -43,9 +43,12 @@ login_timeout_secs = 10
 {rest}
 {defence}
 {audit}
+{state}
 "#,
         defence = if rest.contains("[defence]") { "" } else { DEFAULT_TEST_DEFENCE },
         audit = if rest.contains("[audit]") { "" } else { "[audit]\npath = \"off\"\n" },
+        // Tests that are not about the defence's memory keep none (the default is under /var/lib).
+        state = if rest.contains("[state]") { "" } else { "[state]\npath = \"off\"\n" },
         cert = pki.cert.display(),
         key = pki.key.display(),
         ca = pki.ca.display()
