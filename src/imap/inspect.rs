@@ -938,6 +938,35 @@ mod tests {
     }
 
     #[test]
+    fn quiet_only_between_commands_or_in_idle() {
+        let t = Instant::now();
+        let mut o = Observer::new();
+        assert!(o.quiet(), "a new session");
+        // A FETCH under way: its response has not ended.
+        o.client(&mut b"a FETCH 1 BODY[]\r\n".to_vec(), t);
+        assert!(!o.quiet(), "a FETCH in flight");
+        o.server(b"* 1 FETCH (BODY[] {5}\r\nab", t);
+        assert!(!o.quiet(), "inside its literal");
+        o.server(b"cde)\r\na OK done\r\n", t);
+        assert!(o.quiet(), "the FETCH completed");
+        // An APPEND: its literal is on its way from the client.
+        o.client(&mut b"b APPEND INBOX {10}\r\n".to_vec(), t);
+        o.server(b"+ go\r\n", t);
+        o.client(&mut b"01234".to_vec(), t);
+        assert!(!o.quiet(), "inside the APPEND's literal");
+        o.client(&mut b"56789\r\n".to_vec(), t);
+        assert!(!o.quiet(), "the APPEND waits for its answer");
+        o.server(b"b OK [APPENDUID 1 2] done\r\n", t);
+        assert!(o.quiet());
+        // IDLE is quiet (the BYE ends it), a half-sent command line is not.
+        converse(&mut o, b"c IDLE\r\n", b"+ idling\r\n");
+        assert!(o.quiet(), "in IDLE");
+        let mut o = Observer::new();
+        o.client(&mut b"d NOO".to_vec(), t);
+        assert!(!o.quiet(), "half a command line");
+    }
+
+    #[test]
     fn boundaries_logout_and_bye_are_known() {
         let mut o = Observer::new();
         assert!(o.at_response_boundary());
