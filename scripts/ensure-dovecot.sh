@@ -7,6 +7,7 @@
 # stack against the listener), python3 (the tests' user lookup service), redis-server (shared
 # defence state for several instances; private instances on run-time ports), systemd (systemd-analyze,
 # which checks the unit file), chromium and chromium-driver (the console's test in a real headless browser),
+# nginx-light and curl (the web server that shares port 443 with IMAP, and an HTTPS client),
 # and kubernetes-validate from PyPI in a venv under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,9 @@ if [ "${1:-}" = "--test-tools" ]; then
   [ -x /usr/bin/redis-server ] || packages+=(redis-server)
   [ -x /usr/bin/chromium ] || packages+=(chromium)
   [ -x /usr/bin/chromedriver ] || packages+=(chromium-driver)
+  # nginx as the web server sharing port 443 with IMAP (a private configuration), and curl as its client.
+  [ -x /usr/sbin/nginx ] || packages+=(nginx-light)
+  command -v curl >/dev/null 2>&1 || packages+=(curl)
   # A venv for PyPI's kubernetes-validate (below) needs Debian's python3-venv.
   command -v python3 >/dev/null 2>&1 && python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 fi

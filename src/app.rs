@@ -265,15 +265,22 @@ impl Prepared {
             .enumerate()
             .map(|(i, a)| (i, a, Mode::ImplicitTls))
             .chain(server.starttls_listen.iter().enumerate().map(|(i, a)| (i, a, Mode::StartTls)));
-        for (index, addr, mode) in addresses {
-            let role = if mode == Mode::StartTls { Role::StartTls } else { Role::ImplicitTls };
-            let listener = match inherited.take(role, index, *addr) {
+        let addresses = addresses
+            .map(|(i, a, mode)| (i, *a, Kind::Imap(mode)))
+            .chain(server.shared_listen.iter().enumerate().map(|(i, s)| (i, s.listen, Kind::Shared(i))));
+        for (index, addr, kind) in addresses {
+            let role = match kind {
+                Kind::Imap(Mode::StartTls) => Role::StartTls,
+                Kind::Imap(_) => Role::ImplicitTls,
+                Kind::Shared(_) => Role::Shared,
+            };
+            let listener = match inherited.take(role, index, addr) {
                 Some(listener) => TcpListener::from_std(listener)?,
                 None => TcpListener::bind(addr)
                     .await
                     .map_err(|e| std::io::Error::new(e.kind(), format!("bind {addr}: {e}")))?,
             };
-            listeners.push((listener, mode, inherit::name(role, index)));
+            listeners.push((listener, kind, inherit::name(role, index)));
         }
         inherited.close_unclaimed();
         Ok(Proxy {
@@ -292,7 +299,7 @@ impl Prepared {
 pub struct Proxy {
     shared: Arc<Shared>,
     /// Each with the name it is handed over under (`net::inherit::name`).
-    listeners: Vec<(TcpListener, Mode, String)>,
+    listeners: Vec<(TcpListener, Kind, String)>,
     admin: TcpListener,
     config_path: Option<PathBuf>,
     store: Option<RedisSetup>,
@@ -321,7 +328,7 @@ impl Proxy {
     fn addrs(&self, wanted: Mode) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter(|(_, mode, _)| *mode == wanted)
+            .filter(|(_, kind, _)| *kind == Kind::Imap(wanted))
             .filter_map(|(l, _, _)| l.local_addr().ok())
             .collect()
     }
@@ -415,7 +422,7 @@ impl Proxy {
         let slots = Arc::new(Semaphore::new(self.shared.config.server.max_connections));
         for (listener, mode, _) in self.listeners {
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(listen = %addr, starttls = mode == Mode::StartTls, "listening");
+                tracing::info!(listen = %addr, kind = ?mode, "listening");
             }
             tokio::spawn(accept_loop(
                 listener,
@@ -532,12 +539,20 @@ async fn on_leave_signals(
     }
 }
 
+/// What a listener serves: IMAP (implicit TLS or STARTTLS), or a port shared with a web server
+/// (`server.shared_listen[i]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Imap(Mode),
+    Shared(usize),
+}
+
 /// How long closing sessions get after the grace period before they are aborted.
 const CLOSING: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn accept_loop(
     listener: TcpListener,
-    mode: Mode,
+    mode: Kind,
     live: Current,
     slots: Arc<Semaphore>,
     mut phase: watch::Receiver<Phase>,
@@ -619,7 +634,7 @@ fn session_panicked(shared: &Shared, peer: SocketAddr, stage: &'static str, pani
 async fn connection(
     shared: Arc<Shared>,
     mut tcp: TcpStream,
-    mode: Mode,
+    kind: Kind,
     peer: SocketAddr,
     local: SocketAddr,
     phase: watch::Receiver<Phase>,
@@ -657,11 +672,87 @@ async fn connection(
             return None;
         }
     };
+    let mode = match kind {
+        Kind::Imap(mode) => mode,
+        Kind::Shared(index) => {
+            let config = shared.config.server.shared_listen.get(index).cloned()?;
+            let route = crate::net::shared_port::classify(&tcp, &config, shared.config.server.handshake_timeout).await;
+            match route {
+                Ok(crate::net::shared_port::Route::Imap) => {
+                    shared.metrics.shared_hellos.with_label_values(&["imap"]).inc();
+                    Mode::ImplicitTls
+                }
+                Ok(crate::net::shared_port::Route::Web) => {
+                    shared.metrics.shared_hellos.with_label_values(&["web"]).inc();
+                    // The per-prefix caps applied at admission; a web connection does not hold an IMAP place.
+                    drop(admitted);
+                    pass_through(&shared, tcp, &endpoints, &config).await;
+                    return None;
+                }
+                Err(unrouted) => {
+                    shared.metrics.shared_hellos.with_label_values(&[unrouted.label()]).inc();
+                    tracing::debug!(peer = %client, reason = unrouted.label(), "shared port: closed before routing");
+                    return None;
+                }
+            }
+        }
+    };
     shared.metrics.connections_accepted.inc();
     // Counted down however the session ends, aborted included.
     let active = Active::new(Arc::clone(&shared.metrics));
     let relaying = session::run(shared, tcp, mode, endpoints, admitted, phase).await?;
     Some((relaying, active))
+}
+
+/// A connection on a shared port that is not IMAP: relayed to the web server, counted and audited (one
+/// line, no content).
+async fn pass_through(
+    shared: &Shared,
+    tcp: TcpStream,
+    endpoints: &proxy_protocol::Endpoints,
+    config: &crate::config::SharedListen,
+) {
+    let started = std::time::Instant::now();
+    let target = config.web.to_string();
+    let server = &shared.config.server;
+    let moved = crate::net::shared_port::pass_through(
+        tcp,
+        endpoints.client,
+        endpoints.local,
+        config,
+        shared.config.backend_tls.connect_timeout,
+        server.relay_idle_timeout,
+    )
+    .await;
+    let result = match &moved {
+        Ok(_) => "relayed",
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+            "connect_failed"
+        }
+        Err(_) => "error",
+    };
+    let metrics = &shared.metrics;
+    metrics.passthrough.with_label_values(&[&target, result]).inc();
+    let (up, down) = moved.as_ref().map_or((0, 0), |m| *m);
+    metrics.passthrough_bytes.with_label_values(&[&target, "client_to_web"]).inc_by(up);
+    metrics.passthrough_bytes.with_label_values(&[&target, "web_to_client"]).inc_by(down);
+    if let Err(e) = &moved {
+        tracing::info!(peer = %endpoints.client, target = %target, error = %e, "passed-through connection ended");
+    }
+    shared.audit(&AuditEvent {
+        event: "passthrough",
+        client_ip: Some(endpoints.client.ip().to_string()),
+        client_port: Some(endpoints.client.port()),
+        peer_ip: endpoints.via.map(|v| v.ip().to_string()),
+        listener: Some(endpoints.local.to_string()),
+        backend: Some(target),
+        result: Some(result),
+        duration_ms: Some(started.elapsed().as_millis() as u64),
+        bytes_from_client: Some(up),
+        bytes_to_client: Some(down),
+        ..AuditEvent::default()
+    });
 }
 
 /// One open client connection in `imapgate_connections_active`.
@@ -773,6 +864,7 @@ fn reload_config(live: &Current, path: &Path, admin: Option<&AdminState>) -> adm
         if config.server.listen != old.config.server.listen
             || config.server.starttls_listen != old.config.server.starttls_listen
             || config.admin.listen != old.config.admin.listen
+            || config.server.shared_listen != old.config.server.shared_listen
         {
             restart.push("listen and admin addresses");
         }

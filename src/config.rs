@@ -350,6 +350,8 @@ struct RawServer {
     listen: Vec<String>,
     #[serde(default)]
     starttls_listen: Vec<String>,
+    #[serde(default)]
+    shared_listen: Vec<RawSharedListen>,
     #[serde(default = "defaults::handshake_timeout")]
     handshake_timeout_secs: u64,
     #[serde(default = "defaults::preauth_idle_timeout")]
@@ -696,6 +698,9 @@ mod defaults {
     pub fn relay_idle_timeout() -> u64 {
         31 * 60
     }
+    pub fn send_proxy_v2() -> String {
+        "v2".into()
+    }
     pub fn shutdown_grace() -> u64 {
         10
     }
@@ -782,11 +787,42 @@ impl Default for LogConfig {
     }
 }
 
+/// `[[server.shared_listen]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedListen {
+    listen: String,
+    web: String,
+    #[serde(default)]
+    imap_names: Vec<String>,
+    #[serde(default)]
+    imap_without_sni: bool,
+    #[serde(default = "defaults::send_proxy_v2")]
+    send_proxy: String,
+}
+
+/// A listener that shares its port (443) with a web server: each connection's TLS ClientHello is read
+/// without terminating it, and ALPN `imap` or a name in `imap_names` is IMAP over TLS (with all of the
+/// defence); anything else is passed through, unterminated and unchanged, to `web`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedListen {
+    pub listen: SocketAddr,
+    pub web: SocketAddr,
+    /// Lower-case server names served as IMAP.
+    pub imap_names: Vec<String>,
+    /// A ClientHello without SNI (and without ALPN `imap`) is IMAP rather than web.
+    pub imap_without_sni: bool,
+    /// Send the web server a PROXY v2 header with the client's address.
+    pub send_proxy: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// Plain IMAP listeners (port 143) where clients must `STARTTLS` before anything else.
     pub starttls_listen: Vec<SocketAddr>,
+    /// Listeners shared with a web server (443).
+    pub shared_listen: Vec<SharedListen>,
     pub handshake_timeout: Duration,
     pub preauth_idle_timeout: Duration,
     /// The whole phase before login, however active the client is (Dovecot: about three minutes).
@@ -990,6 +1026,39 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
             Err(_) => errors.push(err(format!("server.starttls_listen[{i}]"), format!("{addr:?} is not an IP:port"))),
         }
     }
+    let mut shared_listen = Vec::new();
+    for (i, raw) in raw.server.shared_listen.iter().enumerate() {
+        let key = |k: &str| format!("server.shared_listen[{i}].{k}");
+        let listen_addr = raw.listen.parse::<SocketAddr>();
+        let web = raw.web.parse::<SocketAddr>();
+        match &listen_addr {
+            Ok(a) if a.port() != 0 && (listen.contains(a) || starttls_listen.contains(a)) => {
+                errors.push(err(key("listen"), format!("{:?} is also an IMAP listener", raw.listen)))
+            }
+            Ok(_) => {}
+            Err(_) => errors.push(err(key("listen"), format!("{:?} is not an IP:port", raw.listen))),
+        }
+        if web.is_err() {
+            errors.push(err(key("web"), format!("{:?} is not an IP:port (the web server)", raw.web)));
+        }
+        let send_proxy = match raw.send_proxy.as_str() {
+            "v2" => true,
+            "off" => false,
+            other => {
+                errors.push(err(key("send_proxy"), format!("{other:?}: \"v2\" or \"off\"")));
+                false
+            }
+        };
+        if let (Ok(listen), Ok(web)) = (listen_addr, web) {
+            shared_listen.push(SharedListen {
+                listen,
+                web,
+                imap_names: raw.imap_names.iter().map(|n| n.trim_end_matches('.').to_ascii_lowercase()).collect(),
+                imap_without_sni: raw.imap_without_sni,
+                send_proxy,
+            });
+        }
+    }
     let secs = |key: &str, v: u64, errors: &mut Vec<ConfigError>| {
         if v == 0 {
             errors.push(err(key, "must be at least 1 second"));
@@ -1007,6 +1076,7 @@ fn validate(raw: RawConfig, base: Option<&Path>) -> Result<Config, ConfigErrors>
     let server = ServerConfig {
         listen,
         starttls_listen,
+        shared_listen,
         handshake_timeout: secs("server.handshake_timeout_secs", raw.server.handshake_timeout_secs, &mut errors),
         preauth_idle_timeout: secs(
             "server.preauth_idle_timeout_secs",

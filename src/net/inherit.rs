@@ -14,6 +14,7 @@ pub fn name(role: Role, index: usize) -> String {
         Role::ImplicitTls => format!("imaps.{index}"),
         Role::StartTls => format!("imap.{index}"),
         Role::Admin => "admin".to_owned(),
+        Role::Shared => format!("shared.{index}"),
     }
 }
 
@@ -23,6 +24,8 @@ pub enum Role {
     ImplicitTls,
     StartTls,
     Admin,
+    /// `server.shared_listen[i]` (a port shared with a web server).
+    Shared,
 }
 
 /// `LISTEN_FDNAMES` (colon-separated, one per descriptor; systemd's default name is `unknown`) as one

@@ -13,6 +13,7 @@ pub mod relay;
 pub mod report;
 pub mod session;
 pub mod shared;
+pub mod shared_port;
 pub mod successor;
 pub mod tls;
 pub mod upstream;

@@ -16,6 +16,11 @@ pub struct Metrics {
     pub tls_handshake_seconds: Histogram,
     pub tls_failures: IntCounterVec,
     pub proxy_headers: IntCounterVec,
+    /// Connections on a port shared with a web server, by where their ClientHello sent them (`SHARED_ROUTES`).
+    pub shared_hellos: IntCounterVec,
+    /// Connections passed through to a web server, by target (its configured address) and result.
+    pub passthrough: IntCounterVec,
+    pub passthrough_bytes: IntCounterVec,
     pub tls_sessions: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub auth_attempts: IntCounterVec,
@@ -112,6 +117,11 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
     ("preauth", "internal_error"),
     ("relay", "internal_error"),
 ];
+/// `imapgate_shared_listen_hellos_total`'s routes (`net::shared_port`).
+pub const SHARED_ROUTES: &[&str] =
+    &["imap", "web", "not_tls", "malformed", "oversized", "timeout", "closed", "refused"];
+/// `imapgate_passthrough_connections_total`'s results.
+pub const PASSTHROUGH_RESULTS: &[&str] = &["relayed", "connect_failed", "timeout", "error"];
 /// `imapgate_backend_errors_total`'s kinds (`failure::Kind::as_str`): each step's deadline has its own.
 const BACKEND_ERRORS: &[&str] = &[
     "connect",
@@ -221,6 +231,24 @@ impl Metrics {
                 "imapgate_proxy_protocol_total",
                 "Connections by what their PROXY protocol header said (none, v1, v2) or why they were closed.",
                 &["result"],
+            ),
+            shared_hellos: counter_vec(
+                &r,
+                "imapgate_shared_listen_hellos_total",
+                "Connections on a port shared with a web server, by route (imap, web) or why they were closed.",
+                &["route"],
+            ),
+            passthrough: counter_vec(
+                &r,
+                "imapgate_passthrough_connections_total",
+                "Connections passed through unterminated to a web server, by target and result.",
+                &["target", "result"],
+            ),
+            passthrough_bytes: counter_vec(
+                &r,
+                "imapgate_passthrough_bytes_total",
+                "Bytes passed through to and from web servers, by target and direction.",
+                &["target", "direction"],
             ),
             tls_sessions: counter_vec(
                 &r,
@@ -439,6 +467,9 @@ impl Metrics {
         for result in PROXY_RESULTS {
             m.proxy_headers.with_label_values(&[result]).inc_by(0);
         }
+        for route in SHARED_ROUTES {
+            m.shared_hellos.with_label_values(&[route]).inc_by(0);
+        }
         for mechanism in MECHANISMS {
             for result in AUTH_RESULTS {
                 m.auth_attempts.with_label_values(&[mechanism, result]).inc_by(0);
@@ -531,7 +562,8 @@ mod tests {
         let families = text.lines().filter(|l| l.starts_with("# HELP imapgate_")).count();
         // imapgate_pool_members_usable appears once a pool is configured (its labels are pool names), the
         // state store's errors once one fails.
-        assert_eq!(families, 39, "{text}");
+        // The passthrough families appear with their first target.
+        assert_eq!(families, 40, "{text}");
         assert!(text.contains("imapgate_tls_handshakes_total{kind=\"resumed\",leg=\"backend\"} 0"), "{text}");
     }
 }

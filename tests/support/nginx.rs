@@ -98,6 +98,53 @@ impl Nginx {
         nginx
     }
 
+    /// nginx as the organisation's web server: HTTPS with its own certificate (`cert`, `key`) on a
+    /// loopback port, reading a PROXY protocol header first (`listen ... ssl proxy_protocol`), serving one
+    /// page, and logging `$proxy_protocol_addr` (the client imapgate passed the connection for).
+    pub fn start_web(cert: &Path, key: &Path) -> Nginx {
+        let dir = scratch_dir("imapgate-nginx-web-");
+        let port = free_port();
+        let d = dir.display();
+        std::fs::write(dir.join("index.html"), "hello from nginx\n").unwrap();
+        let config = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{\n  worker_connections 1024;\n}}\n\
+             http {{\n  log_format proxied '$proxy_protocol_addr $remote_addr \"$request\" $status';\n\
+               access_log {d}/access.log proxied;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port} ssl proxy_protocol;\n    server_name web.test;\n\
+                 ssl_certificate {};\n    ssl_certificate_key {};\n    root {d};\n  }}\n}}\n",
+            cert.display(),
+            key.display(),
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).unwrap();
+        let mut keeper = Command::new("sh")
+            .arg("-c")
+            .arg(r#"trap '' INT TERM HUP; "$1" -p "$2" -c "$3" </dev/null >>"$2/nginx.log" 2>&1 & pid=$!; read _ignored; kill -QUIT "$pid" 2>/dev/null; sleep 1; kill -KILL "$pid" 2>/dev/null; wait "$pid""#)
+            .arg("sh")
+            .arg("/usr/sbin/nginx")
+            .arg(&dir)
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        let keeper_stdin = keeper.stdin.take();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let nginx = Nginx { addr, dir, keeper, keeper_stdin };
+        if wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).is_none() {
+            panic!("nginx did not start: {}", nginx.log());
+        }
+        nginx
+    }
+
+    /// The web server's access log (`$proxy_protocol_addr $remote_addr "$request" $status`).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+
     /// The master's process id (from its pid file).
     pub fn pid(&self) -> u32 {
         std::fs::read_to_string(self.dir.join("nginx.pid")).unwrap().trim().parse().unwrap()
