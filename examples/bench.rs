@@ -39,7 +39,7 @@ struct Options {
     /// The larger idle crowd imapgate is measured at too (per-session cost within 10% of `sessions`').
     crowd: usize,
     mailbox_mb: usize,
-    /// Run only this part: memory, logins, login-latency, cpu, noop or fetch.
+    /// Run only this part: memory, logins, login-latency, cpu, noop, fetch or shared.
     only: Option<String>,
 }
 
@@ -77,7 +77,7 @@ fn options() -> Options {
             ("--mailbox-mb", Some(v)) => o.mailbox_mb = v,
             _ => {
                 eprintln!(
-                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--crowd N] [--mailbox-mb M] [--only memory|logins|login-latency|cpu|noop|fetch]"
+                    "usage: bench [--clients N] [--login-seconds S] [--noops N] [--logins N] [--sessions N] [--crowd N] [--mailbox-mb M] [--only memory|logins|login-latency|cpu|noop|fetch|shared]"
                 );
                 std::process::exit(64);
             }
@@ -676,5 +676,94 @@ fn main() {
         }
         drop(others);
         drop(gate);
+        if o.runs("shared") {
+            shared_port(&dir, &pki, &dovecot, &config, o.logins).await;
+        }
     });
+}
+
+/// An HTTPS GET of `path` through `addr` (server name `localhost`, trusting `config`'s roots): MB/s of the
+/// body and its size.
+async fn https_get(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, path: &str) -> (f64, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(name, tcp).await.unwrap();
+    let started = Instant::now();
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match tls.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    (total as f64 / 1e6 / started.elapsed().as_secs_f64(), total)
+}
+
+/// IMAP on a port shared with a web server: the CPU per login there against 993 (the peek's cost), and the
+/// passthrough's MB/s against HAProxy's TCP passthrough, both sending nginx a PROXY v2 header.
+async fn shared_port(
+    dir: &std::path::Path,
+    pki: &Pki,
+    dovecot: &Dovecot,
+    config: &Arc<rustls::ClientConfig>,
+    logins: usize,
+) {
+    if !std::path::Path::new("/usr/sbin/nginx").exists() {
+        println!("shared port: skipped (no /usr/sbin/nginx; scripts/bench.sh installs nginx-light)");
+        return;
+    }
+    // The web site: its own CA and certificate for "localhost", a large file.
+    let web_pki = Pki::generate(&dir.join("web-pki"));
+    let nginx = Nginx::start_web(&web_pki.cert, &web_pki.key);
+    let body = 512 * 1024 * 1024;
+    std::fs::File::create(nginx.dir.join("big")).unwrap().set_len(body).unwrap();
+    let web_client = tls_config(&web_pki.ca, &[b"http/1.1"]);
+    let port = support::free_port();
+    let extra = format!(
+        "{BENCH_DEFENCE}\n[[server.shared_listen]]\nlisten = \"127.0.0.1:{port}\"\nweb = \"{}\"\nimap_names = [\"imap.localhost\"]\n",
+        nginx.addr
+    );
+    let gate = Gate::start(dir, pki, dovecot, "shared", &extra);
+    let shared: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let haproxy = Haproxy::passthrough_proxied(nginx.addr);
+    println!("shared port (443 beside nginx; shipped defaults but [defence] opened for one client address):");
+    // CPU per login, 993 and the shared port alternating (ALPN imap routes the shared one to IMAP).
+    let (mut on_993, mut on_shared) = (0.0, 0.0);
+    login_samples(gate.addr, config, 5).await;
+    login_samples(shared, config, 5).await;
+    for _ in 0..4 {
+        let before = gate.cpu_ms();
+        login_samples(gate.addr, config, logins / 4).await;
+        on_993 += gate.cpu_ms() - before;
+        let before = gate.cpu_ms();
+        login_samples(shared, config, logins / 4).await;
+        on_shared += gate.cpu_ms() - before;
+    }
+    let n = (logins / 4 * 4) as f64;
+    println!(
+        "  proxy CPU ms/login: on 993 {:.3}, on the shared port {:.3} ({:+.1}%), {} logins each, alternating",
+        on_993 / n,
+        on_shared / n,
+        (on_shared / on_993 - 1.0) * 100.0,
+        logins / 4 * 4
+    );
+    // Passthrough MB/s, best of 3, alternating.
+    let (mut via_gate, mut via_haproxy, mut size) = (0.0f64, 0.0f64, 0);
+    for _ in 0..3 {
+        let (rate, bytes) = https_get(shared, &web_client, "/big").await;
+        via_gate = via_gate.max(rate);
+        size = bytes;
+        via_haproxy = via_haproxy.max(https_get(haproxy.addr, &web_client, "/big").await.0);
+    }
+    println!(
+        "  passthrough MB/s ({} MB over HTTPS from nginx, best of 3): imapgate {via_gate:.0}, HAProxy TCP {via_haproxy:.0} ({:.2}x)",
+        size / 1_000_000,
+        via_gate / via_haproxy
+    );
+    drop(gate);
 }

@@ -42,6 +42,12 @@ impl Haproxy {
         Self::run("global\n  maxconn 9000\n", &format!("  server direct {backend}\n"))
     }
 
+    /// A TCP passthrough to `backend` that sends it a PROXY v2 header (as imapgate's shared listener
+    /// does toward a web server): the benchmark's comparison for passed-through TLS.
+    pub fn passthrough_proxied(backend: SocketAddr) -> Haproxy {
+        Self::run("global\n  maxconn 9000\n", &format!("  server web {backend} send-proxy-v2\n"))
+    }
+
     fn run(global: &str, servers: &str) -> Haproxy {
         let dir = scratch_dir("imapgate-haproxy-");
         let port = free_port();
