@@ -2,7 +2,8 @@
 //! certificate, a PROXY v2 listener) behind an imapgate shared listener, and a real Dovecot.
 //! - curl through imapgate gets nginx's page and sees nginx's certificate; nginx logs the client's address
 //!   from the PROXY header;
-//! - a client offering ALPN `imap`, and curl `imaps://` (the IMAP name, no ALPN), log in to Dovecot;
+//! - clients offering ALPN `imap` (rustls, Python's imaplib, openssl s_client) and curl `imaps://` (the
+//!   IMAP name, no ALPN) log in to Dovecot and read the mailbox;
 //! - a ClientHello sent byte by byte is routed; a plain-HTTP request, an oversized ClientHello and one
 //!   that stalls halfway are closed within the deadline;
 //! - a banned address gets neither service.
@@ -41,6 +42,8 @@ struct Setup {
 
 async fn setup() -> Setup {
     let env = support::env("shared-port", &[]);
+    // A message for bob, so that his mailbox exists (a first delivery makes it).
+    env.dovecot.deliver("bob@example.com", "1.shared", b"Subject: over 443\r\n\r\nhello\r\n");
     let dir = support::scratch_dir("imapgate-shared-port-");
     let (cert, key) = web_certificate(&dir);
     let nginx = Nginx::start_web(&cert, &key);
@@ -94,6 +97,8 @@ async fn web_and_imap_share_the_port() {
     assert!(c.line().await.unwrap().starts_with("* OK"));
     let ok = c.command("a", "LOGIN bob@example.com bob-pw").await.unwrap();
     assert!(ok.tagged.starts_with("a OK"), "{ok:?}");
+    let selected = c.command("b", "SELECT INBOX").await.unwrap();
+    assert!(selected.tagged.starts_with("b OK") && selected.lines.iter().any(|l| l.contains("EXISTS")), "{selected:?}");
     let out = curl(&[
         "--cacert",
         s.ca.to_str().unwrap(),
@@ -102,6 +107,28 @@ async fn web_and_imap_share_the_port() {
         &format!("imaps://localhost:{port}/"),
     ]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("INBOX"), "curl imaps: {out:?}");
+
+    // Python's imaplib with ALPN imap: logs in and reads the mailbox.
+    let script = format!(
+        "import imaplib, ssl\nctx = ssl.create_default_context(cafile={ca:?})\nctx.set_alpn_protocols(['imap'])\n\
+         m = imaplib.IMAP4_SSL('127.0.0.1', {port}, ssl_context=ctx, timeout=10)\n\
+         print(m.login('bob@example.com', 'bob-pw')[0])\nprint(m.select('INBOX')[0])\nm.logout()\n",
+        ca = s.ca.display().to_string()
+    );
+    let out = Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "OK\nOK\n", "imaplib: {out:?}");
+    // openssl s_client with ALPN imap (server name web.test: the ALPN decides).
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "(sleep 1; printf 'a LOGIN bob@example.com bob-pw\\r\\n'; sleep 1; printf 'b SELECT INBOX\\r\\n'; sleep 1; printf 'z LOGOUT\\r\\n'; sleep 1) | \
+             timeout 10 openssl s_client -quiet -connect 127.0.0.1:{port} -servername web.test -alpn imap -CAfile {} 2>/dev/null",
+            s.ca.display()
+        ))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("a OK") && said.contains("b OK"), "openssl s_client -alpn imap: {said}");
 
     let text = support::admin_get(s.proxy.admin, "/metrics").await.1;
     assert!(support::sample(&text, "imapgate_shared_listen_hellos_total{route=\"web\"}") >= 2.0, "{text}");
