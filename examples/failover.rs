@@ -244,15 +244,7 @@ async fn hung_round(pki: &Pki, members: &[Dovecot], hang: Option<Hang>, failover
         None => None,
     };
     let m3 = hung.as_ref().map_or(members[2].imap_port, |h| h.port);
-    let rest = format!(
-        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
-         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
-        backend("m1", members[0].imap_port),
-        backend("m2", members[1].imap_port),
-        backend("m3", m3)
-    );
-    let text =
-        config_text(pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+    let text = support::hung::pool_config(pki, [members[0].imap_port, members[1].imap_port, m3], failover);
     let proxy = TestProxy::start(&text).await;
     // Both real members proven up (the first checks), as in a running cluster whose member just hung.
     let real: &[&str] = if hang.is_some() { &["m1", "m2"] } else { &support::hung::MEMBERS };

@@ -11,7 +11,7 @@ use support::dovecot::Dovecot;
 use support::faulty::{Fault, FaultyServer};
 use support::hung::{Hang, HungServer, Login, Outcome};
 use support::pki::Pki;
-use support::proxy::{TestProxy, backend, config_text};
+use support::proxy::TestProxy;
 
 const USERS: usize = 200;
 
@@ -36,16 +36,9 @@ static ROUNDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn round(hang: Hang, failover: &str) -> (Vec<Login>, Vec<Login>, TestProxy) {
     let c = cluster();
     let hung = HungServer::start(hang).await;
-    let rest = format!(
-        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
-         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
-        backend("m1", c.members[0].imap_port),
-        backend("m2", c.members[1].imap_port),
-        backend("m3", hung.port)
-    );
     // The shipped [backend_tls] deadlines and [health].
     let text =
-        config_text(&c.pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+        support::hung::pool_config(&c.pki, [c.members[0].imap_port, c.members[1].imap_port, hung.port], failover);
     let proxy = TestProxy::start(&text).await;
     for name in ["m1", "m2"] {
         let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");
@@ -139,15 +132,8 @@ async fn pooled_connection_of_a_frozen_member() {
     let c = cluster();
     // m3 relays to the second Dovecot until frozen.
     let member = FaultyServer::start(c.members[1].imap_port).await;
-    let rest = format!(
-        "{}{}{}\n[[pool]]\nname = \"cluster\"\nfailover = \"next\"\n\
-         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n",
-        backend("m1", c.members[0].imap_port),
-        backend("m2", c.members[1].imap_port),
-        backend("m3", member.port)
-    );
     let text =
-        config_text(&c.pki, &rest).replace("connect_timeout_secs = 3\n", "").replace("login_timeout_secs = 10\n", "");
+        support::hung::pool_config(&c.pki, [c.members[0].imap_port, c.members[1].imap_port, member.port], "next");
     let proxy = TestProxy::start(&text).await;
     for name in support::hung::MEMBERS {
         let series = format!("imapgate_backend_up{{backend=\"{name}\"}}");

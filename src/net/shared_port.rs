@@ -105,7 +105,9 @@ impl Unrouted {
 /// Peeks until the ClientHello is complete (bounded by `MAX_HELLO` and `within`) and routes it.
 pub async fn classify(tcp: &TcpStream, config: &SharedListen, within: Duration) -> Result<Route, Unrouted> {
     let deadline = tokio::time::Instant::now() + within;
-    let mut buf = vec![0u8; MAX_HELLO + 1];
+    // A typical ClientHello fits the first size; the buffer grows (to one byte past the bound) only for
+    // one that fills it.
+    let mut buf = vec![0u8; 2048];
     let mut seen = 0;
     loop {
         let peeked = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
@@ -113,6 +115,10 @@ pub async fn classify(tcp: &TcpStream, config: &SharedListen, within: Duration) 
             Ok(Err(_)) | Ok(Ok(0)) => return Err(Unrouted::Closed),
             Ok(Ok(n)) => n,
         };
+        if peeked == buf.len() && buf.len() <= MAX_HELLO {
+            buf.resize((buf.len() * 4).min(MAX_HELLO + 1), 0);
+            continue;
+        }
         if peeked > seen {
             seen = peeked;
             match peek_hello(&buf[..peeked]) {

@@ -120,8 +120,6 @@ pub const SESSION_ENDS: &[(&str, &str)] = &[
 /// `imapgate_shared_listen_hellos_total`'s routes (`net::shared_port`).
 pub const SHARED_ROUTES: &[&str] =
     &["imap", "web", "not_tls", "malformed", "oversized", "timeout", "closed", "refused"];
-/// `imapgate_passthrough_connections_total`'s results.
-pub const PASSTHROUGH_RESULTS: &[&str] = &["relayed", "connect_failed", "timeout", "error"];
 /// `imapgate_backend_errors_total`'s kinds (`failure::Kind::as_str`): each step's deadline has its own.
 const BACKEND_ERRORS: &[&str] = &[
     "connect",

@@ -213,3 +213,17 @@ pub fn order_of(user: &str) -> Vec<usize> {
     };
     imapgate::route::pool::order(&pool, user, |b| MEMBERS[b])
 }
+
+/// The rounds' configuration: pool "cluster" of m1, m2, m3 at `ports` (127.0.0.1) with `failover`, the
+/// shipped `[backend_tls]` deadlines and `[health]` (the test defaults' shorter connect and login
+/// deadlines taken out).
+pub fn pool_config(pki: &super::pki::Pki, ports: [u16; 3], failover: &str) -> String {
+    let backends: String = MEMBERS.iter().zip(ports).map(|(name, port)| super::proxy::backend(name, port)).collect();
+    let rest = format!(
+        "{backends}\n[[pool]]\nname = \"cluster\"\nfailover = \"{failover}\"\n\
+         members = [{{ backend = \"m1\" }}, {{ backend = \"m2\" }}, {{ backend = \"m3\" }}]\n[route]\ndefault = \"cluster\"\n"
+    );
+    super::proxy::config_text(pki, &rest)
+        .replace("connect_timeout_secs = 3\n", "")
+        .replace("login_timeout_secs = 10\n", "")
+}

@@ -75,27 +75,7 @@ impl Nginx {
             pki.cert.display(),
             pki.key.display(),
         );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config).unwrap();
-        let mut keeper = Command::new("sh")
-            .arg("-c")
-            .arg(r#"trap '' INT TERM HUP; "$1" -p "$2" -c "$3" </dev/null >>"$2/nginx.log" 2>&1 & pid=$!; read _ignored; kill -QUIT "$pid" 2>/dev/null; sleep 1; kill -KILL "$pid" 2>/dev/null; wait "$pid""#)
-            .arg("sh")
-            .arg("/usr/sbin/nginx")
-            .arg(&dir)
-            .arg(&path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nginx");
-        let keeper_stdin = keeper.stdin.take();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let nginx = Nginx { addr, dir, keeper, keeper_stdin };
-        if wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).ok()).is_none() {
-            panic!("nginx did not start: {}", nginx.log());
-        }
-        nginx
+        Self::run(dir, port, &config)
     }
 
     /// nginx as the organisation's web server: HTTPS with its own certificate (`cert`, `key`) on a
@@ -117,6 +97,12 @@ impl Nginx {
             cert.display(),
             key.display(),
         );
+        Self::run(dir, port, &config)
+    }
+
+    /// Runs nginx with `config` from `dir` under a keeper shell (stopped with it), and waits until `port`
+    /// accepts connections.
+    fn run(dir: PathBuf, port: u16, config: &str) -> Nginx {
         let path = dir.join("nginx.conf");
         std::fs::write(&path, config).unwrap();
         let mut keeper = Command::new("sh")
